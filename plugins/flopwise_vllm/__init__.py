@@ -1,0 +1,90 @@
+"""flopwise's vLLM adapter. ``register()`` is the ``vllm.general_plugins`` entry point.
+
+Each hooked vLLM surface lives in its own module (scheduler, serving, endpoint, metrics). The surfaces
+are private vLLM interfaces, so the version is pinned and each one is checked at start-up: a missing
+one fails with a message that names it, instead of breaking mid-request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+
+logger = logging.getLogger("flopwise")
+
+SUPPORTED_VLLM = "0.32.0"
+SCHEDULER_CLS = "flopwise_vllm.scheduler.FlopwiseScheduler"
+# Plugin names as declared in pyproject.toml; VLLM_PLUGINS must list them all once it is set.
+PLUGIN_NAMES = ("flopwise", "flopwise_serving")
+
+# (module, attribute path, parameters the hook relies on)
+SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ()),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.add_request", ("request",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("request", "delay_free_blocks")),
+    ("vllm.v1.core.sched.output", "SchedulerOutput", ("num_scheduled_tokens", "scheduled_encoder_inputs")),
+    ("vllm.v1.request", "Request", ()),
+    ("vllm.v1.engine", "EngineCoreOutput", ()),
+    ("vllm.outputs", "RequestOutput", ()),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat.chat_completion_full_generator",
+     ("request", "result_generator")),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat.chat_completion_stream_generator",
+     ("request", "result_generator")),
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.request_output_to_completion_response",
+     ("final_res_batch",)),
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.completion_stream_generator",
+     ("request", "engine_inputs", "result_generator")),
+    ("vllm.entrypoints.serve.engine.protocol", "UsageInfo", ()),
+)
+
+_registered = False
+_checked = False
+
+
+class SurfaceError(RuntimeError):
+    pass
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_surfaces() -> None:
+    """Raise :class:`SurfaceError` naming the first vLLM surface flopwise needs that is missing."""
+    global _checked
+    if _checked:
+        return
+    version = _vllm_version()
+    if not version.startswith(SUPPORTED_VLLM):
+        raise SurfaceError(f"flopwise supports vLLM {SUPPORTED_VLLM}, found {version}")
+    for module_name, path, params in SURFACES:
+        where = f"{module_name}.{path}"
+        try:
+            obj = importlib.import_module(module_name)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as e:
+            raise SurfaceError(f"vLLM surface {where} is missing ({e}); flopwise needs vLLM {SUPPORTED_VLLM}") from None
+        if params:
+            if inspect.isclass(obj):
+                names = set(getattr(obj, "__dataclass_fields__", {})) | set(getattr(obj, "__struct_fields__", ()))
+                names |= set(inspect.signature(obj).parameters)
+            else:
+                names = set(inspect.signature(obj).parameters)
+            missing = [p for p in params if p not in names]
+            if missing:
+                raise SurfaceError(f"vLLM surface {where} lacks {missing}; flopwise needs vLLM {SUPPORTED_VLLM}")
+    _checked = True
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point: runs in every vLLM process, once per process."""
+    global _registered
+    if _registered:
+        return
+    check_surfaces()
+    _registered = True
+    logger.debug("flopwise plugin registered (vLLM %s)", _vllm_version())

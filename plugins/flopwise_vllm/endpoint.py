@@ -1,0 +1,26 @@
+"""``vllm.endpoint_plugins`` entry: puts the flopwise handlers in place once vLLM's app state exists.
+
+vLLM only loads endpoint plugins named in ``VLLM_PLUGINS``; ``flopwise serve`` sets that for you.
+"""
+
+from __future__ import annotations
+
+from flopwise_vllm.serving import FlopChatMixin, FlopCompletionMixin, extend
+
+
+class FlopwiseEndpointPlugin:
+    name = "flopwise_serving"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:
+        """flopwise adds no routes: it extends vLLM's own chat and completion handlers."""
+
+    async def init_state(self, engine_client, state, args) -> None:
+        from flopwise_vllm import check_surfaces
+
+        check_surfaces()
+        # Routes look the handler up on app.state per request, so extending the instances is enough.
+        for attr, mixin in (("openai_serving_chat", FlopChatMixin), ("openai_serving_completion", FlopCompletionMixin)):
+            handler = getattr(state, attr, None)
+            if handler is not None:
+                extend(handler, mixin)

@@ -1,0 +1,43 @@
+"""Prometheus counters for the FLOP ledger, served on vLLM's own ``/metrics``.
+
+They live in the API-server process, in the default registry that vLLM's ``/metrics`` exposes, and
+are fed from the same per-request charges that ``usage.flops`` reports.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter
+
+_lock = threading.Lock()
+_metrics: dict[str, Counter] | None = None
+_engine_seen = 0
+
+
+def _get() -> dict[str, Counter]:
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = {
+                "flops": Counter("flopwise_flops", "FLOPs charged to finished requests by the flopwise ledger.", ["part"]),
+                "baseline": Counter("flopwise_dense_baseline_flops", "FLOPs the same requests would cost with no flopwise technique on."),
+                "saved": Counter("flopwise_flops_saved", "Dense baseline minus charged FLOPs of finished requests."),
+                "requests": Counter("flopwise_requests", "Requests whose FLOPs were charged by the flopwise ledger."),
+                "engine": Counter("flopwise_engine_flops", "All FLOPs the engine computed, aborted requests included (updated as requests finish)."),
+            }
+        return _metrics
+
+
+def observe(usage: dict[str, int], engine_total: int) -> None:
+    """Count one finished HTTP request's ``usage.flops`` and the engine's running total."""
+    global _engine_seen
+    m = _get()
+    m["flops"].labels(part="prompt").inc(usage["prompt"])
+    m["flops"].labels(part="completion").inc(usage["completion"])
+    m["baseline"].inc(usage["dense_baseline"])
+    m["saved"].inc(max(0, usage["dense_baseline"] - usage["total"]))
+    m["requests"].inc()
+    with _lock:
+        delta, _engine_seen = max(0, engine_total - _engine_seen), max(_engine_seen, engine_total)
+    m["engine"].inc(delta)

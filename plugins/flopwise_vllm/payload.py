@@ -1,0 +1,44 @@
+"""The FLOP charge a finished request carries from the engine to the front end.
+
+The scheduler writes it under ``ec_transfer_params["flopwise"]``; the server reads it here, removes it
+(so it is not echoed back in responses) and sums it over the groups (n>1 parents) of one HTTP request.
+"""
+
+from __future__ import annotations
+
+PAYLOAD_KEY = "flopwise"
+USAGE_FIELDS = ("prompt", "completion", "total", "dense_baseline")
+
+
+def take_payload(output) -> dict | None:
+    """Pop flopwise's payload off a ``RequestOutput``; drop the params dict if nothing else is in it."""
+    params = getattr(output, "ec_transfer_params", None)
+    if not params or PAYLOAD_KEY not in params:
+        return None
+    payload = params.pop(PAYLOAD_KEY)
+    if not params:
+        output.ec_transfer_params = None
+    return payload
+
+
+class FlopTotals:
+    """Latest running total per group; the last child of a group to finish carries the whole group."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict] = {}
+
+    def add(self, payload: dict) -> None:
+        g = payload["group"]
+        seen = self.groups.get(g)
+        if seen is None or (payload["requests"], payload["total"]) >= (seen["requests"], seen["total"]):
+            self.groups[g] = payload
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def usage(self) -> dict[str, int]:
+        """``usage.flops``: prompt, completion, total and dense_baseline summed over groups."""
+        return {k: sum(p[k] for p in self.groups.values()) for k in USAGE_FIELDS}
+
+    def engine_total(self) -> int:
+        return max((p.get("engine_total", 0) for p in self.groups.values()), default=0)

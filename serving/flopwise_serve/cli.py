@@ -1,0 +1,189 @@
+"""The ``flopwise`` command: serve, flops, demo, bench, model.
+
+Bad input gets one line naming the problem and exit code 2 (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flopwise import hw
+from flopwise.ledger import FlopModel, LedgerError
+
+PROG = "flopwise"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def fail(command: str, message: str) -> int:
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def human(flops: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3f} {unit}"
+    return f"{flops:.0f} FLOP"
+
+
+# -- flopwise flops ------------------------------------------------------------------------------------
+def cmd_flops(args) -> int:
+    from flopwise.models import ModelNotFound, resolve_model
+
+    try:
+        path = args.model if args.model and os.path.exists(args.model) else resolve_model(args.model)
+        model = FlopModel.from_pretrained(path, image_size=args.image_size)
+        cost = model.request(args.prompt_tokens, args.output_tokens, cached_tokens=args.cached_tokens, images=args.images)
+    except (LedgerError, ModelNotFound) as e:
+        return fail("flops", str(e))
+    report = {"model": path, "architecture": model.spec.architecture, **cost.as_dict()}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{model.spec.architecture} at {path}")
+    print(f"prompt {cost.prompt_tokens} tokens ({cost.cached_tokens} cached, {cost.images} images), output {cost.output_tokens} tokens")
+    rows = [("prefill", cost.prefill.total), ("decode", cost.decode.total), ("total", cost.total)]
+    rows += [(f"  {k}", v) for k, v in report["components"].items()]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>22,d}  {human(value):>14}")
+    return 0
+
+
+# -- flopwise serve ------------------------------------------------------------------------------------
+VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def _has_flag(argv: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
+
+
+def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment ``flopwise serve`` runs."""
+    from flopwise_vllm import PLUGIN_NAMES, SCHEDULER_CLS
+
+    argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", host, "--port", str(port)]
+    if not _has_flag(vllm_args, "--scheduler-cls"):
+        argv += ["--scheduler-cls", SCHEDULER_CLS]
+    if not _has_flag(vllm_args, "--dtype"):
+        argv += ["--dtype", hw.default_dtype()]
+    if not _has_flag(vllm_args, "--enforce-eager", "--no-enforce-eager"):
+        argv += ["--enforce-eager"]  # compile warm-up takes minutes on small CPUs
+    argv += vllm_args
+    env = hw.engine_env()
+    # Endpoint plugins load only when named in VLLM_PLUGINS, which then also allow-lists general plugins.
+    named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(named + list(PLUGIN_NAMES)))
+    return argv, env
+
+
+def cmd_serve(args, rest: list[str]) -> int:
+    from flopwise.models import ModelNotFound, resolve_model
+
+    try:
+        model = resolve_model(args.model)
+        FlopModel.from_pretrained(model)  # an architecture the ledger cannot cost is refused up front
+    except (LedgerError, ModelNotFound) as e:
+        return fail("serve", str(e))
+    argv, env = serve_command(model, rest, args.host, args.port)
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)  # same PID: whoever started `flopwise serve` can stop the server
+    return 0
+
+
+# -- flopwise model ------------------------------------------------------------------------------------
+def cmd_model(args) -> int:
+    from flopwise.models import ModelNotFound, default_model_path
+
+    try:
+        print(default_model_path())
+    except ModelNotFound as e:
+        return fail("model", str(e))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="FLOP-aware inference middleware for vLLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("flops", help="FLOPs of one request from the ledger (a model dir or config.json is enough)")
+    f.add_argument("model", nargs="?", help="model dir or config.json (default: the embedded SmolLM2-135M-Instruct)")
+    f.add_argument("--prompt-tokens", type=positive_int, required=True, help="text tokens in the prompt")
+    f.add_argument("--output-tokens", type=positive_int, required=True, help="tokens generated")
+    f.add_argument("--images", type=non_negative_int, default=0, help="images in the prompt (VLMs); each adds its placeholder tokens")
+    f.add_argument("--image-size", type=positive_int, default=448, help="image side in pixels for Qwen2-VL (LLaVA's is fixed)")
+    f.add_argument("--cached-tokens", type=non_negative_int, default=0, help="prompt tokens served from the prefix cache")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with flopwise on; other options go to vLLM",
+                       description="Any option not listed here is passed to vLLM's server unchanged.")
+    s.add_argument("model", nargs="?", help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=positive_int, default=8000)
+
+    d = sub.add_parser("demo", help="start the server on the default model, send chat requests, print FLOPs, stop")
+    d.add_argument("--port", type=positive_int, default=8765)
+    d.add_argument("--max-tokens", type=positive_int, default=48)
+
+    b = sub.add_parser("bench", help="benchmarks against stock vLLM (results under bench/results/)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    o = bsub.add_parser("overhead", help="stock vLLM vs vLLM with flopwise and every technique off")
+    o.add_argument("--model", default=None)
+    o.add_argument("--requests", type=positive_int, default=32)
+    o.add_argument("--prompt-tokens", type=positive_int, default=256)
+    o.add_argument("--output-tokens", type=positive_int, default=128)
+    o.add_argument("--rounds", type=positive_int, default=3)
+    o.add_argument("--out", default="bench/results/overhead.md")
+
+    sub.add_parser("model", help="prepare the embedded default model and print its directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "flops":
+        return cmd_flops(args)
+    if args.command == "serve":
+        return cmd_serve(args, rest)
+    if args.command == "model":
+        return cmd_model(args)
+    if args.command == "demo":
+        from flopwise_serve.demo import run_demo
+
+        return run_demo(port=args.port, max_tokens=args.max_tokens)
+    if args.command == "bench":
+        from flopwise_serve.bench import run_bench
+
+        return run_bench(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

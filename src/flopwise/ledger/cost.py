@@ -1,0 +1,198 @@
+"""Analytic FLOP model of one forward pass, one vision encoding and one whole request.
+
+Convention (the same as vLLM's ``vllm/v1/metrics/perf.py``):
+
+* matmul FLOPs only, 2 per multiply-accumulate; norms, activations, softmax, RoPE are not counted;
+* attention is causal and counted as computed: the token at position ``i`` attends to ``i + 1``
+  positions (capped by a sliding window), QK^T and AV each cost ``2 * q_heads * head_dim`` per pair;
+* logits are charged only where the engine computes them: one row per sequence per forward pass;
+* generating O tokens from P prompt tokens = one prefill forward over the P - cached prompt tokens
+  + O - 1 single-token decode forwards, each against its whole context.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flopwise.ledger.spec import LayerSpec, LedgerError, ModelSpec, VisionSpec, parse_spec
+
+COMPONENTS = ("qkv", "attention", "o_proj", "mlp", "router", "experts", "shared_experts", "lm_head", "vision")
+
+
+@dataclass
+class Breakdown:
+    """FLOPs per component. Integers, so sums over many steps stay exact."""
+
+    flops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.flops.values())
+
+    def add(self, component: str, value: int) -> None:
+        if value:
+            self.flops[component] = self.flops.get(component, 0) + int(value)
+
+    def __iadd__(self, other: Breakdown) -> Breakdown:
+        for k, v in other.flops.items():
+            self.add(k, v)
+        return self
+
+    def __add__(self, other: Breakdown) -> Breakdown:
+        out = Breakdown(dict(self.flops))
+        out += other
+        return out
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: self.flops[k] for k in COMPONENTS if k in self.flops}
+
+
+def context_sum(start: int, tokens: int, window: int | None = None) -> int:
+    """Sum over positions ``start .. start+tokens-1`` of each token's attention context ``min(i+1, window)``."""
+    if tokens <= 0:
+        return 0
+    first, last = start + 1, start + tokens  # contexts before the window cap
+    if window is None or last <= window:
+        return (first + last) * tokens // 2
+    if first > window:
+        return window * tokens
+    below = (first + window) * (window - first + 1) // 2
+    return below + window * (last - window)
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LedgerError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise LedgerError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    images: int
+    prefill: Breakdown
+    decode: Breakdown
+
+    @property
+    def total(self) -> int:
+        return self.prefill.total + self.decode.total
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "images": self.images,
+            "prefill": self.prefill.total,
+            "decode": self.decode.total,
+            "total": self.total,
+            "components": (self.prefill + self.decode).as_dict(),
+        }
+
+
+class FlopModel:
+    """The cost model of one architecture. Build it with :meth:`from_pretrained` or from a spec."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | Mapping, image_size: int = 448) -> FlopModel:
+        return cls(parse_spec(dict(model) if isinstance(model, Mapping) else model, image_size=image_size))
+
+    # -- one forward pass -------------------------------------------------------------------------
+    def _layer(self, out: Breakdown, layer: LayerSpec, tokens: int, ctx: int) -> None:
+        D = self.spec.hidden
+        q, kv, d = layer.q_heads, layer.kv_heads, layer.head_dim
+        out.add("qkv", 2 * tokens * D * (q + 2 * kv) * d)
+        out.add("attention", 4 * q * d * ctx)
+        out.add("o_proj", 2 * tokens * q * d * D)
+        if layer.moe is None:
+            out.add("mlp", 6 * tokens * D * layer.ffn)
+            return
+        m = layer.moe
+        out.add("router", 2 * tokens * D * m.num_experts)
+        out.add("experts", 6 * tokens * D * m.expert_ffn * m.top_k)
+        if m.shared_ffn:
+            out.add("shared_experts", 6 * tokens * D * m.shared_ffn + (2 * tokens * D if m.shared_gate else 0))
+
+    def forward(
+        self,
+        tokens: int,
+        start: int = 0,
+        logits: int = 1,
+        context: Iterable[int] | int | None = None,
+    ) -> Breakdown:
+        """FLOPs of one forward over ``tokens`` new tokens at positions ``start..start+tokens-1``.
+
+        ``logits``: how many of those positions get logits. ``context``: the summed attention context
+        per layer when a technique shortens it (one int for all layers, or one per layer); by default
+        every token sees its whole causal prefix.
+        """
+        out = Breakdown()
+        if tokens <= 0:
+            return out
+        per_layer = None
+        if context is not None:
+            per_layer = [context] * self.spec.num_layers if isinstance(context, int) else list(context)
+            if len(per_layer) != self.spec.num_layers:
+                raise LedgerError(f"context has {len(per_layer)} entries for {self.spec.num_layers} layers")
+        for i, layer in enumerate(self.spec.layers):
+            ctx = per_layer[i] if per_layer is not None else context_sum(start, tokens, layer.window)
+            self._layer(out, layer, tokens, ctx)
+        out.add("lm_head", 2 * logits * self.spec.hidden * self.spec.vocab)
+        return out
+
+    # -- vision ------------------------------------------------------------------------------------
+    def vision(self, images: int = 1, tokens_per_image: int | None = None) -> Breakdown:
+        """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each."""
+        out = Breakdown()
+        v = self.spec.vision
+        if images <= 0:
+            return out
+        if v is None:
+            raise LedgerError(f"{self.spec.architecture} has no vision tower: it cannot take images")
+        out.add("vision", images * self._one_image(v, tokens_per_image or v.tokens_per_image))
+        return out
+
+    @staticmethod
+    def _one_image(v: VisionSpec, tokens: int) -> int:
+        n = v.patches_for_tokens(tokens)
+        s = n + (1 if v.cls_token else 0)
+        E, F = v.hidden, v.ffn
+        flops = 2 * n * v.patch_in * E  # patch embedding (a strided conv = one matmul per patch)
+        per_layer = 2 * s * E * 3 * E + 4 * s * s * E + 2 * s * E * E + 4 * s * E * F
+        flops += v.layers * per_layer
+        flops += 2 * tokens * v.proj_in * v.proj_hidden + 2 * tokens * v.proj_hidden * v.out_hidden
+        return flops
+
+    @property
+    def tokens_per_image(self) -> int:
+        if self.spec.vision is None:
+            raise LedgerError(f"{self.spec.architecture} has no vision tower: it cannot take images")
+        return self.spec.vision.tokens_per_image
+
+    # -- a whole request ---------------------------------------------------------------------------
+    def request(self, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0, images: int = 0) -> RequestCost:
+        """Cost of generating ``output_tokens`` from ``prompt_tokens`` text tokens plus ``images`` images.
+
+        Each image adds its placeholder tokens to the prompt. ``cached_tokens`` prompt tokens were
+        prefix-cache hits and are not recomputed (vLLM always recomputes at least the last one).
+        """
+        _check_count("prompt_tokens", prompt_tokens, 1)
+        _check_count("output_tokens", output_tokens, 1)
+        _check_count("cached_tokens", cached_tokens, 0)
+        _check_count("images", images, 0)
+        P = prompt_tokens + (images * self.tokens_per_image if images else 0)
+        if cached_tokens >= P:
+            raise LedgerError(f"cached_tokens must be < the prompt length {P}, got {cached_tokens}")
+        prefill = self.forward(P - cached_tokens, start=cached_tokens, logits=1) + self.vision(images)
+        # The O-1 decode steps process positions P..P+O-2; one closed form covers them all.
+        decode = self.forward(output_tokens - 1, start=P, logits=output_tokens - 1)
+        return RequestCost(P, output_tokens, cached_tokens, images, prefill, decode)
