@@ -1,0 +1,73 @@
+"""A real vLLM engine with the flopwise scheduler: what it charges equals the ledger, step for step."""
+
+import gc
+
+import pytest
+
+from flopwise.ledger import FlopModel
+
+pytestmark = pytest.mark.slow
+SCHEDULER = "flopwise_vllm.scheduler.FlopwiseScheduler"
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "mixtral"])
+def engine(request, tiny_model):
+    from vllm import LLM
+
+    path = tiny_model(request.param)
+    # 128-token steps: the 300-token prompt below is prefilled in three chunks.
+    llm = LLM(path, scheduler_cls=SCHEDULER, enforce_eager=True, dtype="float32", max_model_len=1024,
+              max_num_batched_tokens=128, max_num_seqs=8, seed=0)
+    yield llm, FlopModel.from_pretrained(path), path
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _charge(output) -> dict:
+    return output.ec_transfer_params["flopwise"]
+
+
+def _greedy(n_tokens):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
+
+
+def test_short_prompts_cost_exactly_the_ledger(engine):
+    llm, ledger, _ = engine
+    outs = llm.generate(["def foo(x):", "import os\nimport sys\n" * 6, "class A:\n    pass\n"], _greedy(13))
+    for out in outs:
+        P, O = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+        assert O == 13
+        expected = ledger.request(P, O, cached_tokens=out.num_cached_tokens or 0)
+        charge = _charge(out)
+        assert charge["prompt"] == expected.prefill.total
+        assert charge["completion"] == expected.decode.total
+        assert charge["total"] == charge["dense_baseline"] == expected.total
+        assert charge["components"] == (expected.prefill + expected.decode).as_dict()
+
+
+def test_chunked_prefill_and_prefix_cache_are_charged_as_computed(engine):
+    llm, ledger, _ = engine
+    prompt = {"prompt_token_ids": [(7 * i) % 1900 + 20 for i in range(300)]}
+    first, second = (llm.generate([prompt], _greedy(5))[0] for _ in range(2))
+    # First run: 300 prompt tokens in chunks of 128, 128, 44; each chunk computes one row of logits.
+    one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab
+    assert (first.num_cached_tokens or 0) == 0
+    assert _charge(first)["total"] == ledger.request(300, 5).total + 2 * one_logit_row
+    # Second run: the two full 128-token blocks come from the prefix cache and are not recomputed.
+    assert second.num_cached_tokens == 256
+    assert _charge(second)["total"] == ledger.request(300, 5, cached_tokens=256).total
+    assert _charge(second)["total"] < _charge(first)["total"]
+
+
+def test_n_candidates_sum_into_one_request(engine):
+    from vllm import SamplingParams
+
+    llm, ledger, _ = engine
+    out = llm.generate(["def bar(y):"], SamplingParams(n=3, max_tokens=9, temperature=1.0, seed=3))[0]
+    charge = _charge(out)
+    assert charge["requests"] == 3
+    P = len(out.prompt_token_ids)  # under one block: children share no cached prompt blocks
+    assert charge["total"] == sum(ledger.request(P, len(c.token_ids)).total for c in out.outputs)
