@@ -1,0 +1,87 @@
+"""`flopwise flops` and the CLI's error contract: one line naming the problem, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flopwise.hf.tiny import FAMILIES
+from flopwise.ledger import FlopModel
+
+
+def flopwise(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "flopwise_serve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(FAMILIES["qwen2-moe"]))
+    return tmp_path
+
+
+def test_flops_json_from_a_dir_holding_only_config(config_only):
+    r = flopwise("flops", str(config_only), "--prompt-tokens", "100", "--output-tokens", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    expected = FlopModel.from_pretrained(FAMILIES["qwen2-moe"]).request(100, 20)
+    assert (out["prefill"], out["decode"], out["total"]) == (expected.prefill.total, expected.decode.total, expected.total)
+    assert out["components"] == (expected.prefill + expected.decode).as_dict()
+    assert {"experts", "router", "shared_experts", "attention"} <= set(out["components"])
+
+
+def test_flops_table(config_only):
+    r = flopwise("flops", str(config_only / "config.json"), "--prompt-tokens", "8", "--output-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "total" in r.stdout and "experts" in r.stdout and "MFLOP" in r.stdout
+
+
+def test_flops_images_for_a_vlm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(FAMILIES["llava"]))
+    r = flopwise("flops", str(tmp_path), "--prompt-tokens", "8", "--output-tokens", "2", "--images", "2", "--json")
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] == 8 + 2 * 16 and out["components"]["vision"] > 0
+
+
+def test_flops_default_model_is_smollm2():
+    r = flopwise("flops", "--prompt-tokens", "10", "--output-tokens", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["architecture"] == "LlamaForCausalLM"
+    # 30 layers x (qkv 576x(9+6)x64 + o 576x576 + mlp 3x576x1536) x 2 FLOPs x 10 tokens, + causal attention + 1 logit row
+    linear = 2 * 10 * 30 * (576 * 15 * 64 + 576 * 576 + 3 * 576 * 1536)
+    attention = 30 * 4 * 9 * 64 * (10 * 11 // 2)
+    assert out["total"] == linear + attention + 2 * 576 * 49152
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["/no/such/model"], "/no/such/model"),
+    (["CFG", "--prompt-tokens", "0"], "--prompt-tokens"),
+    (["CFG", "--prompt-tokens", "abc"], "--prompt-tokens"),
+    (["CFG", "--output-tokens", "-3"], "--output-tokens"),
+    (["CFG", "--output-tokens", "2.5"], "--output-tokens"),
+    (["BAD_ARCH"], "GPT2LMHeadModel"),
+    (["NO_FIELD"], "num_attention_heads"),
+    (["CFG", "--images", "1"], "vision tower"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, config_only, args, needle):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "nofield").mkdir()
+    cfg = {k: v for k, v in FAMILIES["llama-gqa"].items() if k != "num_attention_heads"}
+    (tmp_path / "nofield" / "config.json").write_text(json.dumps(cfg))
+    subst = {"CFG": str(config_only), "BAD_ARCH": str(tmp_path / "bad"), "NO_FIELD": str(tmp_path / "nofield")}
+    argv = [subst.get(a, a) for a in args]
+    defaults = [a for a in ("--prompt-tokens", "--output-tokens") if a not in argv]
+    for flag in defaults:
+        argv += [flag, "4"]
+    r = flopwise("flops", *argv)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert "error" in last and needle in last
+
+
+def test_serve_refuses_an_unknown_model_before_starting():
+    r = flopwise("serve", "/no/such/model", timeout=60)
+    assert r.returncode == 2 and "/no/such/model" in r.stderr
