@@ -166,3 +166,17 @@ def test_unsupported_is_its_own_error():
 def test_bad_token_counts(kwargs, match):
     with pytest.raises(LedgerError, match=match):
         FlopModel.from_pretrained(FAMILIES["llama-gqa"]).request(**kwargs)
+
+
+def test_explicit_context_path_agrees_with_the_causal_default():
+    """A technique passes the attention context it kept; given the full causal context it changes nothing."""
+    m = FlopModel.from_pretrained(FAMILIES["qwen2-moe"])
+    full = m.forward(9, start=40, logits=1)
+    per_layer = [context_sum(40, 9)] * m.spec.num_layers
+    assert m.forward(9, start=40, logits=1, context=per_layer).as_dict() == full.as_dict()
+    shorter = m.forward(9, start=40, logits=1, context=100)
+    layer = m.spec.layers[0]
+    saved = 4 * layer.q_heads * layer.head_dim * (context_sum(40, 9) - 100) * m.spec.num_layers
+    assert full.total - shorter.total == saved
+    with pytest.raises(LedgerError, match="entries"):
+        m.forward(9, context=[1, 2, 3])

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--requests", type=positive_int, default=32)
     o.add_argument("--prompt-tokens", type=positive_int, default=256)
     o.add_argument("--output-tokens", type=positive_int, default=128)
-    o.add_argument("--rounds", type=positive_int, default=3)
+    o.add_argument("--rounds", type=positive_int, default=5)
     o.add_argument("--out", default="bench/results/overhead.md")
 
     sub.add_parser("model", help="prepare the embedded default model and print its directory")

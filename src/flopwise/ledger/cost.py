@@ -101,26 +101,33 @@ class FlopModel:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        # The scheduler calls forward() for every request on every step: precompute, per distinct layer
+        # shape, its FLOPs per token and per unit of attention context, so a call is a few multiplies.
+        groups: dict[LayerSpec, int] = {}
+        for layer in spec.layers:
+            groups[layer] = groups.get(layer, 0) + 1
+        self._groups = [(layer.window, count, self._per_token(layer), 4 * layer.q_heads * layer.head_dim)
+                        for layer, count in groups.items()]
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | Mapping, image_size: int = 448) -> FlopModel:
         return cls(parse_spec(dict(model) if isinstance(model, Mapping) else model, image_size=image_size))
 
     # -- one forward pass -------------------------------------------------------------------------
-    def _layer(self, out: Breakdown, layer: LayerSpec, tokens: int, ctx: int) -> None:
+    def _per_token(self, layer: LayerSpec) -> dict[str, int]:
+        """FLOPs per new token of one layer, attention excluded (it depends on the context)."""
         D = self.spec.hidden
         q, kv, d = layer.q_heads, layer.kv_heads, layer.head_dim
-        out.add("qkv", 2 * tokens * D * (q + 2 * kv) * d)
-        out.add("attention", 4 * q * d * ctx)
-        out.add("o_proj", 2 * tokens * q * d * D)
+        out = {"qkv": 2 * D * (q + 2 * kv) * d, "o_proj": 2 * q * d * D}
         if layer.moe is None:
-            out.add("mlp", 6 * tokens * D * layer.ffn)
-            return
+            out["mlp"] = 6 * D * layer.ffn
+            return out
         m = layer.moe
-        out.add("router", 2 * tokens * D * m.num_experts)
-        out.add("experts", 6 * tokens * D * m.expert_ffn * m.top_k)
+        out["router"] = 2 * D * m.num_experts
+        out["experts"] = 6 * D * m.expert_ffn * m.top_k
         if m.shared_ffn:
-            out.add("shared_experts", 6 * tokens * D * m.shared_ffn + (2 * tokens * D if m.shared_gate else 0))
+            out["shared_experts"] = 6 * D * m.shared_ffn + (2 * D if m.shared_gate else 0)
+        return out
 
     def forward(
         self,
@@ -138,14 +145,19 @@ class FlopModel:
         out = Breakdown()
         if tokens <= 0:
             return out
-        per_layer = None
-        if context is not None:
+        if context is None:
+            for window, count, per_token, attn in self._groups:
+                for component, value in per_token.items():
+                    out.add(component, count * tokens * value)
+                out.add("attention", count * attn * context_sum(start, tokens, window))
+        else:
             per_layer = [context] * self.spec.num_layers if isinstance(context, int) else list(context)
             if len(per_layer) != self.spec.num_layers:
                 raise LedgerError(f"context has {len(per_layer)} entries for {self.spec.num_layers} layers")
-        for i, layer in enumerate(self.spec.layers):
-            ctx = per_layer[i] if per_layer is not None else context_sum(start, tokens, layer.window)
-            self._layer(out, layer, tokens, ctx)
+            for layer, ctx in zip(self.spec.layers, per_layer):
+                for component, value in self._per_token(layer).items():
+                    out.add(component, tokens * value)
+                out.add("attention", 4 * layer.q_heads * layer.head_dim * ctx)
         out.add("lm_head", 2 * logits * self.spec.hidden * self.spec.vocab)
         return out
 
