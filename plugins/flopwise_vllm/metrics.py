@@ -25,14 +25,22 @@ def _get() -> dict[str, Counter]:
                 "saved": Counter("flopwise_flops_saved", "Dense baseline minus charged FLOPs of finished requests."),
                 "requests": Counter("flopwise_requests", "Requests whose FLOPs were charged by the flopwise ledger."),
                 "engine": Counter("flopwise_engine_flops", "All FLOPs the engine computed, aborted requests included (updated as requests finish)."),
+                "capped": Counter("flopwise_requests_capped", "Requests stopped mid-generation by their FLOP budget."),
+                "refused": Counter("flopwise_requests_refused", "Requests refused at admission: bad flop_budget or a prefill that cannot fit."),
             }
         return _metrics
 
 
-def observe(usage: dict[str, int], engine_total: int) -> None:
+def refused() -> None:
+    _get()["refused"].inc()
+
+
+def observe(usage: dict[str, int], engine_total: int, capped: bool = False) -> None:
     """Count one finished HTTP request's ``usage.flops`` and the engine's running total."""
     global _engine_seen
     m = _get()
+    if capped:
+        m["capped"].inc()
     m["flops"].labels(part="prompt").inc(usage["prompt"])
     m["flops"].labels(part="completion").inc(usage["completion"])
     m["baseline"].inc(usage["dense_baseline"])

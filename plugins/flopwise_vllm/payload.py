@@ -36,9 +36,17 @@ class FlopTotals:
     def __bool__(self) -> bool:
         return bool(self.groups)
 
-    def usage(self) -> dict[str, int]:
-        """``usage.flops``: prompt, completion, total and dense_baseline summed over groups."""
-        return {k: sum(p[k] for p in self.groups.values()) for k in USAGE_FIELDS}
+    def usage(self) -> dict[str, float]:
+        """``usage.flops``: prompt, completion, total and dense_baseline summed over groups (+ budget if set)."""
+        usage = {k: sum(p[k] for p in self.groups.values()) for k in USAGE_FIELDS}
+        budgets = [p["budget"] for p in self.groups.values() if "budget" in p]
+        if budgets:
+            usage["budget"] = sum(budgets)
+        return usage
+
+    @property
+    def capped(self) -> bool:
+        return any(p.get("capped") for p in self.groups.values())
 
     def engine_total(self) -> int:
         return max((p.get("engine_total", 0) for p in self.groups.values()), default=0)

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from http import HTTPStatus
 
+from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
+from flopwise.ledger import FlopModel, LedgerError
 from flopwise_vllm import metrics
 from flopwise_vllm.payload import FlopTotals, take_payload
+from flopwise_vllm.platform import max_budget
 
 logger = logging.getLogger("flopwise")
+DEFAULT_BUDGET_ENV = "FLOPWISE_DEFAULT_FLOP_BUDGET"
+_UNSET = object()
 
 
 class FlopTap:
@@ -46,7 +53,9 @@ class FlopTap:
         usage = self.totals.usage()
         if not self._reported:
             self._reported = True
-            metrics.observe(usage, self.totals.engine_total())
+            metrics.observe(usage, self.totals.engine_total(), capped=self.totals.capped)
+            logger.debug("flopwise: groups=%s budget=%s charged=%d saved=%d capped=%s", list(self.totals.groups),
+                         usage.get("budget"), usage["total"], usage["dense_baseline"] - usage["total"], self.totals.capped)
         return usage
 
     def patch_usage_chunk(self, chunk: str) -> str:
@@ -72,8 +81,52 @@ def _set_flops(response, tap: FlopTap):
     return response
 
 
-class FlopChatMixin:
+class BudgetMixin:
+    """Validates ``flop_budget`` and refuses what cannot fit, before any response (or stream) starts.
+
+    The budget comes from the top-level ``flop_budget`` field, else ``vllm_xargs["flop_budget"]``, else
+    the server's ``--default-flop-budget``; it is forwarded to the engine in ``vllm_xargs``.
+    """
+
+    def _flop_model(self) -> FlopModel:
+        model = self.__dict__.get("_flopwise_model")
+        if model is None:
+            model = self.__dict__["_flopwise_model"] = FlopModel.from_pretrained(self.model_config.hf_config.to_dict())
+        return model
+
+    def _apply_budget(self, request, engine_inputs):
+        xargs = dict(request.vllm_xargs or {})
+        raw = (request.model_extra or {}).get(FIELD, _UNSET)
+        if raw is _UNSET or raw is None:
+            raw = xargs.get(FIELD, _UNSET)
+        if raw is _UNSET:
+            default = os.environ.get(DEFAULT_BUDGET_ENV)
+            if not default:
+                return None
+            raw = float(default)
+        try:
+            budget = parse_budget(raw, max_budget())
+            model = self._flop_model()
+            for engine_input in engine_inputs:
+                check_admission(model, budget, self._extract_prompt_len(engine_input))
+        except (BudgetError, LedgerError) as e:
+            metrics.refused()
+            return self.create_error_response(str(e), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=FIELD)
+        xargs[FIELD] = budget
+        request.vllm_xargs = xargs
+        return None
+
+
+class FlopChatMixin(BudgetMixin):
     """Mixed in front of ``OpenAIServingChat``."""
+
+    async def render_chat_request(self, request):
+        result = await super().render_chat_request(request)
+        if isinstance(result, tuple):
+            error = self._apply_budget(request, result[1])
+            if error is not None:
+                return error
+        return result
 
     async def chat_completion_full_generator(self, request, result_generator, *args, **kwargs):
         tap = FlopTap(result_generator)
@@ -87,8 +140,16 @@ class FlopChatMixin:
         tap.usage()  # count the request in the metrics even when the client asked for no usage
 
 
-class FlopCompletionMixin:
+class FlopCompletionMixin(BudgetMixin):
     """Mixed in front of ``OpenAIServingCompletion``."""
+
+    async def render_completion_request(self, request):
+        result = await super().render_completion_request(request)
+        if isinstance(result, list):
+            error = self._apply_budget(request, result)
+            if error is not None:
+                return error
+        return result
 
     def request_output_to_completion_response(self, final_res_batch, *args, **kwargs):
         tap = FlopTap(None)

@@ -80,13 +80,31 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
 
 
-def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000) -> tuple[list[str], dict[str, str]]:
+def flop_amount(text: str) -> float:
+    """A positive, finite number of FLOPs (``1e12`` style accepted)."""
+    from flopwise.budget import BudgetError, parse_budget
+
+    try:
+        return parse_budget(float(text), field="value")
+    except (ValueError, BudgetError):
+        raise argparse.ArgumentTypeError(f"must be a positive number of FLOPs, got {text!r}") from None
+
+
+def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000,
+                  default_budget: float | None = None, max_budget: float | None = None,
+                  policy: str = "fifo") -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment ``flopwise serve`` runs."""
+    from flopwise.budget import Policy
     from flopwise_vllm import PLUGIN_NAMES, SCHEDULER_CLS
+    from flopwise_vllm.platform import MAX_BUDGET_ENV
+    from flopwise_vllm.scheduler import POLICY_ENV
+    from flopwise_vllm.serving import DEFAULT_BUDGET_ENV
 
     argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", host, "--port", str(port)]
     if not _has_flag(vllm_args, "--scheduler-cls"):
         argv += ["--scheduler-cls", SCHEDULER_CLS]
+    if Policy(policy) is Policy.SMALLEST_BUDGET and not _has_flag(vllm_args, "--scheduling-policy"):
+        argv += ["--scheduling-policy", "priority"]  # the scheduler sets each request's priority from its budget
     if not _has_flag(vllm_args, "--dtype"):
         argv += ["--dtype", hw.default_dtype()]
     if not _has_flag(vllm_args, "--enforce-eager", "--no-enforce-eager"):
@@ -96,18 +114,27 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
     # Endpoint plugins load only when named in VLLM_PLUGINS, which then also allow-lists general plugins.
     named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(named + list(PLUGIN_NAMES)))
+    env[POLICY_ENV] = Policy(policy).value
+    for key, value in ((DEFAULT_BUDGET_ENV, default_budget), (MAX_BUDGET_ENV, max_budget)):
+        if value is not None:
+            env[key] = repr(float(value))
+        else:
+            env.pop(key, None)
     return argv, env
 
 
 def cmd_serve(args, rest: list[str]) -> int:
     from flopwise.models import ModelNotFound, resolve_model
 
+    if args.default_flop_budget and args.max_flop_budget and args.default_flop_budget > args.max_flop_budget:
+        return fail("serve", f"--default-flop-budget {args.default_flop_budget:g} exceeds --max-flop-budget {args.max_flop_budget:g}")
     try:
         model = resolve_model(args.model)
         FlopModel.from_pretrained(model)  # an architecture the ledger cannot cost is refused up front
     except (LedgerError, ModelNotFound) as e:
         return fail("serve", str(e))
-    argv, env = serve_command(model, rest, args.host, args.port)
+    argv, env = serve_command(model, rest, args.host, args.port, args.default_flop_budget, args.max_flop_budget,
+                              args.budget_policy)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # same PID: whoever started `flopwise serve` can stop the server
     return 0
@@ -122,6 +149,15 @@ def cmd_model(args) -> int:
     except ModelNotFound as e:
         return fail("model", str(e))
     return 0
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    from flopwise.budget import Policy
+
+    p.add_argument("--default-flop-budget", type=flop_amount, default=None, help="budget for requests that set none")
+    p.add_argument("--max-flop-budget", type=flop_amount, default=None, help="refuse requests asking for more (HTTP 400)")
+    p.add_argument("--budget-policy", choices=[x.value for x in Policy], default=Policy.FIFO.value,
+                   help="admission order: vLLM's FIFO, or smallest budget first so small requests do not queue behind huge ones")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", help="model dir (default: the embedded SmolLM2-135M-Instruct)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=positive_int, default=8000)
+    _budget_args(s)
+
+    bt = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
+                        description="Any option not listed here is passed to the vLLM engine unchanged.")
+    bt.add_argument("input", help="input .jsonl: custom_id, method, url (/v1/chat/completions or /v1/completions), body")
+    bt.add_argument("-o", "--output", required=True, help="output .jsonl; rerunning with the same file resumes")
+    bt.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    bt.add_argument("--flop-budget", type=flop_amount, default=None, help="FLOP budget for lines that set none")
+    bt.add_argument("--max-concurrency", type=positive_int, default=256, help="requests in flight at once")
 
     d = sub.add_parser("demo", help="start the server on the default model, send chat requests, print FLOPs, stop")
     d.add_argument("--port", type=positive_int, default=8765)
@@ -165,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "serve":
+    if rest and args.command not in ("serve", "batch"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "flops":
         return cmd_flops(args)
@@ -173,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args, rest)
     if args.command == "model":
         return cmd_model(args)
+    if args.command == "batch":
+        from flopwise_serve.batch import run_batch
+
+        return run_batch(args, rest)
     if args.command == "demo":
         from flopwise_serve.demo import run_demo
 

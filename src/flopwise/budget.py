@@ -35,7 +35,7 @@ def parse_budget(value, maximum: float | None = None, field: str = FIELD) -> flo
     if not math.isfinite(value) or value <= 0:
         raise BudgetError(f"{field} must be a positive finite number of FLOPs, got {value!r}")
     if maximum is not None and value > maximum:
-        raise BudgetError(f"{field}={value:.6g} exceeds the server's maximum of {maximum:.6g} FLOPs")
+        raise BudgetError(f"{field}={value:,.0f} exceeds the server's maximum of {maximum:,.0f} FLOPs")
     return float(value)
 
 
@@ -51,8 +51,8 @@ def check_admission(model: FlopModel, budget: float, prompt_tokens: int, image_t
     need = admission_cost(model, prompt_tokens, image_tokens)
     if need > budget:
         raise BudgetError(
-            f"{FIELD}={budget:.6g} FLOPs cannot cover this request's prefill of {prompt_tokens} tokens, "
-            f"which needs {need:.6g} FLOPs"
+            f"{FIELD}={budget:,.0f} FLOPs cannot cover this request's prefill of {prompt_tokens} tokens, "
+            f"which needs {need:,} FLOPs"
         )
 
 
