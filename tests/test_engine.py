@@ -71,3 +71,64 @@ def test_n_candidates_sum_into_one_request(engine):
     assert charge["requests"] == 3
     P = len(out.prompt_token_ids)  # under one block: children share no cached prompt blocks
     assert charge["total"] == sum(ledger.request(P, len(c.token_ids)).total for c in out.outputs)
+
+
+def _budgeted(n_tokens, budget, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n_tokens, temperature=kw.pop("temperature", 0), ignore_eos=True,
+                          extra_args={"flop_budget": budget}, **kw)
+
+
+PROMPT = {"prompt_token_ids": list(range(20, 70))}
+
+
+def test_budget_of_prefill_plus_ten_decode_steps_gives_eleven_tokens(engine):
+    llm, ledger, _ = engine
+    budget = ledger.request(50, 11).total  # the prefill makes token 1, ten decode steps tokens 2..11
+    out = llm.generate([PROMPT], _budgeted(40, budget))[0]
+    c = out.outputs[0]
+    assert len(c.token_ids) == 11
+    assert (c.finish_reason, c.stop_reason) == ("length", "flop_budget")
+    assert _charge(out)["total"] == budget and _charge(out)["capped"] is True
+    # One FLOP less and the tenth decode step no longer fits.
+    out = llm.generate([PROMPT], _budgeted(40, budget - 1))[0]
+    assert len(out.outputs[0].token_ids) == 10 and _charge(out)["total"] <= budget - 1
+
+
+@pytest.mark.parametrize("extra_tokens", [0, 3, 17])
+def test_charge_never_exceeds_budget_and_stops_as_late_as_possible(engine, extra_tokens):
+    llm, ledger, _ = engine
+    budget = ledger.request(50, 1).total + ledger.forward(extra_tokens, start=50, logits=extra_tokens).total + 12345
+    out = llm.generate([PROMPT], _budgeted(40, budget))[0]
+    n, total = len(out.outputs[0].token_ids), _charge(out)["total"]
+    assert total <= budget
+    assert n == 1 + extra_tokens  # every affordable decode step ran
+    assert total + ledger.forward(1, start=50 + n - 1, logits=1).total > budget  # the next one would not fit
+
+
+def test_budget_below_prefill_runs_nothing(engine):
+    llm, ledger, _ = engine
+    out = llm.generate([PROMPT], _budgeted(10, ledger.request(50, 1).total - 1))[0]
+    assert len(out.outputs[0].token_ids) == 0
+    assert out.outputs[0].stop_reason == "flop_budget" and _charge(out)["total"] == 0
+
+
+def test_n_candidates_share_one_budget(engine):
+    llm, ledger, _ = engine
+    budget = 2 * ledger.request(50, 11).total
+    out = llm.generate([PROMPT], _budgeted(30, budget, n=4, temperature=1.0, seed=1))[0]
+    charge = _charge(out)
+    assert charge["requests"] == 4 and charge["total"] <= budget
+    assert sum(ledger.request(50, max(1, len(c.token_ids))).total for c in out.outputs if c.token_ids) == charge["total"]
+    assert all(c.stop_reason == "flop_budget" for c in out.outputs)
+
+
+def test_budget_holds_through_chunked_prefill(engine):
+    """Chunks pay a logits row each; the gate bounds each chunk by the whole remaining prefill."""
+    llm, ledger, _ = engine
+    prompt = {"prompt_token_ids": [(11 * i) % 1900 + 20 for i in range(300)]}
+    budget = ledger.request(300, 1).total + 1  # covers one unchunked prefill, not three chunks' logits
+    out = llm.generate([prompt], _budgeted(5, budget))[0]
+    assert _charge(out)["total"] <= budget
+    assert out.outputs[0].stop_reason == "flop_budget"

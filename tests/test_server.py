@@ -10,13 +10,14 @@ from flopwise.ledger import FlopModel
 from flopwise_serve.launch import flopwise_server, free_port
 
 pytestmark = pytest.mark.slow
+MAX_BUDGET = 10**12
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     path = tiny_model("llama-gqa")
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with flopwise_server(path, free_port(), log, ["--max-model-len", "1024"]) as s:
+    with flopwise_server(path, free_port(), log, ["--max-model-len", "1024", "--max-flop-budget", str(MAX_BUDGET)]) as s:
         yield s, FlopModel.from_pretrained(path)
 
 
@@ -90,3 +91,158 @@ def test_bad_request_is_400_and_server_keeps_serving(server, client):
     assert r.status_code == 400
     assert "max_tokens" in r.text
     assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+
+
+# -- FLOP budgets ------------------------------------------------------------------------------------
+BAD_BUDGETS = ["-1", "0", "-0.0", "NaN", "Infinity", "-Infinity", '"1e9"', "true", "false", '{"a": 1}', "[1]",
+               str(MAX_BUDGET * 10)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("bad", BAD_BUDGETS)
+def test_bad_flop_budget_is_400_naming_the_field(server, client, bad, stream):
+    s, _ = server
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": %s, '
+            '"flop_budget": %s}') % (client.model_id, "true" if stream else "false", bad)
+    r = httpx.post(f"{s.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "flop_budget" and "flop_budget" in err["message"]
+
+
+def test_budget_in_vllm_xargs_is_validated_too(server, client):
+    s, _ = server
+    r = httpx.post(f"{s.url}/v1/completions", timeout=30, json={
+        "model": client.model_id, "prompt": "x", "max_tokens": 3, "vllm_xargs": {"flop_budget": "lots"}})
+    assert r.status_code == 400 and "flop_budget" in r.text
+
+
+def test_unaffordable_prefill_is_refused_with_both_numbers(server, client):
+    s, ledger = server
+    prompt = "def f(x):"
+    P = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=1).usage.prompt_tokens
+    need = ledger.request(P, 1).total
+    before = _metrics(s.url).get("flopwise_requests_refused_total", 0)
+    r = httpx.post(f"{s.url}/v1/completions", timeout=30,
+                   json={"model": client.model_id, "prompt": prompt, "max_tokens": 3, "flop_budget": need - 1})
+    assert r.status_code == 400
+    assert f"{need - 1:,}" in r.json()["error"]["message"] and f"{need:,}" in r.json()["error"]["message"]
+    assert _metrics(s.url)["flopwise_requests_refused_total"] == before + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_budget_stops_generation_through_flopwise_serve(server, client, stream):
+    s, ledger = server
+    messages = [{"role": "user", "content": "tell me a story"}]
+    P = client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=1).usage.prompt_tokens
+    budget = ledger.request(P, 11).total
+    kwargs = dict(model=client.model_id, messages=messages, max_tokens=60, temperature=0,
+                  extra_body={"ignore_eos": True, "flop_budget": budget})
+    capped_before = _metrics(s.url).get("flopwise_requests_capped_total", 0)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        finish = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+        choice = finish[-1]
+    else:
+        r = client.chat.completions.create(**kwargs)
+        usage, choice = r.usage, r.choices[0]
+    assert usage.completion_tokens == 11
+    assert choice.finish_reason == "length" and choice.model_extra["stop_reason"] == "flop_budget"
+    assert usage.flops["total"] == budget and usage.flops["budget"] == budget
+    assert _metrics(s.url)["flopwise_requests_capped_total"] == capped_before + 1
+
+
+def test_server_default_and_request_budget(server, client):
+    """A top-level flop_budget wins over vllm_xargs; either way the charge stays within it."""
+    _, ledger = server
+    r = client.completions.create(model=client.model_id, prompt="def g(y):", max_tokens=50, temperature=0,
+                                  extra_body={"ignore_eos": True, "flop_budget": 2e7, "vllm_xargs": {"flop_budget": 1e12}})
+    assert r.usage.flops["budget"] == 2e7 and r.usage.flops["total"] <= 2e7
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 50
+
+
+# -- load ------------------------------------------------------------------------------------------
+def test_load_200_mixed_requests(server, client):
+    """200 concurrent requests: random budgets (tiny ones too), streaming or not, n up to 4, some clients
+    hanging up mid-stream. Bounded to about a minute; afterwards the engine is idle with no KV blocks held."""
+    import asyncio
+    import json as _json
+    import random
+    import time
+
+    s, ledger = server
+    rng = random.Random(7)
+    prefill = ledger.request(12, 1).total
+    results = {"ok": 0, "refused": 0, "disconnected": 0, "over_budget": [], "5xx": []}
+
+    async def one(http, i):
+        n = rng.choice([1, 1, 2, 4])
+        budget = rng.choice([None, prefill // 2, prefill * 1.2, prefill * n * 3, 1e11])
+        stream = rng.random() < 0.5
+        hang_up = stream and rng.random() < 0.3
+        body = {"model": client.model_id, "prompt": f"item {i}: def f(x):", "max_tokens": rng.randint(4, 96),
+                "n": n, "temperature": 0.8 if n > 1 else 0, "stream": stream, "ignore_eos": True}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if budget is not None:
+            body["flop_budget"] = budget
+        if not stream:
+            r = await http.post("/v1/completions", json=body)
+            if r.status_code >= 500:
+                results["5xx"].append(r.text)
+            elif r.status_code == 400:
+                results["refused"] += 1
+            else:
+                results["ok"] += 1
+                total = r.json()["usage"]["flops"]["total"]
+                if budget is not None and total > budget:
+                    results["over_budget"].append((budget, total))
+            return
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code >= 500:
+                results["5xx"].append(r.status_code)
+                return
+            if r.status_code == 400:
+                await r.aread()
+                results["refused"] += 1
+                return
+            seen = 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                seen += 1
+                if hang_up and seen == 2:
+                    results["disconnected"] += 1
+                    return  # leaving the block closes the connection mid-stream
+                chunk = _json.loads(line[6:])
+                if not chunk["choices"] and chunk.get("usage"):
+                    total = chunk["usage"]["flops"]["total"]
+                    if budget is not None and total > budget:
+                        results["over_budget"].append((budget, total))
+            results["ok"] += 1
+
+    async def main():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=s.url, timeout=90, limits=limits) as http:
+            await asyncio.wait_for(asyncio.gather(*(one(http, i) for i in range(200))), timeout=120)
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    print(f"load: {results['ok']} ok, {results['refused']} refused, {results['disconnected']} hung up, "
+          f"{time.monotonic() - t0:.1f}s")
+    assert results["5xx"] == [] and results["over_budget"] == []
+    assert results["ok"] + results["refused"] + results["disconnected"] == 200
+    assert results["refused"] > 0 and results["ok"] > 100
+    assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+    # Every request finished or was aborted: nothing running, waiting, or holding KV blocks.
+    deadline, idle = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{s.url}/metrics", timeout=10).text
+        gauges = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r"^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc))\{[^}]*\} (\S+)$", text, re.M)}
+        idle = gauges
+        if gauges and all(v == 0 for v in gauges.values()):
+            break
+        time.sleep(1)
+    assert idle and all(v == 0 for v in idle.values()), idle

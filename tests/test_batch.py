@@ -1,0 +1,97 @@
+"""`flopwise batch`: good lines served with usage.flops, bad lines as error records, resume without duplicates."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flopwise.ledger import FlopModel
+
+pytestmark = pytest.mark.slow
+
+
+def _lines():
+    good = []
+    for i in range(6):
+        if i % 2:
+            body = {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 6, "temperature": 0}
+            good.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        else:
+            body = {"prompt": f"def f{i}(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            good.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body})
+    capped = {"custom_id": "capped", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "def g(x):", "max_tokens": 40, "ignore_eos": True, "flop_budget": 1.2e7}}
+    bad = [
+        "{not json",
+        json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "dup"}}),
+        json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
+        json.dumps({"custom_id": "bad-budget", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "flop_budget": -3}}),
+        json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}}),
+        json.dumps({"custom_id": "bad-body", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": "many"}}),
+        json.dumps({"custom_id": "stream", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "stream": True}}),
+    ]
+    return [json.dumps(x) for x in good[:3]] + bad[:3] + [json.dumps(x) for x in good[3:]] + bad[3:] + [json.dumps(capped)]
+
+
+def _run(inp, out, model, *extra):
+    return subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(inp), "-o", str(out), "--model", model,
+                           "--max-model-len", "1024", *extra], capture_output=True, text=True, timeout=600)
+
+
+def _records(out):
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
+    model = tiny_model("llama-gqa")
+    ledger = FlopModel.from_pretrained(model)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(_lines()) + "\n\n")
+
+    r = _run(inp, out, model)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "7 done, 7 errors" in r.stderr and "stopped by their FLOP budget" in r.stderr
+    recs = _records(out)
+    assert len(recs) == 14
+    by_id = {rec["custom_id"]: rec for rec in recs if rec["custom_id"]}
+    for i in range(6):
+        body = by_id[f"r{i}"]["response"]["body"]
+        u = body["usage"]
+        assert by_id[f"r{i}"]["response"]["status_code"] == 200 and by_id[f"r{i}"]["error"] is None
+        assert u["flops"]["total"] == ledger.request(u["prompt_tokens"], u["completion_tokens"]).total
+    cap = by_id["capped"]["response"]["body"]
+    assert cap["choices"][0]["stop_reason"] == "flop_budget" and cap["usage"]["flops"]["total"] <= 1.2e7
+    assert by_id["bad-budget"]["error"]["status_code"] == 400 and "flop_budget" in by_id["bad-budget"]["error"]["message"]
+    assert "url must be" in by_id["bad-url"]["error"]["message"]
+    assert "max_tokens" in by_id["bad-body"]["error"]["message"]
+    assert "stream" in by_id["stream"]["error"]["message"]
+    anonymous = sorted(rec["error"]["code"] for rec in recs if rec["custom_id"] is None)
+    assert anonymous == ["duplicate_custom_id", "invalid_line", "invalid_line"]
+
+    # Rerun: everything is there already, nothing is redone or duplicated.
+    r = _run(inp, out, model)
+    assert r.returncode == 0 and "0 done, 0 errors, 14 already" in r.stderr
+    assert len(_records(out)) == 14
+
+    # A run killed mid-write: one record lost, the last one torn in half. The rerun redoes exactly those.
+    lines = out.read_text().splitlines()
+    lost = json.loads(lines[2])["custom_id"] or json.loads(lines[3])["custom_id"]
+    kept = [line for line in lines if json.loads(line)["custom_id"] != lost]
+    out.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][:25])
+    r = _run(inp, out, model)
+    assert r.returncode == 0 and "12 already" in r.stderr, r.stderr[-2000:]
+    recs = _records(out)
+    counts = collections.Counter(rec["custom_id"] or ("line", rec["error"]["line"]) for rec in recs)
+    assert len(recs) == 14 and max(counts.values()) == 1
+
+
+def test_batch_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "missing.jsonl"), "-o",
+                        str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr.strip().splitlines()[-1]
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "in.jsonl"), "-o",
+                        str(tmp_path / "o.jsonl"), "--flop-budget", "-1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--flop-budget" in r.stderr.strip().splitlines()[-1]

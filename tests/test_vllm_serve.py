@@ -1,0 +1,72 @@
+"""Plain `vllm serve` with flopwise installed and no other step: the scheduler is in place, budgets hold."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flopwise import hw
+from flopwise.ledger import FlopModel
+from flopwise_serve.launch import Server, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    path = tiny_model("llama-gqa")
+    vllm_cli = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    assert vllm_cli, "the `vllm` console script is missing from the venv"
+    env = hw.engine_env()
+    env.pop("VLLM_PLUGINS", None)  # nothing allow-listed, nothing named: the user did no extra step
+    port = free_port()
+    argv = [vllm_cli, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--enforce-eager", "--max-model-len", "1024"]
+    log = tmp_path_factory.mktemp("vllm") / "vllm-serve.log"
+    with Server(argv, env, port, log) as s:
+        yield s, FlopModel.from_pretrained(path), path
+
+
+def test_flopwise_scheduler_is_in_place(vllm_server):
+    s, _, _ = vllm_server
+    assert "flopwise_vllm.scheduler.FlopwiseScheduler" in s.log_tail(10**6)
+
+
+def test_budget_in_vllm_xargs_stops_generation(vllm_server):
+    s, ledger, path = vllm_server
+    first = httpx.post(f"{s.url}/v1/completions", timeout=60,
+                       json={"model": path, "prompt": "def f(x):", "max_tokens": 1}).json()
+    P = first["usage"]["prompt_tokens"]
+    budget = ledger.request(P, 11).total
+    r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
+        "model": path, "prompt": "def f(x):", "max_tokens": 50, "temperature": 0, "ignore_eos": True,
+        "vllm_xargs": {"flop_budget": budget}}).json()
+    choice = r["choices"][0]
+    assert r["usage"]["completion_tokens"] == 11
+    assert choice["finish_reason"] == "length" and choice["stop_reason"] == "flop_budget"
+    # Without the endpoint plugin the engine's charge is still returned, in vLLM's own ec_transfer_params.
+    assert r["ec_transfer_params"]["flopwise"]["total"] == budget
+
+
+@pytest.mark.parametrize("bad", ["many", -5, 0])
+def test_bad_budget_in_vllm_xargs_is_400(vllm_server, bad):
+    s, _, path = vllm_server
+    r = httpx.post(f"{s.url}/v1/completions", timeout=60,
+                   json={"model": path, "prompt": "x", "max_tokens": 3, "vllm_xargs": {"flop_budget": bad}})
+    assert r.status_code == 400 and "flop_budget" in r.text
+
+
+def test_opt_out_leaves_stock_vllm(tmp_path):
+    """FLOPWISE_SCHEDULER=0: the platform plugin stands aside and vLLM picks its own CPU platform."""
+    env = {**os.environ, "FLOPWISE_SCHEDULER": "0"}
+    code = "from vllm.platforms import current_platform as p; print(type(p).__module__)"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("vllm.platforms.cpu"), out.stderr[-1500:]
+    env.pop("FLOPWISE_SCHEDULER")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "flopwise_vllm.platform", out.stderr[-1500:]
