@@ -7,19 +7,18 @@ import pytest
 from flopwise.ledger import FlopModel
 
 pytestmark = pytest.mark.slow
-SCHEDULER = "flopwise_vllm.scheduler.FlopwiseScheduler"
 
 
 @pytest.fixture(scope="module", params=["llama-gqa", "mixtral"])
 def engine(request, tiny_model):
-    from vllm import LLM
+    from flopwise_serve.offline import LLM
 
     path = tiny_model(request.param)
-    # 128-token steps: the 300-token prompt below is prefilled in three chunks.
-    llm = LLM(path, scheduler_cls=SCHEDULER, enforce_eager=True, dtype="float32", max_model_len=1024,
-              max_num_batched_tokens=128, max_num_seqs=8, seed=0)
+    # flopwise's offline API puts the flopwise scheduler in place; 128-token steps make the 300-token
+    # prompts below prefill in three chunks.
+    llm = LLM(path, dtype="float32", max_model_len=1024, max_num_batched_tokens=128, max_num_seqs=8, seed=0)
     yield llm, FlopModel.from_pretrained(path), path
-    llm.llm_engine.engine_core.shutdown()
+    llm.shutdown()
     del llm
     gc.collect()
 
@@ -132,3 +131,17 @@ def test_budget_holds_through_chunked_prefill(engine):
     out = llm.generate([prompt], _budgeted(5, budget))[0]
     assert _charge(out)["total"] <= budget
     assert out.outputs[0].stop_reason == "flop_budget"
+
+
+def test_offline_api_budget_keyword_and_admission(engine):
+    from flopwise.budget import BudgetError
+    from flopwise_serve.offline import flops_of
+
+    llm, ledger, _ = engine
+    budget = ledger.request(50, 6).total
+    out = llm.generate([PROMPT], max_tokens=30, temperature=0, ignore_eos=True, flop_budget=budget)[0]
+    assert len(out.outputs[0].token_ids) == 6
+    assert flops_of(out) == {"prompt": ledger.request(50, 1).total, "completion": ledger.request(50, 6).decode.total,
+                             "total": budget, "dense_baseline": budget, "budget": budget}
+    with pytest.raises(BudgetError, match="prefill of 50 tokens"):
+        llm.generate([PROMPT], max_tokens=5, flop_budget=ledger.request(50, 1).total - 1)

@@ -97,18 +97,21 @@ class FlopwiseScheduler(Scheduler):
         self.budget_policy = Policy(os.environ.get(POLICY_ENV, Policy.FIFO.value))
         self.flop_charges: dict[str, Charge] = {}
         self.groups: dict[str, Group] = {}
+        self.group_ids: dict[str, str] = {}  # request id -> group id, for live requests
+        self.budgeted_groups = 0  # live groups with a budget: the gate is skipped when there are none
         self.engine_flops = 0  # everything this engine computed, finished or not
         self._last_settled: tuple[str, dict | None] = ("", None)
         self._budget_stops: list[tuple[int, EngineCoreOutput]] = []
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        g = group_of(request.request_id)
+        g = self.group_ids[request.request_id] = group_of(request.request_id)
         group = self.groups.setdefault(g, Group())
         group.live += 1
         budget = self._budget_of(request)
         if budget is not None and group.budget is None:
             group.budget = BudgetState(budget)
+            self.budgeted_groups += 1
         if self.budget_policy is Policy.SMALLEST_BUDGET:
             # vLLM's priority queue (--scheduling-policy priority) admits lower values first.
             request.priority = int(min(budget, 2**62)) if budget is not None else 2**62
@@ -136,7 +139,7 @@ class FlopwiseScheduler(Scheduler):
         part += cost
         self.flop_charges[request.request_id].dense_baseline += baseline
         self.engine_flops += cost.total
-        budget = self.groups[group_of(request.request_id)].budget
+        budget = self.groups[self.group_ids[request.request_id]].budget
         if budget is not None:
             budget.charged += cost.total
 
@@ -168,9 +171,11 @@ class FlopwiseScheduler(Scheduler):
 
     def gate_budgets(self) -> None:
         """Finish every request whose next step might cross its group's remaining budget."""
+        if not self.budgeted_groups:
+            return
         reserved: dict[str, int] = {}
         for request in [*self.running, *self.waiting]:
-            g = group_of(request.request_id)
+            g = self.group_ids[request.request_id]
             budget = self.groups[g].budget
             if budget is None or request.is_finished():
                 continue
@@ -183,7 +188,7 @@ class FlopwiseScheduler(Scheduler):
 
     def stop_for_budget(self, request: Request) -> None:
         rid, client = request.request_id, request.client_index
-        self.groups[group_of(rid)].budget.capped = True
+        self.groups[self.group_ids[rid]].budget.capped = True
         request.stop_reason = STOP_REASON
         self.finish_requests(rid, RequestStatus.FINISHED_LENGTH_CAPPED)
         settled_id, payload = self._last_settled  # written by _free_request inside finish_requests
@@ -230,11 +235,12 @@ class FlopwiseScheduler(Scheduler):
         charge = self.flop_charges.pop(request_id, None)
         if charge is None:
             return None
-        g = group_of(request_id)
+        g = self.group_ids.pop(request_id)
         group = self.groups[g]
         group.settled.merge(charge)
         payload = group.payload(g, self.engine_flops)
         group.live -= 1
         if group.live <= 0:
             del self.groups[g]
+            self.budgeted_groups -= group.budget is not None
         return payload

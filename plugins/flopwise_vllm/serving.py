@@ -1,8 +1,9 @@
-"""flopwise additions to vLLM's OpenAI chat and completion handlers: ``usage.flops`` and metrics.
+"""flopwise additions to vLLM's OpenAI chat and completion handlers: ``flop_budget``, ``usage.flops``, metrics.
 
 The handlers vLLM builds are re-classed (in :mod:`flopwise_vllm.endpoint`) to subclasses that mix in
 the classes below, so every vLLM feature (streaming, tools, n>1, logprobs) stays vLLM's own. The mixins
-only tap the stream of engine outputs and add one field to the usage object.
+validate the budget after vLLM renders the prompt (so a refusal is a 400 even for streaming requests),
+tap the stream of engine outputs, and add one field to the usage object.
 """
 
 from __future__ import annotations

@@ -201,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output-tokens", type=positive_int, default=128)
     o.add_argument("--rounds", type=positive_int, default=5)
     o.add_argument("--out", default="bench/results/overhead.md")
+    bb = bsub.add_parser("budget", help="budgets on vs stock vLLM, overshoot, small-request latency per policy")
+    bb.add_argument("--model", default=None)
+    bb.add_argument("--requests", type=positive_int, default=32)
+    bb.add_argument("--prompt-tokens", type=positive_int, default=256)
+    bb.add_argument("--output-tokens", type=positive_int, default=128)
+    bb.add_argument("--rounds", type=positive_int, default=3)
+    bb.add_argument("--probe-requests", type=positive_int, default=60)
+    bb.add_argument("--huge", type=positive_int, default=6)
+    bb.add_argument("--small", type=positive_int, default=24)
+    bb.add_argument("--latency-reps", type=positive_int, default=2)
+    bb.add_argument("--out", default="bench/results/budget.md")
 
     sub.add_parser("model", help="prepare the embedded default model and print its directory")
     return p

@@ -1,0 +1,75 @@
+"""flopwise's offline Python API: vLLM's ``LLM`` set up as ``flopwise serve`` sets up its engine.
+
+    from flopwise_serve.offline import LLM, flops_of
+
+    llm = LLM()                                   # the embedded default model, dtype from the CPU
+    out = llm.generate(["def fib(n):"], max_tokens=64, flop_budget=5e10)
+    flops_of(out[0])                              # {"prompt", "completion", "total", "dense_baseline", "budget"}
+
+Plain ``SamplingParams(extra_args={"flop_budget": ...})`` works too; this wrapper adds the admission check
+(a prompt whose prefill cannot fit raises :class:`flopwise.budget.BudgetError` before anything runs).
+Scripts that build an ``LLM`` need an ``if __name__ == "__main__":`` guard: vLLM's workers re-import them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flopwise import hw
+from flopwise.budget import FIELD, check_admission, parse_budget
+from flopwise.ledger import FlopModel
+from flopwise.models import resolve_model
+
+
+def flops_of(output) -> dict | None:
+    """``usage.flops`` of one finished ``RequestOutput`` (all its candidates), as the server reports it."""
+    payload = (output.ec_transfer_params or {}).get("flopwise")
+    if payload is None:
+        return None
+    usage = {k: payload[k] for k in ("prompt", "completion", "total", "dense_baseline")}
+    if "budget" in payload:
+        usage["budget"] = payload["budget"]
+    return usage
+
+
+class LLM:
+    """A ``vllm.LLM`` with the flopwise scheduler, the CPU's dtype, eager mode and a small KV cache by default."""
+
+    def __init__(self, model: str | None = None, **engine_kwargs):
+        from vllm import LLM as VllmLLM
+
+        from flopwise_vllm import SCHEDULER_CLS
+
+        for key, value in hw.engine_env({}).items():
+            os.environ.setdefault(key, value)
+        self.model = resolve_model(model)
+        self.ledger = FlopModel.from_pretrained(self.model)
+        engine_kwargs.setdefault("scheduler_cls", SCHEDULER_CLS)
+        engine_kwargs.setdefault("dtype", hw.default_dtype())
+        engine_kwargs.setdefault("enforce_eager", True)
+        self.engine = VllmLLM(self.model, **engine_kwargs)
+
+    def generate(self, prompts, sampling_params=None, *, flop_budget: float | None = None, **sampling_kwargs):
+        """``vllm.LLM.generate`` with an optional per-request ``flop_budget`` (shared by n candidates)."""
+        from vllm import SamplingParams
+
+        if sampling_params is None:
+            sampling_params = SamplingParams(**sampling_kwargs)
+        elif sampling_kwargs:
+            raise TypeError("pass either sampling_params or sampling keyword arguments, not both")
+        if flop_budget is not None:
+            budget = parse_budget(flop_budget)
+            prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+            tokenizer = self.engine.get_tokenizer()
+            for p in prompts:
+                ids = p["prompt_token_ids"] if isinstance(p, dict) else tokenizer.encode(p)
+                check_admission(self.ledger, budget, len(ids))
+            sampling_params = sampling_params.clone()
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}), FIELD: budget}
+        return self.engine.generate(prompts, sampling_params)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)  # everything else is vLLM's LLM as it is
+
+    def shutdown(self) -> None:
+        self.engine.llm_engine.engine_core.shutdown()
