@@ -50,7 +50,7 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(_lines()) + "\n\n")
 
-    r = _run(inp, out, model)
+    r = _run(inp, out, model, "--flop-budget", "5e7")  # the default for lines that set no budget
     assert r.returncode == 0, r.stderr[-3000:]
     assert "7 done, 7 errors" in r.stderr and "stopped by their FLOP budget" in r.stderr
     recs = _records(out)
@@ -61,8 +61,10 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
         u = body["usage"]
         assert by_id[f"r{i}"]["response"]["status_code"] == 200 and by_id[f"r{i}"]["error"] is None
         assert u["flops"]["total"] == ledger.request(u["prompt_tokens"], u["completion_tokens"]).total
+        assert u["flops"]["budget"] == 5e7  # the batch default applied
     cap = by_id["capped"]["response"]["body"]
     assert cap["choices"][0]["stop_reason"] == "flop_budget" and cap["usage"]["flops"]["total"] <= 1.2e7
+    assert cap["usage"]["flops"]["budget"] == 1.2e7  # a line's own budget wins over the default
     assert by_id["bad-budget"]["error"]["status_code"] == 400 and "flop_budget" in by_id["bad-budget"]["error"]["message"]
     assert "url must be" in by_id["bad-url"]["error"]["message"]
     assert "max_tokens" in by_id["bad-body"]["error"]["message"]
