@@ -213,6 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--latency-reps", type=positive_int, default=2)
     bb.add_argument("--out", default="bench/results/budget.md")
 
+    cv = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")
+    cvsub = cv.add_subparsers(dest="transform", required=True)
+    sq = cvsub.add_parser("sqa", help="fewer query heads (Sparse Query Attention) for Llama/Mistral/Qwen2/Qwen3")
+    mm = cvsub.add_parser("moe-merge", help="fewer experts / lower top-k for Mixtral, Qwen2-MoE, Qwen3-MoE")
+    for c in (sq, mm):
+        c.add_argument("model", help="local HF model directory")
+        c.add_argument("out", help="output directory (written atomically)")
+        c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        c.add_argument("--calib-blocks", type=positive_int, default=16, help="256-token blocks of local text for calibration")
+        c.add_argument("--eval-blocks", type=positive_int, default=16, help="256-token blocks for perplexity before/after")
+    sq.add_argument("--query-heads", type=positive_int, required=True, help="query heads to keep (a multiple of the KV heads)")
+    sq.add_argument("--kv-heads", type=positive_int, default=None, help="KV heads to keep (divides the model's; default: all)")
+    sq.add_argument("--method", choices=["select", "merge"], default="select")
+    sq.add_argument("--distill-steps", type=non_negative_int, default=0, help="self-distillation steps (batch 4 x 256 tokens)")
+    sq.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    mm.add_argument("--experts", type=positive_int, required=True,
+                    help="experts to keep per MoE layer (all of them with a lower --top-k reduces top-k only)")
+    mm.add_argument("--method", choices=["mc-smoe", "reap", "hc-smoe", "frequency", "uniform"], default="mc-smoe")
+    mm.add_argument("--top-k", type=positive_int, default=None, help="experts per token after the merge (default: unchanged)")
+
     sub.add_parser("model", help="prepare the embedded default model and print its directory")
     return p
 
@@ -229,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args, rest)
     if args.command == "model":
         return cmd_model(args)
+    if args.command == "convert":
+        from flopwise_serve.convert import run_convert
+
+        return run_convert(args)
     if args.command == "batch":
         from flopwise_serve.batch import run_batch
 

@@ -1,0 +1,119 @@
+"""``flopwise convert sqa|moe-merge MODEL OUT``: run a checkpoint transform and write its report.
+
+Calibration and distillation use local text (:mod:`flopwise.data`); perplexity is measured before and
+after on a disjoint split. The output directory appears only once complete (temp dir + rename).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from flopwise.convert.io import ConvertError, check_output, ledger_summary, load, param_summary, save_atomically, source_dtype
+
+
+def _say(msg: str) -> None:
+    print(f"flopwise convert: {msg}", file=sys.stderr, flush=True)
+
+
+def _calibration_rows(tokenizer, count: int, block: int = 256):
+    from flopwise import data
+
+    return data.token_blocks(tokenizer, "calib", block, count)
+
+
+def run_convert(args) -> int:
+    from flopwise_serve.cli import fail
+
+    try:
+        return _run(args)
+    except ConvertError as e:
+        return fail("convert", str(e))
+
+
+def _run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from flopwise import data
+
+    torch.manual_seed(0)
+    out = check_output(args.out, args.force)
+    t0 = time.monotonic()
+    # Every argument is checked against config.json before any weight is loaded.
+    arch, cfg_json = _config(args.model)
+    if args.transform == "sqa":
+        from flopwise.convert import sqa
+
+        if arch not in sqa.ARCHITECTURES:
+            raise ConvertError(f"MODEL architecture {arch!r} is not supported (supported: {', '.join(sorted(sqa.ARCHITECTURES))})")
+        cfg = sqa.SQAConfig(args.query_heads, args.kv_heads, args.method)
+        q = cfg_json.get("num_attention_heads") or 0
+        cfg.resolve(q, cfg_json.get("num_key_value_heads") or q)
+        model, tok, config = load(args.model, sqa.ARCHITECTURES)
+        settings = {"transform": "sqa", "query_heads": args.query_heads, "kv_heads": args.kv_heads, "method": args.method,
+                    "distill_steps": args.distill_steps}
+    else:
+        from flopwise.convert import moe
+
+        if arch not in moe.ARCHITECTURES:
+            raise ConvertError(f"MODEL is a {arch}, not a MoE model (supported: {', '.join(sorted(moe.ARCHITECTURES))})")
+        cfg = moe.MoEMergeConfig(args.experts, args.method, args.top_k)
+        key = "num_local_experts" if arch == "MixtralForCausalLM" else "num_experts"
+        cfg.resolve(cfg_json.get(key) or 0, cfg_json.get("num_experts_per_tok") or 0)
+        model, tok, config = load(args.model, moe.ARCHITECTURES)
+        settings = {"transform": "moe-merge", "experts": args.experts, "method": args.method, "top_k": args.top_k}
+
+    ppl_before = data.perplexity(model, tok, count=args.eval_blocks)
+    _say(f"perplexity before {ppl_before:.3f}; calibrating on {args.calib_blocks} blocks of local text")
+    rows = _calibration_rows(tok, args.calib_blocks)
+    if args.transform == "sqa":
+        importance = sqa.head_importance(model, rows)
+        new = sqa.convert(model, cfg, importance)
+        losses = []
+        if args.distill_steps:
+            train = data.token_blocks(tok, "train", 256, args.distill_steps * 4)
+            bar = tqdm(total=args.distill_steps, desc="distilling", file=sys.stderr)
+            losses = sqa.distill(new, model, train, args.distill_steps, lr=args.lr,
+                                 progress=lambda step, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.4f}")))
+            bar.close()
+        extra = {"head_importance_mean": importance.mean(0).tolist(), "distill_kl_first_last": losses[:1] + losses[-1:]}
+    else:
+        stats = moe.calibrate(model, rows)
+        new = moe.convert(model, cfg, stats)
+        extra = {"routing_frequency": {i: s["freq"].tolist() for i, s in stats.items()}}
+
+    ppl_after = data.perplexity(new, tok, count=args.eval_blocks)
+    dtype = source_dtype(config)
+    nbytes = torch.tensor([], dtype=dtype).element_size()
+    new_config = new.config.to_dict()
+    new_config["architectures"] = config["architectures"]
+    report = {
+        "source": args.model,
+        **settings,
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "before": {**param_summary(model, nbytes), **ledger_summary(config)},
+        "after": {**param_summary(new, nbytes), **ledger_summary(new_config)},
+        "seconds": round(time.monotonic() - t0, 1),
+        **extra,
+    }
+    save_atomically(new, tok, out, dtype, report)
+    b, a = report["before"], report["after"]
+    _say(f"wrote {out}: params {b['params']:,} -> {a['params']:,}; decode FLOPs/token {b['decode_flops_per_token_at_512']:,} -> "
+         f"{a['decode_flops_per_token_at_512']:,}; perplexity {ppl_before:.3f} -> {ppl_after:.3f}")
+    return 0
+
+
+def _config(model_dir: str) -> tuple[str, dict]:
+    import os
+
+    from flopwise.ledger import LedgerError, load_config
+
+    if not os.path.isdir(model_dir):
+        raise ConvertError(f"MODEL {model_dir!r} is not a local model directory")
+    try:
+        cfg = load_config(model_dir)
+    except LedgerError as e:
+        raise ConvertError(f"MODEL: {e}") from None
+    return (cfg.get("architectures") or ["?"])[0], cfg
