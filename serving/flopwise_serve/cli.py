@@ -160,6 +160,16 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
                    help="admission order: vLLM's FIFO, or smallest budget first so small requests do not queue behind huge ones")
 
 
+def _round_args(p: argparse.ArgumentParser, rounds: int, out: str) -> None:
+    """The workload of benchmarks that alternate rounds between stock vLLM and flopwise."""
+    p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--requests", type=positive_int, default=32, help="completions in flight per round")
+    p.add_argument("--prompt-tokens", type=positive_int, default=256)
+    p.add_argument("--output-tokens", type=positive_int, default=128)
+    p.add_argument("--rounds", type=positive_int, default=rounds)
+    p.add_argument("--out", default=out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="FLOP-aware inference middleware for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,23 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks against stock vLLM (results under bench/results/)")
     bsub = b.add_subparsers(dest="bench", required=True)
     o = bsub.add_parser("overhead", help="stock vLLM vs vLLM with flopwise and every technique off")
-    o.add_argument("--model", default=None)
-    o.add_argument("--requests", type=positive_int, default=32)
-    o.add_argument("--prompt-tokens", type=positive_int, default=256)
-    o.add_argument("--output-tokens", type=positive_int, default=128)
-    o.add_argument("--rounds", type=positive_int, default=5)
-    o.add_argument("--out", default="bench/results/overhead.md")
+    _round_args(o, rounds=5, out="bench/results/overhead.md")
     bb = bsub.add_parser("budget", help="budgets on vs stock vLLM, overshoot, small-request latency per policy")
-    bb.add_argument("--model", default=None)
-    bb.add_argument("--requests", type=positive_int, default=32)
-    bb.add_argument("--prompt-tokens", type=positive_int, default=256)
-    bb.add_argument("--output-tokens", type=positive_int, default=128)
-    bb.add_argument("--rounds", type=positive_int, default=3)
+    _round_args(bb, rounds=3, out="bench/results/budget.md")
     bb.add_argument("--probe-requests", type=positive_int, default=60)
     bb.add_argument("--huge", type=positive_int, default=6)
     bb.add_argument("--small", type=positive_int, default=24)
     bb.add_argument("--latency-reps", type=positive_int, default=2)
-    bb.add_argument("--out", default="bench/results/budget.md")
+    bc = bsub.add_parser("convert", help="SQA and MoE-merge checkpoints vs their originals: FLOPs, vLLM throughput, perplexity")
+    bc.add_argument("--model", default=None, help="model for query-head reduction (default: the embedded SmolLM2)")
+    bc.add_argument("--moe-model", default="bench/models/tiny-moe", help="MoE model (default: the committed tiny MoE)")
+    bc.add_argument("--distill-steps", type=non_negative_int, default=40)
+    bc.add_argument("--prefill-requests", type=positive_int, default=8)
+    bc.add_argument("--prefill-tokens", type=positive_int, default=2000)
+    bc.add_argument("--decode-requests", type=positive_int, default=32)
+    bc.add_argument("--decode-tokens", type=positive_int, default=128)
+    bc.add_argument("--out", default="bench/results/convert.md")
 
     cv = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")
     cvsub = cv.add_subparsers(dest="transform", required=True)

@@ -74,7 +74,9 @@ def _run(args) -> int:
         if args.distill_steps:
             train = data.token_blocks(tok, "train", 256, args.distill_steps * 4)
             bar = tqdm(total=args.distill_steps, desc="distilling", file=sys.stderr)
-            losses = sqa.distill(new, model, train, args.distill_steps, lr=args.lr,
+            from flopwise import hw
+
+            losses = sqa.distill(new, model, train, args.distill_steps, lr=args.lr, bf16=hw.default_dtype() == "bfloat16",
                                  progress=lambda step, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.4f}")))
             bar.close()
         extra = {"head_importance_mean": importance.mean(0).tolist(), "distill_kl_first_last": losses[:1] + losses[-1:]}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,20 +56,27 @@ def param_summary(model, dtype_bytes: int) -> dict:
 
 
 def save_atomically(model, tokenizer, out: Path, dtype, report: dict) -> None:
-    """Write model, tokenizer and ``flopwise_report.json`` to a temp dir beside OUT, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    """Write model, tokenizer and ``flopwise_report.json`` so that OUT appears complete or not at all."""
+    from flopwise.atomic import atomic_directory
+
+    with atomic_directory(out) as tmp:
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         report = {**report, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "flopwise_report.json").write_text(json.dumps(report, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+
+
+def calibration_pass(model, rows, hooks: list, batch: int = 4) -> None:
+    """Run ``rows`` through ``model`` with forward ``hooks`` (handles) installed, then remove them."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for b in range(0, rows.shape[0], batch):
+                model(input_ids=rows[b : b + batch])
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for h in hooks:
+            h.remove()
 
 
 def source_dtype(config: dict):

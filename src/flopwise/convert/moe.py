@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flopwise.convert.io import ConvertError
+from flopwise.convert.io import ConvertError, calibration_pass
 
 ARCHITECTURES = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
 METHODS = ("mc-smoe", "reap", "hc-smoe", "frequency", "uniform")
@@ -78,13 +78,7 @@ def calibrate(model, rows: torch.Tensor, max_tokens: int = 4096) -> dict[int, di
     for i, block in moe_blocks(model):
         hooks.append(block.register_forward_pre_hook(
             lambda _m, args, i=i: inputs.setdefault(i, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
-    try:
-        with torch.no_grad():
-            for b in range(0, rows.shape[0], 4):
-                model(input_ids=rows[b : b + 4])
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_pass(model, rows, hooks)
     stats = {}
     with torch.no_grad():
         for i, block in moe_blocks(model):

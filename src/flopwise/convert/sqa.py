@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flopwise.convert.io import ConvertError
+from flopwise.convert.io import ConvertError, calibration_pass
 
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 METHODS = ("select", "merge")
@@ -72,13 +72,7 @@ def head_importance(model, rows: torch.Tensor) -> torch.Tensor:
     for i, layer in enumerate(layers):
         o_proj = layer.self_attn.o_proj
         hooks.append(o_proj.register_forward_pre_hook(make_hook(i, o_proj)))
-    try:
-        with torch.no_grad():
-            for b in range(0, rows.shape[0], 4):
-                model(input_ids=rows[b : b + 4])
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_pass(model, rows, hooks)
     return scores
 
 
@@ -148,17 +142,27 @@ def convert(model, cfg: SQAConfig, importance: torch.Tensor):
     return new.eval()
 
 
-def distill(student, teacher, rows: torch.Tensor, steps: int, lr: float = 5e-5, batch: int = 4, progress=None) -> list[float]:
-    """``steps`` steps of KL(teacher || student) on next-token distributions; returns the losses."""
+def distill(student, teacher, rows: torch.Tensor, steps: int, lr: float = 5e-5, batch: int = 4, progress=None,
+            bf16: bool = False) -> list[float]:
+    """``steps`` steps of KL(teacher || student) on next-token distributions; returns the losses.
+
+    ``bf16``: run the forward passes under bf16 autocast (weights and optimizer stay float32), for CPUs
+    with native bf16 where it is several times faster.
+    """
+    from contextlib import nullcontext
+
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     student.train()
     losses = []
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     for step in range(steps):
         idx = torch.arange(step * batch, (step + 1) * batch) % rows.shape[0]
         x = rows[idx]
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             target = torch.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
-        logp = torch.log_softmax(student(input_ids=x).logits.float(), dim=-1)
+        with amp:
+            logits = student(input_ids=x).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
         loss = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean") / x.shape[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

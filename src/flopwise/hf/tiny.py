@@ -10,7 +10,6 @@ import glob
 import json
 import os
 import sysconfig
-import tempfile
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -97,9 +96,9 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".tmp-")
-    model.save_pretrained(tmp)
-    train_tokenizer(tmp)
-    os.replace(tmp, out_dir)
+    from flopwise.atomic import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        train_tokenizer(str(tmp))
     return out_dir
