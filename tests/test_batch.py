@@ -97,3 +97,17 @@ def test_batch_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "in.jsonl"), "-o",
                         str(tmp_path / "o.jsonl"), "--flop-budget", "-1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--flop-budget" in r.stderr.strip().splitlines()[-1]
+
+
+def test_resume_drops_torn_lines_and_server_failures(tmp_path):
+    """Unit check of the resume bookkeeping: what counts as done, what is redone, nothing duplicated."""
+    from flopwise_serve.batch import already_done
+
+    out = tmp_path / "out.jsonl"
+    ok = {"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}
+    client_err = {"custom_id": "b", "response": None, "error": {"code": "x", "message": "m", "line": 2, "status_code": 400}}
+    server_err = {"custom_id": "c", "response": None, "error": {"code": "internal_error", "message": "m", "line": 3, "status_code": 500}}
+    bad_line = {"custom_id": None, "response": None, "error": {"code": "invalid_line", "message": "m", "line": 4}}
+    out.write_text("".join(json.dumps(r) + "\n" for r in (ok, client_err, server_err, bad_line)) + '{"custom_id": "d", "resp')
+    assert already_done(out) == {("id", "a"), ("id", "b"), ("line", 4)}
+    assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == ["a", "b", None]

@@ -8,7 +8,8 @@ Each input line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completion
 Bodies are produced by vLLM's own chat and completion handlers, extended by flopwise exactly as in
 ``flopwise serve`` (``usage.flops``, ``flop_budget`` validation), in-process. Lines are written and
 flushed as they finish; a rerun with the same output file skips what is already there, so an
-interrupted batch resumes without duplicates. Bad lines become error records and never stop the batch.
+interrupted batch resumes without duplicates. Bad lines become error records and never stop the batch;
+a line the server failed on (status 5xx) is recorded too, and redone by the next run.
 """
 
 from __future__ import annotations
@@ -92,26 +93,37 @@ def parse_input(path: Path) -> list[Line]:
 
 
 def already_done(output: Path) -> set[tuple[str, object]]:
-    """Keys (see :attr:`Line.key`) of the records already in the output; trims a torn last line."""
+    """Keys (see :attr:`Line.key`) of the records already in the output.
+
+    A torn last line (a run killed mid-write) and records of server-side failures (status 5xx: the line
+    was never served) are removed from the file first, so that those lines are redone, not duplicated.
+    """
     keys: set[tuple[str, object]] = set()
     if not output.exists():
         return keys
+    kept, dropped = [], False
     data = output.read_bytes()
     if data and not data.endswith(b"\n"):
-        # A run killed mid-write leaves a partial line: drop it, it is redone.
-        cut = data.rfind(b"\n") + 1
-        with open(output, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    for raw in data.splitlines():
+        data, dropped = data[: data.rfind(b"\n") + 1], True
+    for raw in data.splitlines(keepends=True):
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError:
+            dropped = True
             continue
+        err = rec.get("error")
+        if isinstance(err, dict) and (err.get("status_code") or 0) >= 500:
+            dropped = True
+            continue
+        kept.append(raw)
         if rec.get("custom_id") is not None:
             keys.add(("id", rec["custom_id"]))
-        elif isinstance(rec.get("error"), dict) and isinstance(rec["error"].get("line"), int):
-            keys.add(("line", rec["error"]["line"]))
+        elif isinstance(err, dict) and isinstance(err.get("line"), int):
+            keys.add(("line", err["line"]))
+    if dropped:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, output)
     return keys
 
 
