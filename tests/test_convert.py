@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,7 @@ def flopwise(*args):
     (["moe-merge", "LLAMA", "OUT", "--experts", "2"], "not a MoE model"),
     (["moe-merge", "MIXTRAL", "OUT", "--experts", "4"], "--experts 4"),
     (["moe-merge", "MIXTRAL", "OUT", "--experts", "1"], "fewer than top-k 2"),
+    (["moe-merge", "MIXTRAL", "OUT", "--experts", "3", "--top-k", "3"], "--top-k 3"),
     (["moe-merge", "/no/such/dir", "OUT", "--experts", "1"], "/no/such/dir"),
     (["sqa", "LLAMA", "EXISTING", "--query-heads", "2"], "--force"),
 ])
@@ -149,32 +151,54 @@ def test_bad_arguments_are_one_line_exit_2_nothing_written(tiny_model, tmp_path,
     assert not (tmp_path / "out").exists() and list((tmp_path / "existing").iterdir()) == []
 
 
-@pytest.mark.slow
-def test_converted_checkpoints_load_in_vllm_and_are_charged_their_reduced_cost(tiny_model, tmp_path):
-    sqa_out, moe_out = tmp_path / "sqa", tmp_path / "moe"
+@pytest.fixture(scope="module")
+def converted(tiny_model, tmp_path_factory):
+    """An SQA (4 -> 2 query heads, merged, distilled 2 steps) and a MoE (4 -> 2 experts, top-1) checkpoint."""
+    root = tmp_path_factory.mktemp("converted")
+    sqa_out, moe_out = root / "sqa", root / "moe"
     r = flopwise("convert", "sqa", tiny_model("llama-gqa"), str(sqa_out), "--query-heads", "2", "--method", "merge",
                  "--distill-steps", "2", "--calib-blocks", "4", "--eval-blocks", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     r = flopwise("convert", "moe-merge", tiny_model("mixtral"), str(moe_out), "--experts", "2", "--top-k", "1",
                  "--method", "mc-smoe", "--calib-blocks", "4", "--eval-blocks", "4")
     assert r.returncode == 0, r.stderr[-3000:]
-    for out in (sqa_out, moe_out):
-        report = json.loads((out / "flopwise_report.json").read_text())
+    return {"sqa": str(sqa_out), "moe": str(moe_out)}
+
+
+@pytest.mark.slow
+def test_reports_and_transformers_loading(converted):
+    for out in converted.values():
+        report = json.loads((Path(out) / "flopwise_report.json").read_text())
         assert report["after"]["decode_flops_per_token_at_512"] < report["before"]["decode_flops_per_token_at_512"]
         assert report["perplexity_before"] > 0 and report["perplexity_after"] > 0
         transformers.AutoModelForCausalLM.from_pretrained(out)  # stock transformers loads it as it is
-    # Stock vLLM loads both (here through flopwise's offline API, whose scheduler charges the reduced cost).
-    code = f"""
-import json
-from flopwise_serve.offline import LLM, flops_of
-from flopwise.ledger import FlopModel
-for path in {json.dumps([str(sqa_out), str(moe_out)])}:
-    llm = LLM(path, dtype="float32", max_model_len=512)
-    out = llm.generate([{{"prompt_token_ids": list(range(20, 60))}}], max_tokens=8, temperature=0, ignore_eos=True)[0]
-    print(json.dumps([flops_of(out)["total"], FlopModel.from_pretrained(path).request(40, 8).total]))
-    llm.shutdown()
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    pairs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
-    assert len(pairs) == 2 and all(charged == expected for charged, expected in pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["vllm serve", "flopwise serve"])
+@pytest.mark.parametrize("which", ["sqa", "moe"])
+def test_converted_checkpoints_are_served_and_charged_their_reduced_cost(converted, tmp_path, server, which):
+    import shutil
+
+    import httpx
+
+    from flopwise import hw
+    from flopwise_serve.launch import Server, flopwise_server, free_port
+
+    path, port = converted[which], free_port()
+    if server == "vllm serve":
+        env = hw.engine_env()
+        env.pop("VLLM_PLUGINS", None)
+        vllm_cli = shutil.which("vllm", path=str(Path(sys.executable).parent))
+        srv = Server([vllm_cli, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                      "--enforce-eager", "--max-model-len", "512"], env, port, tmp_path / "server.log")
+    else:
+        srv = flopwise_server(path, port, tmp_path / "server.log", ["--max-model-len", "512", "--dtype", "float32"])
+    with srv:
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=60, json={
+            "model": path, "prompt": "def f(x):", "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
+    u = r["usage"]
+    expected = FlopModel.from_pretrained(path).request(u["prompt_tokens"], u["completion_tokens"]).total
+    # Plain vllm serve returns the engine's charge in ec_transfer_params; flopwise serve in usage.flops.
+    charged = u["flops"]["total"] if server == "flopwise serve" else r["ec_transfer_params"]["flopwise"]["total"]
+    assert u["completion_tokens"] == 8 and charged == expected

@@ -43,8 +43,8 @@ class MoEMergeConfig:
         if not 1 <= self.experts <= num_experts or (self.experts == num_experts and k >= top_k):
             raise ConvertError(f"--experts {self.experts} must be at least 1 and fewer than the model's {num_experts} "
                                "(or equal to it with a lower --top-k)")
-        if k < 1:
-            raise ConvertError(f"--top-k {k} must be at least 1")
+        if not 1 <= k <= top_k:
+            raise ConvertError(f"--top-k {k} must be between 1 and the model's top-k {top_k}")
         if self.experts < k:
             raise ConvertError(f"--experts {self.experts} is fewer than top-k {k}" + ("" if self.top_k else " (lower it with --top-k)"))
         return k
