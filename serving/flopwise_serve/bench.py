@@ -405,6 +405,9 @@ def bench_convert(args) -> int:
     ]
     if fewest != fewer:
         sqa_variants.append((f"merge, {fewest} of {q} heads", ["--query-heads", str(fewest), "--method", "merge", "--distill-steps", d]))
+    if args.long_distill_steps:
+        n = str(args.long_distill_steps)
+        sqa_variants.append((f"merge, {fewer} of {q} heads, {n} steps", ["--query-heads", str(fewer), "--method", "merge", "--distill-steps", n]))
     mcfg = load_config(moe_base)
     E = mcfg.get("num_local_experts") or mcfg["num_experts"]
     k = mcfg["num_experts_per_tok"]
@@ -458,7 +461,7 @@ def write_convert_report(args, base, moe_base, sqa_rows, moe_rows, speed, sqa_si
         "",
         f"## Query-head reduction of `{Path(base).name}`",
         "",
-        f"Self-distillation: {args.distill_steps} steps of batch 4 x 256 tokens, KL to the original model.",
+        f"Self-distillation: {args.distill_steps} steps (unless a row says otherwise) of batch 4 x 256 tokens, KL to the original model.",
         "Each variant keeps a whole number of query heads per KV group (SmolLM2: 9 query heads in 3 groups, so 6 or 3;",
         "an exact half is not a valid grouping).",
         "",

@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--model", default=None, help="model for query-head reduction (default: the embedded SmolLM2)")
     bc.add_argument("--moe-model", default="bench/models/tiny-moe", help="MoE model (default: the committed tiny MoE)")
     bc.add_argument("--distill-steps", type=non_negative_int, default=40)
+    bc.add_argument("--long-distill-steps", type=non_negative_int, default=0,
+                    help="also a merge variant distilled this many steps (0: none)")
     bc.add_argument("--prefill-requests", type=positive_int, default=4)
     bc.add_argument("--prefill-tokens", type=positive_int, default=4000)
     bc.add_argument("--reuse", action="store_true", help="keep checkpoints an earlier run converted with the same settings")

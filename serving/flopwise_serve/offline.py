@@ -69,6 +69,8 @@ class LLM:
         return self.engine.generate(prompts, sampling_params)
 
     def __getattr__(self, name):
+        if name == "engine":  # not built (yet): never recurse
+            raise AttributeError(name)
         return getattr(self.engine, name)  # everything else is vLLM's LLM as it is
 
     def shutdown(self) -> None:
