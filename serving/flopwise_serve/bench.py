@@ -540,7 +540,8 @@ def _targets(base, moe_base, sqa_rows, moe_rows, speed) -> list[str]:
         "| half the query heads: attention FLOPs −50% | " + ", ".join(f"{n}: {v:+.1%}" for n, v in attn.items()) +
         " (whole heads per KV group) | " + mark(min(attn.values()) <= -0.5) + " |",
         f"| long-prompt prefill ≥ 1.3x faster | {fast_ratio:.2f}x ({fastest[0]}) | {mark(fast_ratio >= 1.3)} |",
-        f"| perplexity +<5% after distillation | {sqa_ppl:+.1%} ({best_sqa[0]}, {best_sqa[2]['distill_steps']} steps) | {mark(sqa_ppl < 0.05)} |",
+        f"| perplexity +<5% after distillation | {sqa_ppl:+.1%} ({best_sqa[0]}"
+        + ("" if "steps" in best_sqa[0] else f", {best_sqa[2]['distill_steps']} steps") + f") | {mark(sqa_ppl < 0.05)} |",
         f"| MoE 8→4: memory −45% | {mem:+.1%} whole model; experts −50% | {mark(mem <= -0.45)} |",
         f"| MoE 8→4: perplexity clearly better than naive merging | {best_moe}: {merged[best_moe]['perplexity_after']:.1f} vs "
         f"uniform {uniform['perplexity_after']:.1f} | {mark(merged[best_moe]['perplexity_after'] < 0.8 * uniform['perplexity_after'])} |",
