@@ -23,13 +23,14 @@ from flopwise.models import resolve_model
 
 def flops_of(output) -> dict | None:
     """``usage.flops`` of one finished ``RequestOutput`` (all its candidates), as the server reports it."""
-    payload = (output.ec_transfer_params or {}).get("flopwise")
+    from flopwise_vllm.payload import PAYLOAD_KEY, FlopTotals
+
+    payload = (output.ec_transfer_params or {}).get(PAYLOAD_KEY)
     if payload is None:
         return None
-    usage = {k: payload[k] for k in ("prompt", "completion", "total", "dense_baseline")}
-    if "budget" in payload:
-        usage["budget"] = payload["budget"]
-    return usage
+    totals = FlopTotals()
+    totals.add(payload)
+    return totals.usage()
 
 
 class LLM:

@@ -4,10 +4,10 @@ Engine-agnostic: the vLLM scheduler, the server and the batch runner all call th
 budget means the same thing on every path.
 
 Semantics. A budget caps the FLOPs charged to one request (all n candidates together). Admission
-refuses a request whose prefill alone (one forward over the whole prompt, no prefix-cache credit, plus
-the vision encoder) exceeds it. In the engine, each request's next step is gated by the most that step
-can cost: a decode step costs exactly one token against its context; a prefill step at most all the
-remaining prompt tokens at once (a smaller chunk costs less). A step that might cross the budget is
+refuses a request whose prefill alone (one forward over the whole prompt, no prefix-cache credit)
+exceeds it. In the engine, each request's next step is gated by the most that step can cost: a decode
+step costs exactly one token against its context; a prefill step at most all the remaining prompt
+tokens at once (a smaller chunk costs less), plus the encoder runs of images it has not reached yet. A step that might cross the budget is
 not run: the request finishes with finish_reason ``length`` and stop_reason ``flop_budget``. So the
 charge never exceeds the budget.
 """
@@ -39,16 +39,13 @@ def parse_budget(value, maximum: float | None = None, field: str = FIELD) -> flo
     return float(value)
 
 
-def admission_cost(model: FlopModel, prompt_tokens: int, image_tokens: list[int] | None = None) -> int:
-    """The least a request can cost: its prefill with one row of logits and its images' encoder runs."""
-    cost = model.forward(prompt_tokens, start=0, logits=1).total
-    for tokens in image_tokens or ():
-        cost += model.vision(1, tokens_per_image=tokens).total
-    return cost
+def admission_cost(model: FlopModel, prompt_tokens: int) -> int:
+    """The least a request can cost: its prefill with one row of logits."""
+    return model.forward(prompt_tokens, start=0, logits=1).total
 
 
-def check_admission(model: FlopModel, budget: float, prompt_tokens: int, image_tokens: list[int] | None = None) -> None:
-    need = admission_cost(model, prompt_tokens, image_tokens)
+def check_admission(model: FlopModel, budget: float, prompt_tokens: int) -> None:
+    need = admission_cost(model, prompt_tokens)
     if need > budget:
         raise BudgetError(
             f"{FIELD}={budget:,.0f} FLOPs cannot cover this request's prefill of {prompt_tokens} tokens, "
@@ -79,7 +76,3 @@ class BudgetState:
     budget: float
     charged: int = 0
     capped: bool = False
-
-    @property
-    def remaining(self) -> float:
-        return self.budget - self.charged
