@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-fast bench-overhead clean
+.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ test-fast: setup
 
 bench-overhead: model
 	$(BIN)/flopwise bench overhead
+
+# The generator fine-tune is cached under $FLOPWISE_CACHE; it is made once (a few minutes on 2 cores).
+bench-early-rejection: model
+	@test -f "$$($(BIN)/python -c 'from flopwise.reasoning import generator_dir; print(generator_dir())')/config.json" \
+		|| $(BIN)/python bench/scripts/finetune_chain_sum.py
+	$(BIN)/flopwise bench early-rejection --prm verifier:arithmetic head:chain-sum
 
 clean:
 	rm -rf $(VENV) build *.egg-info

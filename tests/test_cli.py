@@ -85,3 +85,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, config_only, args, needle):
 def test_serve_refuses_an_unknown_model_before_starting():
     r = flopwise("serve", "/no/such/model", timeout=60)
     assert r.returncode == 2 and "/no/such/model" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--early-rejection", '{"keep": 2}'], "--early-rejection: keep"),
+    (["--early-rejection", '{"every_tokens": 0}'], "--early-rejection: every_tokens"),
+    (["--early-rejection", "[1]"], "--early-rejection"),
+    (["--early-rejection", "{nope"], "--early-rejection"),
+    (["--prm", "verifier:nope"], "--prm"),
+])
+def test_serve_checks_early_rejection_defaults_before_starting(tiny_model, args, needle):
+    r = flopwise("serve", tiny_model("llama-gqa"), *args, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_serve_passes_early_rejection_defaults_to_the_server():
+    from flopwise_serve.cli import rejection_default, serve_command
+
+    text = rejection_default('{"every_tokens": 16}', "verifier:arithmetic")
+    _, env = serve_command("/m", [], early_rejection=text, prm="verifier:arithmetic")
+    assert json.loads(env["FLOPWISE_EARLY_REJECTION"]) == {"prm": "verifier:arithmetic", "every_tokens": 16, "keep": 0.5,
+                                                           "min_keep": 1, "mode": "reject"}
+    assert env["FLOPWISE_PRM"] == "verifier:arithmetic"

@@ -246,3 +246,68 @@ def test_load_200_mixed_requests(server, client):
             break
         time.sleep(1)
     assert idle and all(v == 0 for v in idle.values()), idle
+
+
+# -- early rejection -------------------------------------------------------------------------------
+def _er_request(client, **extra):
+    return dict(model=client.model_id, messages=[{"role": "user", "content": "count to ten"}], n=8, max_tokens=32,
+                temperature=1.0, extra_body={"ignore_eos": True, **extra})
+
+
+def test_early_rejection_n8_costs_less_and_reports_stats(server, client):
+    """The issue's acceptance: n=8 with early rejection through the openai client costs fewer FLOPs."""
+    _, ledger = server
+    full = client.chat.completions.create(**_er_request(client))
+    r = client.chat.completions.create(**_er_request(client, early_rejection={"every_tokens": 4, "keep": 0.5}))
+    assert len(full.choices) == 8 and full.usage.completion_tokens == 8 * 32
+    stats = r.model_extra["early_rejection"]
+    # 8 -> 4 at 4 tokens, 4 -> 2 at 8, 2 -> 1 at 12 (the tiny model writes no arithmetic: all tie at 0.5)
+    assert (stats["started"], stats["rejected"], stats["checkpoints"]) == (8, 7, 3)
+    assert stats["rejected_at"] == {"1": 3, "2": 2, "3": 2, "4": 1, "5": 1, "6": 1, "7": 1}
+    assert stats["tokens_saved"] == 4 * 28 + 2 * 24 + 20
+    assert [c.index for c in r.choices] == [0] and r.choices[0].finish_reason == "length"
+    assert len(r.choices[0].message.content) > 0
+    lengths = [32, 12, 8, 8, 4, 4, 4, 4]
+    assert r.usage.completion_tokens == sum(lengths)  # rejected tokens were generated: they count
+    P = r.usage.prompt_tokens
+    expected = sum(ledger.request(P, n).total for n in lengths)  # each candidate prefills (prompt < one KV block)
+    assert r.usage.flops["total"] == expected and r.usage.flops["prm"] == 0  # the verifier costs no FLOPs
+    assert r.usage.flops["total"] < full.usage.flops["total"] == sum(ledger.request(P, 32).total for _ in range(8))
+
+
+def test_early_rejection_streams_rejections_as_abort(server, client):
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True},
+        **_er_request(client, early_rejection={"every_tokens": 4, "keep": 0.5})))
+    finish = {c.choices[0].index: c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert len(finish) == 8
+    rejected = [i for i, c in finish.items() if c.finish_reason == "abort" and c.model_extra["stop_reason"] == "early_rejection"]
+    assert len(rejected) == 7
+    assert chunks[-1].model_extra["early_rejection"]["rejected"] == 7 and chunks[-1].usage.flops["total"] > 0
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"early_rejection": {"prm": "no-such-prm"}}, "early_rejection.prm"),
+    ({"early_rejection": {"prm": "verifier:nope"}}, "early_rejection.prm"),
+    ({"early_rejection": {"keep": 0}}, "early_rejection.keep"),
+    ({"early_rejection": {"keep": 1.5}}, "early_rejection.keep"),
+    ({"early_rejection": {"every_tokens": 0}}, "early_rejection.every_tokens"),
+    ({"early_rejection": {"mode": "beam"}}, "early_rejection.mode"),
+    ({"early_rejection": "yes"}, "early_rejection"),
+    ({"early_rejection": {}, "n": 1}, "n"),
+])
+def test_bad_early_rejection_is_400_naming_the_field(server, client, body, param):
+    s, _ = server
+    payload = {"model": client.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "n": 4,
+               "temperature": 1.0, **body}
+    r = httpx.post(f"{s.url}/v1/chat/completions", json=payload, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+
+
+def test_early_rejection_on_completions_endpoint(server, client):
+    r = client.completions.create(model=client.model_id, prompt="1, 2, 3,", n=4, max_tokens=12, temperature=1.0,
+                                  extra_body={"ignore_eos": True, "early_rejection": {"every_tokens": 3, "keep": 0.5}})
+    assert r.model_extra["early_rejection"]["rejected"] == 3
+    assert [c.index for c in r.choices] == [0] and r.usage.completion_tokens == 12 + 6 + 3 + 3

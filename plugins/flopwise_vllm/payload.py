@@ -39,10 +39,17 @@ class FlopTotals:
     def usage(self) -> dict[str, float]:
         """``usage.flops``: prompt, completion, total and dense_baseline summed over groups (+ budget if set)."""
         usage = {k: sum(p[k] for p in self.groups.values()) for k in USAGE_FIELDS}
+        if any("prm" in p for p in self.groups.values()):
+            usage["prm"] = sum(p.get("prm", 0) for p in self.groups.values())
         budgets = [p["budget"] for p in self.groups.values() if "budget" in p]
         if budgets:
             usage["budget"] = sum(budgets)
         return usage
+
+    def early_rejection(self) -> dict | list[dict] | None:
+        """Early-rejection stats: one dict for one group (one prompt), a list for several."""
+        stats = [p["early_rejection"] for p in self.groups.values() if "early_rejection" in p]
+        return (stats[0] if len(stats) == 1 else stats) or None
 
     @property
     def capped(self) -> bool:

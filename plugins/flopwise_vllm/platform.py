@@ -7,7 +7,8 @@ picked anyway. The subclass changes two things:
 * ``check_and_update_config``: when no ``--scheduler-cls`` was given, the model is a generator and the
   ledger can cost its architecture, the scheduler becomes :class:`flopwise_vllm.scheduler.FlopwiseScheduler`.
   An architecture the ledger does not know is served exactly as stock vLLM would, with a warning.
-* ``validate_request``: a malformed ``flop_budget`` in ``vllm_xargs`` is refused in the front end.
+* ``validate_request``: a malformed ``flop_budget`` or ``early_rejection`` (a JSON string) in ``vllm_xargs``
+  is refused in the front end.
 
 Opt out with ``FLOPWISE_SCHEDULER=0`` (or ``VLLM_TARGET_DEVICE=cpu``, which makes vLLM skip platform
 plugins).
@@ -71,3 +72,14 @@ class FlopwiseCpuPlatform(CpuPlatform):
                 parse_budget(extra[FIELD], max_budget())
             except BudgetError as e:
                 raise VLLMValidationError(str(e), parameter=FIELD, value=extra[FIELD]) from None
+        if extra and "early_rejection" in extra:
+            from vllm.exceptions import VLLMValidationError
+
+            from flopwise.prm import resolve
+            from flopwise_vllm.rejection import parse_config
+
+            try:
+                resolve(parse_config(extra["early_rejection"]).prm)
+            except ValueError as e:  # pydantic's ValidationError, PRMError and bad JSON are all ValueErrors
+                raise VLLMValidationError(f"early_rejection: {e}", parameter="early_rejection",
+                                          value=extra["early_rejection"]) from None

@@ -13,6 +13,9 @@ included) and they share one FLOP budget (``SamplingParams.extra_args["flop_budg
 Budgets are enforced before each step (see :mod:`flopwise.budget`): a request whose next step might
 cross its group's remaining budget is finished instead of scheduled, with finish_reason ``length`` and
 stop_reason ``flop_budget``.
+
+Early rejection (``extra_args["early_rejection"]``, see :mod:`flopwise_vllm.rejection`) holds a group's
+children at each checkpoint until all have reached it, scores them with a PRM and finishes the weak ones.
 """
 
 from __future__ import annotations
@@ -27,19 +30,30 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
+from pydantic import ValidationError
+
 from flopwise.budget import FIELD, STOP_REASON, BudgetError, BudgetState, Policy, next_step_bound, parse_budget
 from flopwise.ledger import Breakdown, FlopModel
+from flopwise.techniques import early_rejection as er
+from flopwise.techniques.early_rejection import survivors
 from flopwise_vllm.payload import PAYLOAD_KEY
+from flopwise_vllm.rejection import Rejection, parse_config
 
 logger = logging.getLogger("flopwise")
-_CHILD = re.compile(r"^\d+_(.+)$")
+_CHILD = re.compile(r"^(\d+)_(.+)$")
 POLICY_ENV = "FLOPWISE_BUDGET_POLICY"
 
 
 def group_of(request_id: str) -> str:
     """The parent id of an n>1 child (vLLM names children ``{index}_{parent}``), else the id itself."""
     m = _CHILD.match(request_id)
-    return m.group(1) if m else request_id
+    return m.group(2) if m else request_id
+
+
+def index_of(request_id: str) -> int:
+    """The candidate index of an n>1 child, 0 for a lone request."""
+    m = _CHILD.match(request_id)
+    return int(m.group(1)) if m else 0
 
 
 @dataclass
@@ -69,19 +83,24 @@ class Group:
     settled: Charge = field(default_factory=Charge)
     live: int = 0
     budget: BudgetState | None = None
+    members: set[str] = field(default_factory=set)  # live request ids
+    rejection: Rejection | None = None
 
     def payload(self, group_id: str, engine_total: int) -> dict:
         c = self.settled
+        prm = self.rejection.prm_flops if self.rejection else 0
         out = {
             "group": group_id,
             "requests": c.requests,
             "prompt": c.prompt.total,
             "completion": c.completion.total,
-            "total": c.total,
+            "total": c.total + prm,
             "dense_baseline": c.dense_baseline,
             "components": (c.prompt + c.completion).as_dict(),
             "engine_total": engine_total,
         }
+        if self.rejection is not None:
+            out.update(prm=prm, early_rejection=self.rejection.stats())
         if self.budget is not None:
             out.update(budget=self.budget.budget, capped=self.budget.capped)
         return out
@@ -101,17 +120,23 @@ class FlopwiseScheduler(Scheduler):
         self.budgeted_groups = 0  # live groups with a budget: the gate is skipped when there are none
         self.engine_flops = 0  # everything this engine computed, finished or not
         self._last_settled: tuple[str, dict | None] = ("", None)
-        self._budget_stops: list[tuple[int, EngineCoreOutput]] = []
+        self._early_finishes: list[tuple[int, EngineCoreOutput]] = []
+        self._tokenizer = None
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         g = self.group_ids[request.request_id] = group_of(request.request_id)
         group = self.groups.setdefault(g, Group())
         group.live += 1
+        group.members.add(request.request_id)
         budget = self._budget_of(request)
         if budget is not None and group.budget is None:
             group.budget = BudgetState(budget)
             self.budgeted_groups += 1
+        config = self._rejection_of(request)
+        if config is not None:
+            group.rejection = group.rejection or Rejection(config)
+            group.rejection.started += 1
         if self.budget_policy is Policy.SMALLEST_BUDGET:
             # vLLM's priority queue (--scheduling-policy priority) admits lower values first.
             request.priority = int(min(budget, 2**62)) if budget is not None else 2**62
@@ -127,6 +152,15 @@ class FlopwiseScheduler(Scheduler):
             return parse_budget(extra[FIELD])
         except BudgetError as e:  # the front end validates first; this only guards other callers
             logger.warning("request %s: ignoring %s", request.request_id, e)
+            return None
+
+    @staticmethod
+    def _rejection_of(request: Request) -> er.EarlyRejectionConfig | None:
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        try:
+            return parse_config((extra or {}).get(er.FIELD))
+        except (ValidationError, ValueError) as e:  # the front end validates first
+            logger.warning("request %s: ignoring early_rejection: %s", request.request_id, e)
             return None
 
     # -- charging ------------------------------------------------------------------------------------
@@ -187,20 +221,89 @@ class FlopwiseScheduler(Scheduler):
                 reserved[g] = reserved.get(g, 0) + bound
 
     def stop_for_budget(self, request: Request) -> None:
+        self.groups[self.group_ids[request.request_id]].budget.capped = True
+        self.finish_now(request, RequestStatus.FINISHED_LENGTH_CAPPED, FinishReason.LENGTH, STOP_REASON)
+
+    def finish_now(self, request: Request, status: RequestStatus, reason: FinishReason, stop_reason: str) -> None:
+        """Finish a request outside a model step and emit its final output with the next step's outputs."""
         rid, client = request.request_id, request.client_index
-        self.groups[self.group_ids[rid]].budget.capped = True
-        request.stop_reason = STOP_REASON
-        self.finish_requests(rid, RequestStatus.FINISHED_LENGTH_CAPPED)
+        request.stop_reason = stop_reason
+        self.finish_requests(rid, status)
         settled_id, payload = self._last_settled  # written by _free_request inside finish_requests
         payload = payload if settled_id == rid else None
-        self._budget_stops.append((client, EngineCoreOutput(
-            request_id=rid, new_token_ids=[], finish_reason=FinishReason.LENGTH, stop_reason=STOP_REASON,
+        self._early_finishes.append((client, EngineCoreOutput(
+            request_id=rid, new_token_ids=[], finish_reason=reason, stop_reason=stop_reason,
             ec_transfer_params={PAYLOAD_KEY: payload} if payload else None)))
+
+    # -- early rejection -----------------------------------------------------------------------------
+    def _text(self, token_ids, special: bool) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=not special)
+
+    def _score(self, group: Group, requests: list[Request], final: bool) -> list[float] | None:
+        """PRM scores of ``requests``' answers so far, charged to the group; None if it cannot run."""
+        rej = group.rejection
+        try:
+            prm = rej.prm()
+            texts = [(self._text(r.prompt_token_ids, True), self._text(r.output_token_ids, False)) for r in requests]
+            cost = sum(prm.cost(p, a, final) for p, a in texts)
+            if group.budget is not None and group.budget.charged + cost > group.budget.budget:
+                rej.fail("skipped", f"scoring would cross the flop_budget ({cost:,} PRM FLOPs)")
+                return None
+            scores = [prm.score(p, a, final=final)[0] for p, a in texts]
+        except Exception as e:  # any PRM failure: serve the request without rejection, and say so
+            rej.fail("PRM failed", f"{type(e).__name__}: {e}")
+            return None
+        rej.prm_flops += cost
+        self.engine_flops += cost
+        if group.budget is not None:
+            group.budget.charged += cost
+        for r, s in zip(requests, scores):
+            rej.scores[index_of(r.request_id)] = s
+        return scores
+
+    def run_checkpoints(self) -> list[Request]:
+        """Score and reject where every live candidate reached its group's checkpoint; return those to hold."""
+        held: list[Request] = []
+        for group in [g for g in self.groups.values() if g.rejection is not None and g.rejection.active]:
+            rej = group.rejection
+            live = sorted((self.requests[rid] for rid in group.members if not self.requests[rid].is_finished()),
+                          key=lambda r: index_of(r.request_id))
+            if not rej.config.rejects_at(len(live)):
+                # Nothing to reject among this many; re-checked each step because siblings may still be
+                # arriving (vLLM adds the children one by one).
+                continue
+            reached = [r for r in live if r.num_output_tokens >= rej.next_checkpoint]
+            if len(reached) < len(live):
+                held += reached
+                continue
+            scores = self._score(group, live, final=False)
+            if scores is None:
+                continue
+            rej.checkpoints += 1
+            rej.next_checkpoint += rej.config.every_tokens
+            kept = {live[i].request_id for i in survivors(scores, rej.config.keep_count(len(live)))}
+            for r in live:
+                if r.request_id not in kept:
+                    rej.rejected[index_of(r.request_id)] = rej.checkpoints
+                    self.finish_now(r, RequestStatus.FINISHED_ABORTED, FinishReason.ABORT, er.STOP_REASON)
+        return held
 
     # -- vLLM hooks ----------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         self.gate_budgets()
-        out = super().schedule(*args, **kwargs)
+        held = self.run_checkpoints()
+        if held:  # out of the running list for this step only: they keep their KV blocks
+            ids = {r.request_id for r in held}
+            self.running = [r for r in self.running if r.request_id not in ids]
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            if held:
+                self.running[:0] = [r for r in held if not r.is_finished()]
         # super() has already advanced num_computed_tokens past this step's tokens.
         for rid, n in out.num_scheduled_tokens.items():
             request = self.requests[rid]
@@ -212,17 +315,20 @@ class FlopwiseScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        # Requests stopped by the budget gate never reached the model: emit their final outputs here,
+        # Requests stopped by the budget gate or rejected never reached the model: emit their final outputs here,
         # the way vLLM emits requests it finishes with an error.
-        for client, output in self._budget_stops:
+        for client, output in self._early_finishes:
             if client in outputs:
                 outputs[client].outputs.append(output)
             else:
                 outputs[client] = EngineCoreOutputs(outputs=[output])
-        self._budget_stops.clear()
+        self._early_finishes.clear()
         return outputs
 
     def _free_request(self, request: Request, *args, **kwargs):
+        group = self.groups.get(self.group_ids.get(request.request_id, ""))
+        if group is not None and group.rejection is not None:
+            self._close_candidate(group, request)
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
         payload = self.settle(request.request_id)
         if payload is not None:
@@ -237,6 +343,7 @@ class FlopwiseScheduler(Scheduler):
             return None
         g = self.group_ids.pop(request_id)
         group = self.groups[g]
+        group.members.discard(request_id)
         group.settled.merge(charge)
         payload = group.payload(g, self.engine_flops)
         group.live -= 1
@@ -244,3 +351,11 @@ class FlopwiseScheduler(Scheduler):
             del self.groups[g]
             self.budgeted_groups -= group.budget is not None
         return payload
+
+    def _close_candidate(self, group: Group, request: Request) -> None:
+        """Record a candidate's length; a candidate that finished on its own gets its final PRM score."""
+        rej, i = group.rejection, index_of(request.request_id)
+        rej.lengths[i] = request.num_output_tokens
+        natural = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        if natural and i not in rej.rejected and rej.error is None:
+            self._score(group, [request], final=True)

@@ -1,9 +1,12 @@
-"""flopwise additions to vLLM's OpenAI chat and completion handlers: ``flop_budget``, ``usage.flops``, metrics.
+"""flopwise additions to vLLM's OpenAI chat and completion handlers: ``flop_budget``, ``early_rejection``,
+``usage.flops``, metrics.
 
 The handlers vLLM builds are re-classed (in :mod:`flopwise_vllm.endpoint`) to subclasses that mix in
 the classes below, so every vLLM feature (streaming, tools, n>1, logprobs) stays vLLM's own. The mixins
-validate the budget after vLLM renders the prompt (so a refusal is a 400 even for streaming requests),
-tap the stream of engine outputs, and add one field to the usage object.
+validate the request options after vLLM renders the prompt (so a refusal is a 400 even for streaming
+requests), tap the stream of engine outputs, and add fields to the response: ``usage.flops`` and, for
+early rejection, ``early_rejection`` stats. A non-streaming early-rejection response lists only the
+candidates that were not rejected, best final PRM score first.
 """
 
 from __future__ import annotations
@@ -13,23 +16,31 @@ import logging
 import os
 from http import HTTPStatus
 
+from pydantic import ValidationError
+
 from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
+from flopwise.prm import PRMError
+from flopwise.techniques import early_rejection as er
 from flopwise_vllm import metrics
 from flopwise_vllm.payload import FlopTotals, take_payload
 from flopwise_vllm.platform import max_budget
 
 logger = logging.getLogger("flopwise")
 DEFAULT_BUDGET_ENV = "FLOPWISE_DEFAULT_FLOP_BUDGET"
+DEFAULT_REJECTION_ENV = "FLOPWISE_EARLY_REJECTION"  # JSON object: the server's default early_rejection
+DEFAULT_PRM_ENV = "FLOPWISE_PRM"  # the server's default early_rejection.prm
 _UNSET = object()
 
 
 class FlopTap:
     """Passes engine outputs through untouched except for taking flopwise's payload off them."""
 
-    def __init__(self, source):
+    def __init__(self, source, rank: bool = False):
         self.source = source
         self.totals = FlopTotals()
+        self.rank = rank  # non-streaming: drop rejected candidates, best final score first
+        self.rejected_tokens = 0  # tokens of dropped candidates: generated, so still in usage.completion_tokens
         self._reported = False
 
     async def _run(self):
@@ -45,6 +56,8 @@ class FlopTap:
         payload = take_payload(output)
         if payload is not None:
             self.totals.add(payload)
+            if self.rank and "early_rejection" in payload:
+                self.rejected_tokens += rank_candidates(output, payload["early_rejection"])
 
     def usage(self) -> dict[str, int] | None:
         """``usage.flops`` for this HTTP request, counted into the metrics once."""
@@ -70,7 +83,23 @@ class FlopTap:
         if flops is None:
             return chunk
         body["usage"]["flops"] = flops
+        stats = self.totals.early_rejection()
+        if stats is not None:
+            body["early_rejection"] = stats
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def rank_candidates(output, stats: dict) -> int:
+    """Keep the candidates early rejection did not stop, best final PRM score first, re-indexed from 0;
+    return how many tokens the dropped ones had generated."""
+    scores = stats.get("scores", {})
+    kept = [c for c in output.outputs if c.stop_reason != er.STOP_REASON]
+    dropped = sum(len(c.token_ids) for c in output.outputs if c.stop_reason == er.STOP_REASON)
+    kept.sort(key=lambda c: (-scores.get(str(c.index), float("-inf")), c.index))
+    for i, c in enumerate(kept):
+        c.index = i
+    output.outputs = kept
+    return dropped
 
 
 def _set_flops(response, tap: FlopTap):
@@ -79,7 +108,51 @@ def _set_flops(response, tap: FlopTap):
         flops = tap.usage()
         if flops is not None:
             usage.flops = flops  # UsageInfo allows extra fields; they are serialised with the response
+        usage.completion_tokens += tap.rejected_tokens
+        usage.total_tokens += tap.rejected_tokens
+    stats = tap.totals.early_rejection()
+    if stats is not None:
+        response.early_rejection = stats  # the response models allow extra fields too
     return response
+
+
+def _bad_request(handler, message: str, param: str):
+    return handler.create_error_response(message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=param)
+
+
+def rejection_config(request) -> er.EarlyRejectionConfig | None:
+    """The request's early_rejection (else the server default for n>1 requests); raises ValueError naming the field."""
+    raw = (request.model_extra or {}).get(er.FIELD)
+    explicit = raw is not None
+    if not explicit:
+        default = os.environ.get(DEFAULT_REJECTION_ENV)
+        if not default or (request.n or 1) < 2:
+            return None
+        raw = json.loads(default)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{er.FIELD} must be an object, got {type(raw).__name__}", er.FIELD)
+    if "prm" not in raw and os.environ.get(DEFAULT_PRM_ENV):
+        raw = {**raw, "prm": os.environ[DEFAULT_PRM_ENV]}
+    try:
+        config = er.EarlyRejectionConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join([er.FIELD, *map(str, err["loc"])])
+        raise ValueError(f"{field}: {err['msg']} (got {err.get('input')!r})", field) from None
+    if (request.n or 1) < 2:
+        raise ValueError(f"{er.FIELD} needs n > 1 candidates to choose from, got n={request.n or 1}", "n")
+    if config.mode == "beam":
+        raise ValueError(f"{er.FIELD}.mode='beam' (forking survivors) is not implemented in the engine yet; "
+                         "use 'reject'", f"{er.FIELD}.mode")
+    if getattr(request, "use_beam_search", False):
+        raise ValueError(f"{er.FIELD} cannot be combined with use_beam_search", er.FIELD)
+    from flopwise.prm import resolve
+
+    try:
+        resolve(config.prm)
+    except PRMError as e:
+        raise ValueError(str(e), f"{er.FIELD}.prm") from None
+    return config
 
 
 class BudgetMixin:
@@ -94,6 +167,16 @@ class BudgetMixin:
         if model is None:
             model = self.__dict__["_flopwise_model"] = FlopModel.from_pretrained(self.model_config.hf_config.to_dict())
         return model
+
+    def _apply_options(self, request, engine_inputs):
+        """Validate ``flop_budget`` and ``early_rejection`` and forward them in ``vllm_xargs``; an error or None."""
+        try:
+            config = rejection_config(request)
+        except ValueError as e:
+            return _bad_request(self, e.args[0], e.args[1])
+        if config is not None:
+            request.vllm_xargs = {**(request.vllm_xargs or {}), er.FIELD: config.model_dump_json()}
+        return self._apply_budget(request, engine_inputs)
 
     def _apply_budget(self, request, engine_inputs):
         xargs = dict(request.vllm_xargs or {})
@@ -112,7 +195,7 @@ class BudgetMixin:
                 check_admission(model, budget, self._extract_prompt_len(engine_input))
         except (BudgetError, LedgerError) as e:
             metrics.refused()
-            return self.create_error_response(str(e), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=FIELD)
+            return _bad_request(self, str(e), FIELD)
         xargs[FIELD] = budget
         request.vllm_xargs = xargs
         return None
@@ -124,13 +207,13 @@ class FlopChatMixin(BudgetMixin):
     async def render_chat_request(self, request):
         result = await super().render_chat_request(request)
         if isinstance(result, tuple):
-            error = self._apply_budget(request, result[1])
+            error = self._apply_options(request, result[1])
             if error is not None:
                 return error
         return result
 
     async def chat_completion_full_generator(self, request, result_generator, *args, **kwargs):
-        tap = FlopTap(result_generator)
+        tap = FlopTap(result_generator, rank=True)
         response = await super().chat_completion_full_generator(request, tap, *args, **kwargs)
         return _set_flops(response, tap)
 
@@ -147,13 +230,13 @@ class FlopCompletionMixin(BudgetMixin):
     async def render_completion_request(self, request):
         result = await super().render_completion_request(request)
         if isinstance(result, list):
-            error = self._apply_budget(request, result)
+            error = self._apply_options(request, result)
             if error is not None:
                 return error
         return result
 
     def request_output_to_completion_response(self, final_res_batch, *args, **kwargs):
-        tap = FlopTap(None)
+        tap = FlopTap(None, rank=True)
         for output in final_res_batch:
             tap.observe(output)
         response = super().request_output_to_completion_response(final_res_batch, *args, **kwargs)

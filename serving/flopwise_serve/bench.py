@@ -558,4 +558,8 @@ def run_bench(args) -> int:
         return bench_budget(args)
     if args.bench == "convert":
         return bench_convert(args)
+    if args.bench == "early-rejection":
+        from flopwise_serve.bench_er import bench_early_rejection
+
+        return bench_early_rejection(args)
     raise SystemExit(f"flopwise bench: error: unknown benchmark {args.bench!r}")

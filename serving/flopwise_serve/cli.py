@@ -92,13 +92,14 @@ def flop_amount(text: str) -> float:
 
 def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000,
                   default_budget: float | None = None, max_budget: float | None = None,
-                  policy: str = "fifo") -> tuple[list[str], dict[str, str]]:
+                  policy: str = "fifo", early_rejection: str | None = None,
+                  prm: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment ``flopwise serve`` runs."""
     from flopwise.budget import Policy
     from flopwise_vllm import PLUGIN_NAMES, SCHEDULER_CLS
     from flopwise_vllm.platform import MAX_BUDGET_ENV
     from flopwise_vllm.scheduler import POLICY_ENV
-    from flopwise_vllm.serving import DEFAULT_BUDGET_ENV
+    from flopwise_vllm.serving import DEFAULT_BUDGET_ENV, DEFAULT_PRM_ENV, DEFAULT_REJECTION_ENV
 
     argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", host, "--port", str(port)]
     if not _has_flag(vllm_args, "--scheduler-cls"):
@@ -120,7 +121,43 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
             env[key] = repr(float(value))
         else:
             env.pop(key, None)
+    for key, value in ((DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm)):
+        if value is not None:
+            env[key] = value
+        else:
+            env.pop(key, None)
     return argv, env
+
+
+def rejection_default(text: str | None, prm: str | None) -> str | None:
+    """``--early-rejection`` as canonical JSON, checked like a request's field; raises ValueError naming it."""
+    import json
+
+    from pydantic import ValidationError
+
+    from flopwise.prm import PRMError, resolve
+    from flopwise.techniques.early_rejection import EarlyRejectionConfig
+
+    if prm is not None:
+        try:
+            resolve(prm)
+        except PRMError as e:
+            raise ValueError(f"--prm: {e}") from None
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("must be a JSON object")
+        raw = {"prm": prm, **raw} if prm and "prm" not in raw else raw
+        config = EarlyRejectionConfig.model_validate(raw)
+        resolve(config.prm)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"--early-rejection: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    except (ValueError, PRMError) as e:
+        raise ValueError(f"--early-rejection: {e}") from None
+    return config.model_dump_json()
 
 
 def cmd_serve(args, rest: list[str]) -> int:
@@ -131,10 +168,11 @@ def cmd_serve(args, rest: list[str]) -> int:
     try:
         model = resolve_model(args.model)
         FlopModel.from_pretrained(model)  # an architecture the ledger cannot cost is refused up front
-    except (LedgerError, ModelNotFound) as e:
+        rejection = rejection_default(args.early_rejection, args.prm)
+    except (LedgerError, ModelNotFound, ValueError) as e:
         return fail("serve", str(e))
     argv, env = serve_command(model, rest, args.host, args.port, args.default_flop_budget, args.max_flop_budget,
-                              args.budget_policy)
+                              args.budget_policy, rejection, args.prm)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # same PID: whoever started `flopwise serve` can stop the server
     return 0
@@ -189,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=positive_int, default=8000)
     _budget_args(s)
+    s.add_argument("--early-rejection", default=None, metavar="JSON",
+                   help='default early_rejection for n>1 requests, e.g. \'{"every_tokens": 32, "keep": 0.5}\'')
+    s.add_argument("--prm", default=None, help="default PRM for early rejection (verifier:arithmetic, head:chain-sum, or a dir)")
 
     bt = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
                         description="Any option not listed here is passed to the vLLM engine unchanged.")
@@ -212,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--huge", type=positive_int, default=6)
     bb.add_argument("--small", type=positive_int, default=24)
     bb.add_argument("--latency-reps", type=positive_int, default=2)
+    be = bsub.add_parser("early-rejection", help="best-of-N vs early rejection with PRMs on reasoning-gym chain_sum")
+    be.add_argument("--model", default=None, help="generator (default: the chain_sum fine-tune of SmolLM2)")
+    be.add_argument("--problems", type=positive_int, default=40)
+    be.add_argument("--prm", nargs="+", default=["verifier:arithmetic"])
+    be.add_argument("--best-of", type=positive_int, nargs="+", default=[4, 8, 16])
+    be.add_argument("--er-n", type=positive_int, nargs="+", default=[8, 16])
+    be.add_argument("--every", type=positive_int, nargs="+", default=[8, 16])
+    be.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25])
+    be.add_argument("--max-tokens", type=positive_int, default=96)
+    be.add_argument("--block-size", type=positive_int, default=32, help="KV block size (multiple of 32 on CPU)")
+    be.add_argument("--stock-n", type=positive_int, default=8)
+    be.add_argument("--out", default="bench/results/early_rejection.md")
     bc = bsub.add_parser("convert", help="SQA and MoE-merge checkpoints vs their originals: FLOPs, vLLM throughput, perplexity")
     bc.add_argument("--model", default=None, help="model for query-head reduction (default: the embedded SmolLM2)")
     bc.add_argument("--moe-model", default="bench/models/tiny-moe", help="MoE model (default: the committed tiny MoE)")
@@ -246,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--top-k", type=positive_int, default=None, help="experts per token after the merge (default: unchanged)")
 
     sub.add_parser("model", help="prepare the embedded default model and print its directory")
+
+    tp = sub.add_parser("train-prm", help="fit a head PRM on SmolLM2 hidden states, labelled by the arithmetic verifier")
+    tp.add_argument("--generator", default=None, help="model that samples the traces (default: the chain_sum fine-tune)")
+    tp.add_argument("--base", default="default", help="model whose hidden states the head reads (default: embedded SmolLM2)")
+    tp.add_argument("--problems", type=positive_int, default=200)
+    tp.add_argument("--samples", type=positive_int, default=4, help="candidates sampled per problem")
+    tp.add_argument("--max-tokens", type=positive_int, default=96)
+    tp.add_argument("--out", default="src/flopwise/prm/heads/chain-sum")
     return p
 
 
@@ -273,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         from flopwise_serve.demo import run_demo
 
         return run_demo(port=args.port, max_tokens=args.max_tokens)
+    if args.command == "train-prm":
+        from flopwise_serve.train_prm import run_train_prm
+
+        return run_train_prm(args)
     if args.command == "bench":
         from flopwise_serve.bench import run_bench
 

@@ -1,0 +1,52 @@
+"""Process reward models: score a prompt plus a partial answer, step by step.
+
+Names accepted wherever a PRM is named (``early_rejection.prm``, ``--prm``):
+
+* ``verifier:arithmetic`` - the exact rule-based step verifier (:mod:`flopwise.prm.arithmetic`);
+* ``head:chain-sum`` - the committed learned head on SmolLM2-135M (``flopwise train-prm`` makes it);
+* a directory with ``flopwise_prm.json`` (:mod:`flopwise.prm.hf`): a step-tag checkpoint or a head.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from flopwise.prm.arithmetic import ArithmeticVerifier
+from flopwise.prm.base import NEUTRAL, PRMError, ProcessRewardModel, aggregate, split_steps
+
+BUILTIN_HEADS = {"head:chain-sum": Path(__file__).parent / "heads" / "chain-sum"}
+VERIFIERS = {ArithmeticVerifier.name: ArithmeticVerifier}
+
+
+def resolve(name: str) -> str:
+    """Check a PRM name without loading weights (cheap: the server calls it per request)."""
+    if not isinstance(name, str) or not name:
+        raise PRMError(f"early_rejection.prm must be a PRM name or path, got {name!r}")
+    if name in VERIFIERS:
+        return name
+    if name in BUILTIN_HEADS:
+        return str(BUILTIN_HEADS[name])
+    if name.startswith("verifier:"):
+        raise PRMError(f"early_rejection.prm={name!r}: unknown verifier; known: {', '.join(VERIFIERS)}")
+    from flopwise.prm.hf import read_config
+
+    if not Path(name).expanduser().is_dir():
+        known = ", ".join([*VERIFIERS, *BUILTIN_HEADS])
+        raise PRMError(f"early_rejection.prm={name!r}: not a known PRM ({known}) nor a PRM directory")
+    read_config(name)
+    return name
+
+
+@lru_cache(maxsize=4)
+def load_prm(name: str) -> ProcessRewardModel:
+    """The PRM called ``name`` (loaded once per process)."""
+    resolved = resolve(name)
+    if resolved in VERIFIERS:
+        return VERIFIERS[resolved]()
+    from flopwise.prm.hf import load
+
+    return load(resolved, name)
+
+
+__all__ = ["NEUTRAL", "PRMError", "ProcessRewardModel", "aggregate", "load_prm", "resolve", "split_steps"]

@@ -1,0 +1,128 @@
+"""Early rejection of partial candidates with a process reward model.
+
+"Accelerating LLM Reasoning via Early Rejection with Partial Reward Modeling" (arXiv:2508.01969): of N
+candidates generated together, score the partial answers every ``every_tokens`` tokens with a PRM and
+stop the weak ones, so compute goes to the promising ones. Defaults follow the paper's partial beam
+search (check every 64 tokens, keep half).
+
+The rule, shared by the vLLM scheduler (:mod:`flopwise_vllm.rejection`) and the plain-HF reference
+below: candidates advance in lock-step; a checkpoint happens when every live candidate (not finished,
+not rejected) has ``c * every_tokens`` tokens. There the live ones are scored and all but the best
+``keep_count(live)`` are rejected (ties go to the lower index). Once ``keep_count(live) == live`` no later
+checkpoint can reject anything, so none is held. Finished candidates get a final score on their
+complete answer; the answer to return is the best finished candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from flopwise.prm import ProcessRewardModel
+
+FIELD = "early_rejection"
+STOP_REASON = "early_rejection"
+
+
+class EarlyRejectionConfig(BaseModel):
+    """The ``early_rejection`` request object (and ``--early-rejection`` server default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prm: str = Field("verifier:arithmetic", description="PRM name or directory that scores partial candidates.")
+    every_tokens: int = Field(64, ge=1, description="Tokens generated between checkpoints.")
+    keep: float = Field(0.5, gt=0, le=1, description="Fraction of live candidates kept at each checkpoint.")
+    min_keep: int = Field(1, ge=1, description="Never keep fewer live candidates than this.")
+    mode: Literal["reject", "beam"] = Field("reject", description="'reject' stops weak candidates; 'beam' would also "
+                                            "fork survivors to refill the width (not implemented in the engine).")
+
+    def keep_count(self, live: int) -> int:
+        return min(live, max(self.min_keep, math.ceil(self.keep * live - 1e-9)))
+
+    def rejects_at(self, live: int) -> bool:
+        """Whether a checkpoint with ``live`` candidates rejects any (monotone: false for all smaller ``live``)."""
+        return self.keep_count(live) < live
+
+
+def survivors(scores: list[float], count: int) -> list[int]:
+    """Indices (into ``scores``) of the ``count`` best, ties to the lower index, in index order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(order[:count])
+
+
+@dataclass
+class Candidate:
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    rejected_at: int | None = None  # checkpoint number (1-based) that rejected it
+    score: float | None = None  # last PRM score: at rejection, or final
+
+
+@dataclass
+class ReferenceResult:
+    candidates: list[Candidate]
+    checkpoints: int = 0
+    prm_flops: int = 0
+
+    @property
+    def rejected(self) -> list[int]:
+        return [i for i, c in enumerate(self.candidates) if c.rejected_at is not None]
+
+    def best(self) -> int | None:
+        done = [i for i, c in enumerate(self.candidates) if c.finished]
+        return min(done, key=lambda i: (-self.candidates[i].score, i)) if done else None
+
+
+@torch.no_grad()
+def reference_generate(model, prompt_ids: list[int], prompt_text: str, n: int, config: EarlyRejectionConfig,
+                       prm: ProcessRewardModel, decode: Callable[[list[int]], str], max_tokens: int,
+                       eos_ids: set[int], sample: Callable[[int, torch.Tensor], int]) -> ReferenceResult:
+    """The oracle: ``n`` candidates on a plain HF causal LM, one KV cache each, rejected by the rule above.
+
+    ``sample(candidate, logits[vocab])`` picks each next token (the test passes vLLM's seeded sampler).
+    """
+    import copy
+
+    prefill = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    caches = [copy.deepcopy(prefill.past_key_values) for _ in range(n)]
+    last_logits = [prefill.logits[0, -1].float() for _ in range(n)]
+    cands = [Candidate() for _ in range(n)]
+    result = ReferenceResult(cands)
+    ckpt = config.every_tokens
+    while True:
+        live = [i for i, c in enumerate(cands) if not c.finished and c.rejected_at is None]
+        if not live:
+            return result
+        if not config.rejects_at(len(live)):
+            ckpt = None  # no checkpoint can reject any more: run to the end
+        if ckpt is not None and all(len(cands[i].tokens) >= ckpt for i in live):
+            result.checkpoints += 1
+            scores = []
+            for i in live:
+                s, f = prm.score(prompt_text, decode(cands[i].tokens))
+                cands[i].score = s
+                scores.append(s)
+                result.prm_flops += f
+            kept = {live[j] for j in survivors(scores, config.keep_count(len(live)))}
+            for i in live:
+                if i not in kept:
+                    cands[i].rejected_at = result.checkpoints
+            ckpt += config.every_tokens
+            continue
+        for i in live:
+            if ckpt is not None and len(cands[i].tokens) >= ckpt:
+                continue  # held at the checkpoint until the others reach it
+            token = sample(i, last_logits[i])
+            cands[i].tokens.append(token)
+            if token in eos_ids or len(cands[i].tokens) >= max_tokens:
+                cands[i].finished = True
+                cands[i].score, f = prm.score(prompt_text, decode(cands[i].tokens), final=True)
+                result.prm_flops += f
+                continue
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=caches[i], use_cache=True)
+            caches[i], last_logits[i] = out.past_key_values, out.logits[0, -1].float()

@@ -1,0 +1,123 @@
+"""Early rejection in a real vLLM engine against the plain-HF oracle, on a tiny model with a neural PRM."""
+
+import gc
+
+import pytest
+import torch
+
+from flopwise.ledger import FlopModel
+from flopwise.prm import load_prm
+from flopwise.prm.hf import save_head
+from flopwise.techniques.early_rejection import EarlyRejectionConfig, reference_generate
+
+pytestmark = pytest.mark.slow
+SEED, TEMPERATURE, MAX_TOKENS = 1234, 1.0, 24
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tmp_path_factory):
+    from flopwise_serve.offline import LLM
+
+    base = tiny_model("llama-gqa")
+    d = FlopModel.from_pretrained(base).spec.hidden
+    # A random head: scores differ from candidate to candidate, so which ones survive depends on their tokens.
+    head = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=torch.Generator().manual_seed(1)),
+                     torch.zeros(1))
+    llm = LLM(base, dtype="float32", max_model_len=512, max_num_seqs=16, seed=0)
+    yield llm, base, str(head)
+    llm.shutdown()
+    del llm
+    gc.collect()
+
+
+def vllm_cpu_sampler(seed: int, temperature: float):
+    """vLLM's CPU sampling for seeded requests (child i gets seed + i): one draw from the request's generator
+    per sampled token seeds a fused Gumbel-max over the temperature-scaled logits."""
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+
+    generators: dict[int, torch.Generator] = {}
+
+    def sample(i: int, logits: torch.Tensor) -> int:
+        g = generators.setdefault(i, torch.Generator().manual_seed(seed + i))
+        s = torch.randint(0, 2**31, (1,), generator=g, dtype=torch.long)
+        return int(torch.ops._C.fused_gumbel_argmax((logits / temperature).float()[None].contiguous(), s)[0])
+
+    return sample
+
+
+@pytest.mark.parametrize("every,keep,min_keep", [(4, 0.5, 1), (3, 0.6, 2)])
+def test_engine_rejects_what_the_oracle_rejects(setup, every, keep, min_keep):
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    llm, base, head = setup
+    config = EarlyRejectionConfig(prm=head, every_tokens=every, keep=keep, min_keep=min_keep)
+    tok = llm.get_tokenizer()
+    prompt_ids = tok.encode("def add(a, b):\n    return")
+    n = 6
+    params = SamplingParams(n=n, temperature=TEMPERATURE, seed=SEED, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            extra_args={"early_rejection": config.model_dump_json()})
+    out = llm.generate([{"prompt_token_ids": prompt_ids}], params)[0]
+    payload = out.ec_transfer_params["flopwise"]
+    stats = payload["early_rejection"]
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ref = reference_generate(model, prompt_ids, tok.decode(prompt_ids), n, config, load_prm(head),
+                             decode=lambda ids: tok.decode(ids, skip_special_tokens=True), max_tokens=MAX_TOKENS,
+                             eos_ids=set(), sample=vllm_cpu_sampler(SEED, TEMPERATURE))
+
+    engine = {c.index: c for c in out.outputs}
+    assert len(engine) == n
+    for i, cand in enumerate(ref.candidates):
+        assert list(engine[i].token_ids) == cand.tokens, f"candidate {i}"
+        assert (engine[i].stop_reason == "early_rejection") == (cand.rejected_at is not None)
+    assert {int(k): v for k, v in stats["rejected_at"].items()} == {
+        i: c.rejected_at for i, c in enumerate(ref.candidates) if c.rejected_at is not None}
+    assert len(ref.rejected) > 0 and stats["rejected"] == len(ref.rejected)
+    assert stats["checkpoints"] == ref.checkpoints
+    for i, c in enumerate(ref.candidates):
+        assert stats["scores"][str(i)] == pytest.approx(c.score, abs=1e-4)
+    # every PRM pass is charged, and the total is generation + PRM
+    assert payload["prm"] == ref.prm_flops > 0
+    assert payload["total"] == payload["prompt"] + payload["completion"] + payload["prm"]
+    ledger = FlopModel.from_pretrained(base)
+    P = len(prompt_ids)
+    generated = sum(len(c.tokens) for c in ref.candidates)
+    # each candidate prefills the prompt (the prompt is shorter than a KV block, so nothing is shared) and
+    # decodes all but its last token
+    expected = sum(ledger.forward(P, 0, logits=1).total + sum(ledger.forward(1, P + t, logits=1).total
+                   for t in range(len(c.tokens) - 1)) for c in ref.candidates)
+    assert payload["prompt"] + payload["completion"] == expected
+    assert sum(len(c.token_ids) for c in out.outputs) == generated < n * MAX_TOKENS
+
+
+def test_keep_one_is_best_of_n_with_final_scores(setup):
+    from vllm import SamplingParams
+
+    llm, _, head = setup
+    config = EarlyRejectionConfig(prm=head, every_tokens=2, keep=1.0)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=10, ignore_eos=True,
+                            extra_args={"early_rejection": config.model_dump_json()})
+    out = llm.generate(["x = 1\n"], params)[0]
+    stats = out.ec_transfer_params["flopwise"]["early_rejection"]
+    assert stats["rejected"] == 0 and stats["checkpoints"] == 0
+    assert sorted(stats["scores"]) == ["0", "1", "2", "3"]  # each finished candidate got a final score
+    assert all(len(c.token_ids) == 10 for c in out.outputs)
+
+
+def test_prm_failing_at_run_time_serves_without_rejection(setup, tmp_path):
+    from vllm import SamplingParams
+
+    llm, base, head = setup
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "flopwise_prm.json").write_text('{"type": "head", "base": "%s"}' % base)  # no head.safetensors
+    config = EarlyRejectionConfig(prm=str(broken), every_tokens=2, keep=0.5)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True,
+                            extra_args={"early_rejection": config.model_dump_json()})
+    out = llm.generate(["x = 1\n"], params)[0]
+    stats = out.ec_transfer_params["flopwise"]["early_rejection"]
+    assert "PRM failed" in stats["error"] and stats["rejected"] == 0
+    assert [len(c.token_ids) for c in out.outputs] == [8, 8, 8, 8]
+    # the engine is fine afterwards
+    assert len(llm.generate(["y"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3

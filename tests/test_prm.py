@@ -1,0 +1,131 @@
+"""PRMs and the early-rejection rule in the core: the arithmetic verifier, neural PRMs, configs, ranking."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from flopwise.ledger import FlopModel
+from flopwise.prm import PRMError, load_prm, resolve, split_steps
+from flopwise.prm.arithmetic import check_line, evaluate
+from flopwise.prm.hf import HeadPRM, StepTagPRM, save_head
+from flopwise.reasoning import chain_sum, extract_answer, is_correct
+from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("12 + 5 = 17", 1.0),
+    ("12 + 5 = 18", 0.0),
+    ("So 3 * (4 - 1) = 9.", 1.0),
+    ("-4 + 7 = 3", 1.0),
+    ("7 x 6 = 42", 1.0),
+    ("10 / 4 = 2.5", 1.0),
+    ("2 + 2 = 4 = 5", 0.0),
+    ("Answer: 14", None),
+    ("239 Total = 153", None),
+    ("x = 5", None),
+])
+def test_check_line(line, expected):
+    assert check_line(line) == expected
+
+
+def test_evaluate_refuses_non_arithmetic():
+    assert evaluate("2 ** 10") is None  # power is not in the grammar (a step writing 2**1000 cannot hang the engine)
+    assert evaluate("__import__('os')") is None
+    assert evaluate("1 / 0") is None
+    assert evaluate("3 + 4") == 7.0
+
+
+def test_split_steps_keeps_the_unfinished_line_out():
+    assert split_steps("1 + 2 = 3\n3 + 4 = 7\n7 +", final=False) == ["1 + 2 = 3", "3 + 4 = 7"]
+    assert split_steps("1 + 2 = 3\n\nAnswer: 3", final=True) == ["1 + 2 = 3", "Answer: 3"]
+    assert split_steps("1 + 2", final=False) == []
+
+
+def test_verifier_on_reasoning_gym_chain_sum():
+    prm = load_prm("verifier:arithmetic")
+    problems = chain_sum(20, seed=3)
+    for p in problems:
+        solution = p.solution()
+        assert is_correct(p, solution) and extract_answer(solution) == p.answer
+        assert prm.score("", solution, final=True) == (1.0, 0)
+        lines = solution.split("\n")
+        wrong = lines[0].rsplit("=", 1)[0] + f"= {int(lines[0].rsplit('=', 1)[1]) + 1}"
+        broken = "\n".join([wrong, *lines[1:]])
+        assert prm.score("", broken, final=True)[0] == 0.0
+        # the wrong step is caught as soon as its line is complete, before the answer exists
+        assert prm.score("", wrong + "\n", final=False)[0] == 0.0
+        assert prm.score("", wrong, final=False)[0] == 0.5  # unfinished line: not judged yet
+
+
+def test_config_bounds_name_the_field():
+    cfg = EarlyRejectionConfig()
+    assert (cfg.every_tokens, cfg.keep, cfg.min_keep, cfg.mode) == (64, 0.5, 1, "reject")
+    for bad, field in [({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"), ({"every_tokens": 0}, "every_tokens"),
+                       ({"min_keep": 0}, "min_keep"), ({"mode": "x"}, "mode"), ({"prm_name": "x"}, "prm_name")]:
+        with pytest.raises(ValidationError) as e:
+            EarlyRejectionConfig.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,)
+
+
+def test_keep_count_and_survivors():
+    cfg = EarlyRejectionConfig(keep=0.5, min_keep=1)
+    assert [cfg.keep_count(n) for n in (8, 5, 4, 2, 1)] == [4, 3, 2, 1, 1]
+    assert [cfg.rejects_at(n) for n in (8, 2, 1)] == [True, True, False]
+    assert EarlyRejectionConfig(keep=0.5, min_keep=3).keep_count(4) == 3
+    assert not EarlyRejectionConfig(keep=1.0).rejects_at(16)  # keep=1 is plain best-of-n
+    assert survivors([0.2, 0.9, 0.5, 0.9], 2) == [1, 3]
+    assert survivors([0.5, 0.5, 0.5, 0.5], 2) == [0, 1]  # ties go to the lower index
+
+
+def test_unknown_prm_names_the_field(tmp_path):
+    for name in ["verifier:nope", "no/such/dir", ""]:
+        with pytest.raises(PRMError, match="early_rejection.prm"):
+            resolve(name)
+    with pytest.raises(PRMError, match="flopwise_prm.json"):
+        resolve(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def head_prm(tiny_model, tmp_path_factory):
+    base = tiny_model("llama-gqa")
+    d = FlopModel.from_pretrained(base).spec.hidden
+    g = torch.Generator().manual_seed(0)
+    path = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=g), torch.zeros(1))
+    return str(path), base
+
+
+def test_head_prm_scores_each_step_and_charges_its_forward(head_prm):
+    path, base = head_prm
+    prm = load_prm(path)
+    assert isinstance(prm, HeadPRM)
+    prompt, steps = "Compute 1 + 2 + 3.", ["1 + 2 = 3", "3 + 3 = 6"]
+    scores = prm.score_steps(prompt, steps)
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores) and scores[0] != scores[1]
+    # the score of a step depends only on what comes before it (causal LM): extending the answer keeps it
+    assert prm.score_steps(prompt, steps[:1])[0] == pytest.approx(scores[0], abs=1e-5)
+    n = len(prm.tokenizer(prompt + "1 + 2 = 3\n3 + 3 = 6\n", add_special_tokens=False)["input_ids"])
+    d = prm.weight.numel()
+    assert prm.flops(prompt, steps) == FlopModel.from_pretrained(base).forward(n, start=0, logits=0).total + 2 * d * 2
+
+
+def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    base = tiny_model("llama-gqa")
+    ckpt = tmp_path / "steptag"
+    shutil.copytree(base, ckpt)
+    (ckpt / "flopwise_prm.json").write_text(json.dumps({"type": "step-tag", "step_tag": "#", "good": "+", "bad": "-"}))
+    prm = load_prm(str(ckpt))
+    assert isinstance(prm, StepTagPRM)
+    scores = prm.score_steps("q", ["a b", "c d", "e"])
+    ids, ends = prm._encode("q", ["a b", "c d", "e"], " #\n")
+    logits = prm.model(input_ids=ids).logits[0]
+    good, bad = prm.good_bad
+    for s, e in zip(scores, ends):
+        expected = torch.softmax(logits[e - 1, [good, bad]].float(), -1)[0].item()
+        assert s == pytest.approx(expected, abs=1e-6)
+    (ckpt / "flopwise_prm.json").write_text(json.dumps({"type": "step-tag", "step_tag": "#", "good": "no-such-token"}))
+    load_prm.cache_clear()
+    with pytest.raises(PRMError, match="not in the tokenizer"):
+        load_prm(str(ckpt))
