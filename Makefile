@@ -35,7 +35,7 @@ bench-overhead: model
 bench-early-rejection: model
 	@test -f "$$($(BIN)/python -c 'from flopwise.reasoning import generator_dir; print(generator_dir())')/config.json" \
 		|| $(BIN)/python bench/scripts/finetune_chain_sum.py
-	$(BIN)/flopwise bench early-rejection --prm verifier:arithmetic head:chain-sum
+	$(BIN)/flopwise bench early-rejection
 
 clean:
 	rm -rf $(VENV) build *.egg-info

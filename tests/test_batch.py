@@ -21,6 +21,9 @@ def _lines():
         else:
             body = {"prompt": f"def f{i}(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
             good.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body})
+    er = {"custom_id": "er", "method": "POST", "url": "/v1/completions",
+          "body": {"prompt": "x =", "max_tokens": 8, "n": 4, "temperature": 1.0, "ignore_eos": True,
+                   "early_rejection": {"every_tokens": 2, "keep": 0.5}}}
     capped = {"custom_id": "capped", "method": "POST", "url": "/v1/completions",
               "body": {"prompt": "def g(x):", "max_tokens": 40, "ignore_eos": True, "flop_budget": 1.2e7}}
     bad = [
@@ -31,8 +34,10 @@ def _lines():
         json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}}),
         json.dumps({"custom_id": "bad-body", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": "many"}}),
         json.dumps({"custom_id": "stream", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "stream": True}}),
+        json.dumps({"custom_id": "bad-er", "method": "POST", "url": "/v1/completions",
+                    "body": {"prompt": "x", "n": 2, "early_rejection": {"keep": 0}}}),
     ]
-    return [json.dumps(x) for x in good[:3]] + bad[:3] + [json.dumps(x) for x in good[3:]] + bad[3:] + [json.dumps(capped)]
+    return [json.dumps(x) for x in good[:3]] + bad[:3] + [json.dumps(x) for x in good[3:]] + bad[3:] + [json.dumps(capped), json.dumps(er)]
 
 
 def _run(inp, out, model, *extra):
@@ -52,9 +57,9 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
 
     r = _run(inp, out, model, "--flop-budget", "5e7")  # the default for lines that set no budget
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "7 done, 7 errors" in r.stderr and "stopped by their FLOP budget" in r.stderr
+    assert "8 done, 8 errors" in r.stderr and "stopped by their FLOP budget" in r.stderr
     recs = _records(out)
-    assert len(recs) == 14
+    assert len(recs) == 16
     by_id = {rec["custom_id"]: rec for rec in recs if rec["custom_id"]}
     for i in range(6):
         body = by_id[f"r{i}"]["response"]["body"]
@@ -69,13 +74,16 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     assert "url must be" in by_id["bad-url"]["error"]["message"]
     assert "max_tokens" in by_id["bad-body"]["error"]["message"]
     assert "stream" in by_id["stream"]["error"]["message"]
+    er = by_id["er"]["response"]["body"]
+    assert er["early_rejection"]["rejected"] == 3 and len(er["choices"]) == 1 and er["usage"]["flops"]["total"] > 0
+    assert by_id["bad-er"]["error"]["status_code"] == 400 and "early_rejection.keep" in by_id["bad-er"]["error"]["message"]
     anonymous = sorted(rec["error"]["code"] for rec in recs if rec["custom_id"] is None)
     assert anonymous == ["duplicate_custom_id", "invalid_line", "invalid_line"]
 
     # Rerun: everything is there already, nothing is redone or duplicated.
     r = _run(inp, out, model)
-    assert r.returncode == 0 and "0 done, 0 errors, 14 already" in r.stderr
-    assert len(_records(out)) == 14
+    assert r.returncode == 0 and "0 done, 0 errors, 16 already" in r.stderr
+    assert len(_records(out)) == 16
 
     # A run killed mid-write: one record lost, the last one torn in half. The rerun redoes exactly those.
     lines = out.read_text().splitlines()
@@ -83,10 +91,10 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     kept = [line for line in lines if json.loads(line)["custom_id"] != lost]
     out.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][:25])
     r = _run(inp, out, model)
-    assert r.returncode == 0 and "12 already" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0 and "14 already" in r.stderr, r.stderr[-2000:]
     recs = _records(out)
     counts = collections.Counter(rec["custom_id"] or ("line", rec["error"]["line"]) for rec in recs)
-    assert len(recs) == 14 and max(counts.values()) == 1
+    assert len(recs) == 16 and max(counts.values()) == 1
 
 
 def test_batch_cli_errors_are_one_line(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from flopwise.ledger import FlopModel
 from flopwise.prm import load_prm
 from flopwise.prm.hf import save_head
-from flopwise.techniques.early_rejection import EarlyRejectionConfig, reference_generate
+from flopwise.techniques.early_rejection import EarlyRejectionConfig, newline_ids, reference_generate
 
 pytestmark = pytest.mark.slow
 SEED, TEMPERATURE, MAX_TOKENS = 1234, 1.0, 24
@@ -22,7 +22,7 @@ def setup(tiny_model, tmp_path_factory):
     d = FlopModel.from_pretrained(base).spec.hidden
     # A random head: scores differ from candidate to candidate, so which ones survive depends on their tokens.
     head = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=torch.Generator().manual_seed(1)),
-                     torch.zeros(1))
+                     torch.zeros(1), dtype="float32")
     llm = LLM(base, dtype="float32", max_model_len=512, max_num_seqs=16, seed=0)
     yield llm, base, str(head)
     llm.shutdown()
@@ -45,13 +45,13 @@ def vllm_cpu_sampler(seed: int, temperature: float):
     return sample
 
 
-@pytest.mark.parametrize("every,keep,min_keep", [(4, 0.5, 1), (3, 0.6, 2)])
-def test_engine_rejects_what_the_oracle_rejects(setup, every, keep, min_keep):
+@pytest.mark.parametrize("every,steps,keep,min_keep", [(4, None, 0.5, 1), (3, None, 0.6, 2), (6, 1, 0.5, 1)])
+def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_keep):
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
     llm, base, head = setup
-    config = EarlyRejectionConfig(prm=head, every_tokens=every, keep=keep, min_keep=min_keep)
+    config = EarlyRejectionConfig(prm=head, every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep)
     tok = llm.get_tokenizer()
     prompt_ids = tok.encode("def add(a, b):\n    return")
     n = 6
@@ -64,7 +64,9 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, keep, min_keep):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     ref = reference_generate(model, prompt_ids, tok.decode(prompt_ids), n, config, load_prm(head),
                              decode=lambda ids: tok.decode(ids, skip_special_tokens=True), max_tokens=MAX_TOKENS,
-                             eos_ids=set(), sample=vllm_cpu_sampler(SEED, TEMPERATURE))
+                             eos_ids=set(), sample=vllm_cpu_sampler(SEED, TEMPERATURE), newlines=newline_ids(tok))
+    if steps:  # the random model does write newlines, so some checkpoints come from steps, not the token cap
+        assert any(t in newline_ids(tok) for c in ref.candidates for t in c.tokens)
 
     engine = {c.index: c for c in out.outputs}
     assert len(engine) == n

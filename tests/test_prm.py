@@ -90,7 +90,7 @@ def head_prm(tiny_model, tmp_path_factory):
     base = tiny_model("llama-gqa")
     d = FlopModel.from_pretrained(base).spec.hidden
     g = torch.Generator().manual_seed(0)
-    path = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=g), torch.zeros(1))
+    path = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=g), torch.zeros(1), dtype="float32")
     return str(path), base
 
 

@@ -5,7 +5,7 @@ best-of-N curve. A short full fine-tune (fp32 master weights, bf16 autocast wher
 the answer only) makes it a usable but error-prone generator: the early-rejection benchmark needs
 candidates that go wrong at some step. Training problems use seeds disjoint from the benchmark's.
 
-    python bench/scripts/finetune_chain_sum.py [--steps 64] [--out DIR]
+    python bench/scripts/finetune_chain_sum.py [--steps 80] [--out DIR]
 
 Writes bf16 safetensors plus the tokenizer to ``$FLOPWISE_CACHE/models/SmolLM2-135M-chainsum`` (about
 270 MB, not committed; re-run this script on a fresh machine, a few minutes on 2 cores).
@@ -38,7 +38,7 @@ def encode(tok, problem) -> tuple[list[int], int]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--out", type=Path, default=generator_dir())

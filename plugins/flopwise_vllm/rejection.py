@@ -36,7 +36,7 @@ class Rejection:
     """Early-rejection state of one group (one client request's n candidates)."""
 
     config: EarlyRejectionConfig
-    next_checkpoint: int = 0
+    next_checkpoint: int = 1  # 1-based index of the checkpoint the candidates are heading for
     active: bool = True
     started: int = 0
     checkpoints: int = 0
@@ -46,9 +46,6 @@ class Rejection:
     rejected: dict[int, int] = field(default_factory=dict)  # candidate index -> checkpoint that rejected it
     lengths: dict[int, int] = field(default_factory=dict)  # candidate index -> tokens generated when it ended
     _prm: ProcessRewardModel | None = None
-
-    def __post_init__(self) -> None:
-        self.next_checkpoint = self.config.every_tokens
 
     def prm(self) -> ProcessRewardModel:
         if self._prm is None:

@@ -29,7 +29,6 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
-
 from pydantic import ValidationError
 
 from flopwise.budget import FIELD, STOP_REASON, BudgetError, BudgetState, Policy, next_step_bound, parse_budget
@@ -122,6 +121,7 @@ class FlopwiseScheduler(Scheduler):
         self._last_settled: tuple[str, dict | None] = ("", None)
         self._early_finishes: list[tuple[int, EngineCoreOutput]] = []
         self._tokenizer = None
+        self._newlines: frozenset[int] | None = None
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -265,6 +265,15 @@ class FlopwiseScheduler(Scheduler):
             rej.scores[index_of(r.request_id)] = s
         return scores
 
+    def _reached(self, rej: Rejection, request: Request) -> bool:
+        steps = 0
+        if rej.config.every_steps is not None:
+            if self._newlines is None:
+                self._text((), False)  # loads the tokenizer
+                self._newlines = er.newline_ids(self._tokenizer)
+            steps = sum(t in self._newlines for t in request.output_token_ids)
+        return rej.config.reached(rej.next_checkpoint, request.num_output_tokens, steps)
+
     def run_checkpoints(self) -> list[Request]:
         """Score and reject where every live candidate reached its group's checkpoint; return those to hold."""
         held: list[Request] = []
@@ -276,15 +285,15 @@ class FlopwiseScheduler(Scheduler):
                 # Nothing to reject among this many; re-checked each step because siblings may still be
                 # arriving (vLLM adds the children one by one).
                 continue
-            reached = [r for r in live if r.num_output_tokens >= rej.next_checkpoint]
+            reached = [r for r in live if self._reached(rej, r)]
             if len(reached) < len(live):
-                held += reached
+                held += [r for r in reached if r.status == RequestStatus.RUNNING]  # a preempted one waits anyway
                 continue
             scores = self._score(group, live, final=False)
             if scores is None:
                 continue
             rej.checkpoints += 1
-            rej.next_checkpoint += rej.config.every_tokens
+            rej.next_checkpoint += 1
             kept = {live[i].request_id for i in survivors(scores, rej.config.keep_count(len(live)))}
             for r in live:
                 if r.request_id not in kept:
@@ -296,14 +305,16 @@ class FlopwiseScheduler(Scheduler):
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         self.gate_budgets()
         held = self.run_checkpoints()
-        if held:  # out of the running list for this step only: they keep their KV blocks
+        if held:  # out of the running list for this step only: they keep their KV blocks and their slots
             ids = {r.request_id for r in held}
             self.running = [r for r in self.running if r.request_id not in ids]
+            self.max_num_active_reqs -= len(held)
         try:
             out = super().schedule(*args, **kwargs)
         finally:
             if held:
-                self.running[:0] = [r for r in held if not r.is_finished()]
+                self.max_num_active_reqs += len(held)
+                self.running[:0] = held
         # super() has already advanced num_computed_tokens past this step's tokens.
         for rid, n in out.num_scheduled_tokens.items():
             request = self.requests[rid]

@@ -18,14 +18,19 @@ from flopwise import hw
 from flopwise.reasoning import chain_sum, generator_dir, is_correct
 
 PROBLEM_SEED = 7
+READING = ['', 'Reading: answers here are short (about 35 tokens) next to a ~45-token prompt that every candidate prefills', '(vLLM shares only full KV blocks between n>1 children), so rejected candidates still pay most of their cost;', "the paper's gains come from long reasoning. With the exact verifier, keeping a fixed fraction also rejects", 'candidates that are right so far, which costs accuracy at small keep. The learned head PRM re-reads prompt +', 'answer at every checkpoint (no KV reuse), so its passes cost more than the generation they prune. Accuracy on', '40 problems moves by about +-0.08 between runs (no per-request seeds: see the session notes).']
 
 
 def _settings(args) -> list[dict]:
-    rows = [{"name": f"best-of-{n}", "n": n, "every": 10**6, "keep": 1.0} for n in args.best_of]
+    rows = [{"name": f"best-of-{n}", "n": n, "every": 10**6, "steps": None, "keep": 1.0} for n in args.best_of]
     for n in args.er_n:
-        for every in args.every:
-            for keep in args.keep:
-                rows.append({"name": f"ER n={n} every={every} keep={keep}", "n": n, "every": every, "keep": keep})
+        for keep in args.keep:
+            for steps in args.every_steps:
+                rows.append({"name": f"ER n={n} every={steps} step keep={keep}", "n": n, "every": args.step_cap,
+                             "steps": steps, "keep": keep})
+            for every in args.every:
+                rows.append({"name": f"ER n={n} every={every} tok keep={keep}", "n": n, "every": every, "steps": None,
+                             "keep": keep})
     return rows
 
 
@@ -44,7 +49,7 @@ def run_setting(llm, prompts, problems, setting: dict, prm: str, max_tokens: int
     from flopwise.techniques.early_rejection import EarlyRejectionConfig
     from flopwise_serve.offline import flops_of
 
-    config = EarlyRejectionConfig(prm=prm, every_tokens=setting["every"], keep=setting["keep"])
+    config = EarlyRejectionConfig(prm=prm, every_tokens=setting["every"], every_steps=setting["steps"], keep=setting["keep"])
     params = SamplingParams(n=setting["n"], temperature=0.8, max_tokens=max_tokens,
                             extra_args={"early_rejection": config.model_dump_json()})
     t0 = time.perf_counter()
@@ -67,11 +72,14 @@ def run_setting(llm, prompts, problems, setting: dict, prm: str, max_tokens: int
 def run_stock(model: str, prompts, problems, n: int, max_tokens: int, block_size: int) -> dict:
     """Stock vLLM (its own scheduler) best-of-n: wall time, and accuracy with the verifier choosing after."""
     import gc
+    import os
 
     from vllm import LLM, SamplingParams
 
     from flopwise.prm import load_prm
 
+    for key, value in hw.engine_env({}).items():  # the small KV cache and core settings flopwise's LLM uses
+        os.environ.setdefault(key, value)
     llm = LLM(model, dtype=hw.default_dtype(), enforce_eager=True, max_model_len=512, block_size=block_size, seed=0,
               scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
@@ -164,6 +172,7 @@ def write_report(args, model, problems, rows, stock, versions) -> None:
             met = "met" if fx >= 4 and wx >= 2.5 else "not met"
             lines.append(f"- {prm}: best at equal-or-better accuracy is {best['name']} ({best['accuracy']:.3f} vs "
                          f"{ref['accuracy']:.3f}): {fx:.2f}x fewer FLOPs, {wx:.2f}x less wall time - target {met}.")
+    lines += READING
     png = out.with_suffix(".png")
     _plot(rows, png)
     lines += ["", f"![FLOPs vs accuracy]({png.name})", ""]

@@ -64,8 +64,11 @@ class HeadPRM(_CausalLMPRM):
 
         from flopwise.models import resolve_model
 
+        from flopwise import hw
+
         base = resolve_model(None if cfg.get("base", "default") == "default" else cfg["base"])
-        super().__init__(name, base, torch.float32)
+        # bf16 where the CPU has it (3-7x faster); the head reads the hidden states in fp32
+        super().__init__(name, base, torch.bfloat16 if cfg.get("dtype", hw.default_dtype()) == "bfloat16" else torch.float32)
         self.layer = int(cfg.get("layer", -1))
         if path is None:  # untrained: only features() is meaningful (flopwise train-prm fits the head)
             self.weight, self.bias = torch.zeros(self.model.config.hidden_size), torch.zeros(1)

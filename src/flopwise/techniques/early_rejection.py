@@ -7,7 +7,9 @@ search (check every 64 tokens, keep half).
 
 The rule, shared by the vLLM scheduler (:mod:`flopwise_vllm.rejection`) and the plain-HF reference
 below: candidates advance in lock-step; a checkpoint happens when every live candidate (not finished,
-not rejected) has ``c * every_tokens`` tokens. There the live ones are scored and all but the best
+not rejected) has reached checkpoint ``c``: ``c * every_tokens`` tokens, or, with ``every_steps``, ``c *
+every_steps`` complete steps (lines; ``every_tokens`` then caps the wait for a candidate that writes no
+newline). There the live ones are scored and all but the best
 ``keep_count(live)`` are rejected (ties go to the lower index). Once ``keep_count(live) == live`` no later
 checkpoint can reject anything, so none is held. Finished candidates get a final score on their
 complete answer; the answer to return is the best finished candidate.
@@ -36,6 +38,8 @@ class EarlyRejectionConfig(BaseModel):
 
     prm: str = Field("verifier:arithmetic", description="PRM name or directory that scores partial candidates.")
     every_tokens: int = Field(64, ge=1, description="Tokens generated between checkpoints.")
+    every_steps: int | None = Field(None, ge=1, description="Checkpoint every this many complete steps (lines) "
+                                    "instead; a candidate also reaches a checkpoint after c * every_tokens tokens.")
     keep: float = Field(0.5, gt=0, le=1, description="Fraction of live candidates kept at each checkpoint.")
     min_keep: int = Field(1, ge=1, description="Never keep fewer live candidates than this.")
     mode: Literal["reject", "beam"] = Field("reject", description="'reject' stops weak candidates; 'beam' would also "
@@ -44,9 +48,20 @@ class EarlyRejectionConfig(BaseModel):
     def keep_count(self, live: int) -> int:
         return min(live, max(self.min_keep, math.ceil(self.keep * live - 1e-9)))
 
+    def reached(self, checkpoint: int, tokens: int, steps: int) -> bool:
+        """Whether a candidate with ``tokens`` generated, ``steps`` of them complete, is at checkpoint ``checkpoint``."""
+        if self.every_steps is not None and steps >= checkpoint * self.every_steps:
+            return True
+        return tokens >= checkpoint * self.every_tokens
+
     def rejects_at(self, live: int) -> bool:
         """Whether a checkpoint with ``live`` candidates rejects any (monotone: false for all smaller ``live``)."""
         return self.keep_count(live) < live
+
+
+def newline_ids(tokenizer) -> frozenset[int]:
+    """Token ids whose text holds a newline: a step ends with each (counts steps without decoding)."""
+    return frozenset(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
 
 
 def survivors(scores: list[float], count: int) -> list[int]:
@@ -81,10 +96,12 @@ class ReferenceResult:
 @torch.no_grad()
 def reference_generate(model, prompt_ids: list[int], prompt_text: str, n: int, config: EarlyRejectionConfig,
                        prm: ProcessRewardModel, decode: Callable[[list[int]], str], max_tokens: int,
-                       eos_ids: set[int], sample: Callable[[int, torch.Tensor], int]) -> ReferenceResult:
+                       eos_ids: set[int], sample: Callable[[int, torch.Tensor], int],
+                       newlines: frozenset[int] = frozenset()) -> ReferenceResult:
     """The oracle: ``n`` candidates on a plain HF causal LM, one KV cache each, rejected by the rule above.
 
-    ``sample(candidate, logits[vocab])`` picks each next token (the test passes vLLM's seeded sampler).
+    ``sample(candidate, logits[vocab])`` picks each next token (the test passes vLLM's seeded sampler);
+    ``newlines`` (:func:`newline_ids`) counts steps for ``every_steps``.
     """
     import copy
 
@@ -93,14 +110,19 @@ def reference_generate(model, prompt_ids: list[int], prompt_text: str, n: int, c
     last_logits = [prefill.logits[0, -1].float() for _ in range(n)]
     cands = [Candidate() for _ in range(n)]
     result = ReferenceResult(cands)
-    ckpt = config.every_tokens
+    ckpt = 1
+    steps = [0] * n
+
+    def at_ckpt(i: int) -> bool:
+        return config.reached(ckpt, len(cands[i].tokens), steps[i])
+
     while True:
         live = [i for i, c in enumerate(cands) if not c.finished and c.rejected_at is None]
         if not live:
             return result
         if not config.rejects_at(len(live)):
             ckpt = None  # no checkpoint can reject any more: run to the end
-        if ckpt is not None and all(len(cands[i].tokens) >= ckpt for i in live):
+        if ckpt is not None and all(at_ckpt(i) for i in live):
             result.checkpoints += 1
             scores = []
             for i in live:
@@ -112,13 +134,14 @@ def reference_generate(model, prompt_ids: list[int], prompt_text: str, n: int, c
             for i in live:
                 if i not in kept:
                     cands[i].rejected_at = result.checkpoints
-            ckpt += config.every_tokens
+            ckpt += 1
             continue
         for i in live:
-            if ckpt is not None and len(cands[i].tokens) >= ckpt:
+            if ckpt is not None and at_ckpt(i):
                 continue  # held at the checkpoint until the others reach it
             token = sample(i, last_logits[i])
             cands[i].tokens.append(token)
+            steps[i] += token in newlines
             if token in eos_ids or len(cands[i].tokens) >= max_tokens:
                 cands[i].finished = True
                 cands[i].score, f = prm.score(prompt_text, decode(cands[i].tokens), final=True)
