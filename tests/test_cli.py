@@ -104,6 +104,6 @@ def test_serve_passes_early_rejection_defaults_to_the_server():
 
     text = rejection_default('{"every_tokens": 16}', "verifier:arithmetic")
     _, env = serve_command("/m", [], early_rejection=text, prm="verifier:arithmetic")
-    assert json.loads(env["FLOPWISE_EARLY_REJECTION"]) == {"prm": "verifier:arithmetic", "every_tokens": 16, "keep": 0.5,
+    assert json.loads(env["FLOPWISE_EARLY_REJECTION"]) == {"prm": "verifier:arithmetic", "every_tokens": 16, "every_steps": None, "keep": 0.5,
                                                            "min_keep": 1, "mode": "reject"}
     assert env["FLOPWISE_PRM"] == "verifier:arithmetic"
