@@ -30,8 +30,7 @@ TRAIN_SEED = 1000  # the benchmark draws from seed 7; the PRM script from 2000
 
 
 def encode(tok, problem) -> tuple[list[int], int]:
-    prompt = tok.apply_chat_template(problem.messages(), tokenize=False, add_generation_prompt=True)
-    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    p_ids = tok(problem.prompt(tok), add_special_tokens=False)["input_ids"]
     a_ids = tok(problem.solution() + tok.eos_token, add_special_tokens=False)["input_ids"]
     return p_ids + a_ids, len(p_ids)
 

@@ -80,6 +80,6 @@ class FlopwiseCpuPlatform(CpuPlatform):
 
             try:
                 resolve(parse_config(extra["early_rejection"]).prm)
-            except ValueError as e:  # pydantic's ValidationError, PRMError and bad JSON are all ValueErrors
-                raise VLLMValidationError(f"early_rejection: {e}", parameter="early_rejection",
+            except ValueError as e:  # ConfigError and PRMError name the field; bad JSON is a ValueError too
+                raise VLLMValidationError(f"vllm_xargs: {e}", parameter="early_rejection",
                                           value=extra["early_rejection"]) from None

@@ -19,23 +19,23 @@ import logging
 from dataclasses import dataclass, field
 
 from flopwise.prm import ProcessRewardModel, load_prm
-from flopwise.techniques.early_rejection import EarlyRejectionConfig
+from flopwise.techniques import early_rejection as er
 
 logger = logging.getLogger("flopwise")
 
 
-def parse_config(raw) -> EarlyRejectionConfig | None:
+def parse_config(raw) -> er.EarlyRejectionConfig | None:
     """The config the front end forwarded in ``extra_args`` (a JSON string, or a dict from Python callers)."""
     if raw is None:
         return None
-    return EarlyRejectionConfig.model_validate(json.loads(raw) if isinstance(raw, str) else raw)
+    return er.parse_config(json.loads(raw) if isinstance(raw, str) else raw)
 
 
 @dataclass
 class Rejection:
     """Early-rejection state of one group (one client request's n candidates)."""
 
-    config: EarlyRejectionConfig
+    config: er.EarlyRejectionConfig
     next_checkpoint: int = 1  # 1-based index of the checkpoint the candidates are heading for
     active: bool = True
     started: int = 0

@@ -29,7 +29,6 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
-from pydantic import ValidationError
 
 from flopwise.budget import FIELD, STOP_REASON, BudgetError, BudgetState, Policy, next_step_bound, parse_budget
 from flopwise.ledger import Breakdown, FlopModel
@@ -159,7 +158,7 @@ class FlopwiseScheduler(Scheduler):
         extra = request.sampling_params.extra_args if request.sampling_params else None
         try:
             return parse_config((extra or {}).get(er.FIELD))
-        except (ValidationError, ValueError) as e:  # the front end validates first
+        except ValueError as e:  # the front end validates first
             logger.warning("request %s: ignoring early_rejection: %s", request.request_id, e)
             return None
 

@@ -16,8 +16,6 @@ import logging
 import os
 from http import HTTPStatus
 
-from pydantic import ValidationError
-
 from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
 from flopwise.prm import PRMError
@@ -129,16 +127,9 @@ def rejection_config(request) -> er.EarlyRejectionConfig | None:
         if not default or (request.n or 1) < 2:
             return None
         raw = json.loads(default)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{er.FIELD} must be an object, got {type(raw).__name__}", er.FIELD)
-    if "prm" not in raw and os.environ.get(DEFAULT_PRM_ENV):
+    if isinstance(raw, dict) and "prm" not in raw and os.environ.get(DEFAULT_PRM_ENV):
         raw = {**raw, "prm": os.environ[DEFAULT_PRM_ENV]}
-    try:
-        config = er.EarlyRejectionConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join([er.FIELD, *map(str, err["loc"])])
-        raise ValueError(f"{field}: {err['msg']} (got {err.get('input')!r})", field) from None
+    config = er.parse_config(raw)  # its ConfigError carries (message, field) like the errors below
     if (request.n or 1) < 2:
         raise ValueError(f"{er.FIELD} needs n > 1 candidates to choose from, got n={request.n or 1}", "n")
     if config.mode == "beam":

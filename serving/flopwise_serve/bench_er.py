@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flopwise import hw
 from flopwise.reasoning import chain_sum, generator_dir, is_correct
+from flopwise.techniques.early_rejection import survivors
 
 PROBLEM_SEED = 7
 READING = ['', 'Reading: answers here are short (about 35 tokens) next to a ~45-token prompt that every candidate prefills', '(vLLM shares only full KV blocks between n>1 children), so rejected candidates still pay most of their cost;', "the paper's gains come from long reasoning. With the exact verifier, keeping a fixed fraction also rejects", 'candidates that are right so far, which costs accuracy at small keep. The learned head PRM re-reads prompt +', 'answer at every checkpoint (no KV reuse), so its passes cost more than the generation they prune. Accuracy on', '40 problems moves by about +-0.08 between runs (no per-request seeds: see the session notes).']
@@ -37,10 +38,11 @@ def _settings(args) -> list[dict]:
 def _best(output, stats: dict) -> str | None:
     """Text of the best finished candidate by final PRM score (ties to the lower index)."""
     scores = {int(k): v for k, v in stats.get("scores", {}).items()}
-    done = [c for c in output.outputs if c.stop_reason != "early_rejection" and c.index in scores]
+    done = sorted((c for c in output.outputs if c.stop_reason != "early_rejection" and c.index in scores),
+                  key=lambda c: c.index)
     if not done:
         return None
-    return min(done, key=lambda c: (-scores[c.index], c.index)).text
+    return done[survivors([scores[c.index] for c in done], 1)[0]].text
 
 
 def run_setting(llm, prompts, problems, setting: dict, prm: str, max_tokens: int) -> dict:
@@ -72,14 +74,13 @@ def run_setting(llm, prompts, problems, setting: dict, prm: str, max_tokens: int
 def run_stock(model: str, prompts, problems, n: int, max_tokens: int, block_size: int) -> dict:
     """Stock vLLM (its own scheduler) best-of-n: wall time, and accuracy with the verifier choosing after."""
     import gc
-    import os
 
     from vllm import LLM, SamplingParams
 
     from flopwise.prm import load_prm
+    from flopwise_serve.offline import set_engine_env
 
-    for key, value in hw.engine_env({}).items():  # the small KV cache and core settings flopwise's LLM uses
-        os.environ.setdefault(key, value)
+    set_engine_env()  # the small KV cache and core settings flopwise's LLM uses
     llm = LLM(model, dtype=hw.default_dtype(), enforce_eager=True, max_model_len=512, block_size=block_size, seed=0,
               scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
@@ -89,8 +90,9 @@ def run_stock(model: str, prompts, problems, n: int, max_tokens: int, block_size
     verifier = load_prm("verifier:arithmetic")
     correct = 0
     for problem, out in zip(problems, outs):
-        scored = [(verifier.score("", c.text, final=True)[0], c.index, c.text) for c in out.outputs]
-        correct += is_correct(problem, min(scored, key=lambda x: (-x[0], x[1]))[2])
+        cands = sorted(out.outputs, key=lambda c: c.index)
+        best = survivors([verifier.score("", c.text, final=True)[0] for c in cands], 1)[0]
+        correct += is_correct(problem, cands[best].text)
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
@@ -128,7 +130,7 @@ def _prompts(model: str, problems) -> tuple[list[str], list]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    return [tok.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True) for p in problems], problems
+    return [p.prompt(tok) for p in problems], problems
 
 
 def write_report(args, model, problems, rows, stock, versions) -> None:
@@ -151,18 +153,16 @@ def write_report(args, model, problems, rows, stock, versions) -> None:
         "| PRM | setting | accuracy | TFLOP | of which PRM | vs best-of-8 FLOPs | wall s | vs best-of-8 wall | tokens | rejected |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    refs = {r["prm"]: r for r in rows if r["name"] == "best-of-8"}  # what each PRM's settings are compared with
     for prm in dict.fromkeys(r["prm"] for r in rows):
-        ref = next((r for r in rows if r["prm"] == prm and r["name"] == "best-of-8"), None)
+        ref = refs.get(prm)
         for r in (r for r in rows if r["prm"] == prm):
             fc = f"{ref['flops'] / r['flops']:.2f}x fewer" if ref else "-"
             wc = f"{ref['wall_s'] / r['wall_s']:.2f}x faster" if ref else "-"
             lines.append(f"| {prm} | {r['name']} | {r['accuracy']:.3f} | {r['flops'] / 1e12:.2f} | {r['prm_flops'] / 1e12:.2f} "
                          f"| {fc} | {r['wall_s']:.1f} | {wc} | {r['tokens']} | {r['rejected']} |")
     lines += ["", "Target (issue): >= 4x fewer FLOPs and >= 2.5x less wall time than best-of-8 at equal or better accuracy.", ""]
-    for prm in dict.fromkeys(r["prm"] for r in rows):
-        ref = next((r for r in rows if r["prm"] == prm and r["name"] == "best-of-8"), None)
-        if ref is None:
-            continue
+    for prm, ref in refs.items():
         ok = [r for r in rows if r["prm"] == prm and r["name"].startswith("ER") and r["accuracy"] >= ref["accuracy"]]
         best = max(ok, key=lambda r: ref["flops"] / r["flops"], default=None)
         if best is None:

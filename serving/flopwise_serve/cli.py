@@ -133,10 +133,8 @@ def rejection_default(text: str | None, prm: str | None) -> str | None:
     """``--early-rejection`` as canonical JSON, checked like a request's field; raises ValueError naming it."""
     import json
 
-    from pydantic import ValidationError
-
     from flopwise.prm import PRMError, resolve
-    from flopwise.techniques.early_rejection import EarlyRejectionConfig
+    from flopwise.techniques.early_rejection import parse_config
 
     if prm is not None:
         try:
@@ -147,15 +145,10 @@ def rejection_default(text: str | None, prm: str | None) -> str | None:
         return None
     try:
         raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("must be a JSON object")
-        raw = {"prm": prm, **raw} if prm and "prm" not in raw else raw
-        config = EarlyRejectionConfig.model_validate(raw)
+        raw = {"prm": prm, **raw} if prm and isinstance(raw, dict) and "prm" not in raw else raw
+        config = parse_config(raw, prefix="")
         resolve(config.prm)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ValueError(f"--early-rejection: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    except (ValueError, PRMError) as e:
+    except (ValueError, PRMError) as e:  # bad JSON, a bad field (named), an unknown PRM
         raise ValueError(f"--early-rejection: {e}") from None
     return config.model_dump_json()
 

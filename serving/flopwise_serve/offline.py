@@ -21,6 +21,12 @@ from flopwise.ledger import FlopModel
 from flopwise.models import resolve_model
 
 
+def set_engine_env() -> None:
+    """flopwise's engine environment for small CPUs (small KV cache, no reserved core), unless already set."""
+    for key, value in hw.engine_env({}).items():
+        os.environ.setdefault(key, value)
+
+
 def flops_of(output) -> dict | None:
     """``usage.flops`` of one finished ``RequestOutput`` (all its candidates), as the server reports it."""
     from flopwise_vllm.payload import PAYLOAD_KEY, FlopTotals
@@ -41,8 +47,7 @@ class LLM:
 
         from flopwise_vllm import SCHEDULER_CLS
 
-        for key, value in hw.engine_env({}).items():
-            os.environ.setdefault(key, value)
+        set_engine_env()
         self.model = resolve_model(model)
         self.ledger = FlopModel.from_pretrained(self.model)
         engine_kwargs.setdefault("scheduler_cls", SCHEDULER_CLS)

@@ -34,7 +34,7 @@ def sample_traces(generator: str, problems: int, n: int, max_tokens: int) -> lis
     llm = LLM(generator, max_model_len=512, block_size=32, seed=0)
     tok = llm.get_tokenizer()
     probs = chain_sum(problems, seed=TRACE_SEED)
-    prompts = [tok.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True) for p in probs]
+    prompts = [p.prompt(tok) for p in probs]
     outs = llm.engine.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens), use_tqdm=False)
     llm.shutdown()
     return [(prompts[i], c.text, i) for i, out in enumerate(outs) for c in out.outputs]

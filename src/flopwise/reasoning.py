@@ -24,6 +24,10 @@ class Problem:
     def messages(self) -> list[dict]:
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Compute {self.expression}."}]
 
+    def prompt(self, tokenizer) -> str:
+        """The chat prompt text the generator is given (and trained on)."""
+        return tokenizer.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
+
     def solution(self) -> str:
         """The reference step-per-line solution (left to right, as chain_sum's expressions are)."""
         first, *rest = self.expression.split(" ", 1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flopwise.prm import ProcessRewardModel
 
@@ -59,6 +59,29 @@ class EarlyRejectionConfig(BaseModel):
         return self.keep_count(live) < live
 
 
+class ConfigError(ValueError):
+    """A bad ``early_rejection`` object; ``field`` is the path of the offending field."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message, field)
+        self.message, self.field = message, field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_config(raw, prefix: str = FIELD) -> EarlyRejectionConfig:
+    """Validate an ``early_rejection`` object; the error names the field as ``prefix.field`` (``field`` if no prefix)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'the value'} must be an object, got {type(raw).__name__}", prefix)
+    try:
+        return EarlyRejectionConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join([*([prefix] if prefix else []), *map(str, err["loc"])])
+        raise ConfigError(f"{field}: {err['msg']} (got {err.get('input')!r})", field) from None
+
+
 def newline_ids(tokenizer) -> frozenset[int]:
     """Token ids whose text holds a newline: a step ends with each (counts steps without decoding)."""
     return frozenset(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
@@ -87,10 +110,6 @@ class ReferenceResult:
     @property
     def rejected(self) -> list[int]:
         return [i for i, c in enumerate(self.candidates) if c.rejected_at is not None]
-
-    def best(self) -> int | None:
-        done = [i for i, c in enumerate(self.candidates) if c.finished]
-        return min(done, key=lambda i: (-self.candidates[i].score, i)) if done else None
 
 
 @torch.no_grad()
