@@ -15,6 +15,11 @@ logger = logging.getLogger("flopwise")
 
 SUPPORTED_VLLM = "0.32.0"
 SCHEDULER_CLS = "flopwise_vllm.scheduler.FlopwiseScheduler"
+# Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual).
+VISUAL_MODELS = {
+    "LlavaForConditionalGeneration": "flopwise_vllm.visual:FlopwiseLlava",
+    "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual:FlopwiseQwen2VL",
+}
 # Plugin names as declared in pyproject.toml; VLLM_PLUGINS must list them all once it is set.
 PLUGIN_NAMES = ("flopwise", "flopwise_serving")
 
@@ -86,5 +91,11 @@ def register() -> None:
     if _registered:
         return
     check_surfaces()
+    from vllm import ModelRegistry
+
+    # Visual token dropping: LLaVA / Qwen2-VL subclasses (stock behaviour at visual_keep 1), by
+    # "module:Class" string so nothing heavy is imported until vLLM loads one of these models.
+    for arch, cls in VISUAL_MODELS.items():
+        ModelRegistry.register_model(arch, cls)
     _registered = True
     logger.debug("flopwise plugin registered (vLLM %s)", _vllm_version())

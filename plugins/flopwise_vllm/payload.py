@@ -37,8 +37,13 @@ class FlopTotals:
         return bool(self.groups)
 
     def usage(self) -> dict[str, float]:
-        """``usage.flops``: prompt, completion, total and dense_baseline summed over groups (+ budget if set)."""
+        """``usage.flops``: prompt, completion, total and dense_baseline summed over groups (+ budget if set,
+        + vision and language for image requests)."""
         usage = {k: sum(p[k] for p in self.groups.values()) for k in USAGE_FIELDS}
+        vision = sum(p.get("components", {}).get("vision", 0) for p in self.groups.values())
+        if vision:  # image requests: the vision tower's part and the language model's (PRM scoring excluded)
+            usage["vision"] = vision
+            usage["language"] = usage["prompt"] + usage["completion"] - vision
         if any("prm" in p for p in self.groups.values()):
             usage["prm"] = sum(p.get("prm", 0) for p in self.groups.values())
         budgets = [p["budget"] for p in self.groups.values() if "budget" in p]

@@ -189,9 +189,19 @@ class FlopwiseScheduler(Scheduler):
             cost, baseline = self.step_cost(request, start + in_prompt, in_output, 1)
             self._book(request, charge.completion, cost, baseline.total)
 
+    def vision_cost(self, feature) -> Breakdown:
+        """One image's encoder run. With visual dropping the placeholders are the kept tokens only: LLaVA
+        prunes before its projector (so charge the projector on those), Qwen2-VL after its whole grid."""
+        tokens = feature.mm_position.length
+        data = feature.data
+        if data is not None and "image_grid_thw" in data:
+            merge = self.flop_model.spec.vision.merge
+            tokens = int(data["image_grid_thw"].data.prod()) // (merge * merge)
+        return self.flop_model.vision(1, tokens_per_image=tokens)
+
     def charge_encoder(self, request: Request, input_ids: list[int]) -> None:
         for i in input_ids:
-            cost = self.flop_model.vision(1, tokens_per_image=request.mm_features[i].mm_position.length)
+            cost = self.vision_cost(request.mm_features[i])
             self._book(request, self.flop_charges[request.request_id].prompt, cost, cost.total)
 
     # -- budgets -------------------------------------------------------------------------------------
@@ -199,8 +209,8 @@ class FlopwiseScheduler(Scheduler):
         """Encoder cost of images whose placeholders the request has not reached yet (a safe bound)."""
         if self.flop_model.spec.vision is None or not request.mm_features:
             return 0
-        return sum(self.flop_model.vision(1, tokens_per_image=f.mm_position.length).total
-                   for f in request.mm_features if f.mm_position.offset + f.mm_position.length > request.num_computed_tokens)
+        return sum(self.vision_cost(f).total for f in request.mm_features
+                   if f.mm_position.offset + f.mm_position.length > request.num_computed_tokens)
 
     def gate_budgets(self) -> None:
         """Finish every request whose next step might cross its group's remaining budget."""

@@ -1,5 +1,5 @@
 """flopwise additions to vLLM's OpenAI chat and completion handlers: ``flop_budget``, ``early_rejection``,
-``usage.flops``, metrics.
+``visual_keep`` / ``visual_drop``, ``usage.flops``, metrics.
 
 The handlers vLLM builds are re-classed (in :mod:`flopwise_vllm.endpoint`) to subclasses that mix in
 the classes below, so every vLLM feature (streaming, tools, n>1, logprobs) stays vLLM's own. The mixins
@@ -20,6 +20,7 @@ from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
 from flopwise.prm import PRMError
 from flopwise.techniques import early_rejection as er
+from flopwise.techniques import visual_drop as vd
 from flopwise_vllm import metrics
 from flopwise_vllm.payload import FlopTotals, take_payload
 from flopwise_vllm.platform import max_budget
@@ -28,6 +29,9 @@ logger = logging.getLogger("flopwise")
 DEFAULT_BUDGET_ENV = "FLOPWISE_DEFAULT_FLOP_BUDGET"
 DEFAULT_REJECTION_ENV = "FLOPWISE_EARLY_REJECTION"  # JSON object: the server's default early_rejection
 DEFAULT_PRM_ENV = "FLOPWISE_PRM"  # the server's default early_rejection.prm
+# Set by flopwise serve when it adds --trust-request-mm-kwargs itself (so that visual_keep reaches the
+# processor): per-request mm_processor_kwargs other than flopwise's stay refused, as stock vLLM refuses them.
+MM_KWARGS_GATE_ENV = "FLOPWISE_MM_KWARGS_GATE"
 _UNSET = object()
 
 
@@ -146,6 +150,38 @@ def rejection_config(request) -> er.EarlyRejectionConfig | None:
     return config
 
 
+def visual_options(request) -> vd.VisualDropConfig | None:
+    """Move ``visual_keep`` / ``visual_drop`` (top level, or in ``vllm_xargs``) into ``mm_processor_kwargs``,
+    validated; raises ValueError(message, field)."""
+    extra = request.model_extra or {}
+    xargs = dict(request.vllm_xargs or {})
+    mm = dict(request.mm_processor_kwargs or {})
+    found = {}
+    for name in vd.KEEP_FIELD, vd.METHOD_FIELD:
+        for where, source in ((name, extra), (f"vllm_xargs.{name}", xargs), (f"mm_processor_kwargs.{name}", mm)):
+            if source.get(name) is not None:
+                found.setdefault(name, (where, source[name]))
+    others = sorted(set(mm) - {vd.KEEP_FIELD, vd.METHOD_FIELD})
+    if others and os.environ.get(MM_KWARGS_GATE_ENV):
+        raise ValueError(f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
+                         f"--trust-request-mm-kwargs to allow them); {vd.KEEP_FIELD} and {vd.METHOD_FIELD} are "
+                         "accepted", "mm_processor_kwargs")
+    if not found:
+        return None
+    keep = found.get(vd.KEEP_FIELD, (None, None))
+    method = found.get(vd.METHOD_FIELD, (None, None))
+    try:
+        config = vd.parse_options(keep[1], method[1])
+    except vd.VisualDropError as e:
+        where = keep[0] if e.field == vd.KEEP_FIELD else method[0]
+        raise ValueError(str(e), where or e.field) from None
+    xargs.pop(vd.KEEP_FIELD, None)
+    xargs.pop(vd.METHOD_FIELD, None)
+    request.vllm_xargs = xargs or None
+    request.mm_processor_kwargs = {**mm, vd.KEEP_FIELD: config.keep, vd.METHOD_FIELD: config.method}
+    return config
+
+
 class BudgetMixin:
     """Validates ``flop_budget`` and refuses what cannot fit, before any response (or stream) starts.
 
@@ -158,6 +194,17 @@ class BudgetMixin:
         if model is None:
             model = self.__dict__["_flopwise_model"] = FlopModel.from_pretrained(self.model_config.hf_config.to_dict())
         return model
+
+    def _apply_visual(self, request):
+        """Before rendering: ``visual_keep`` / ``visual_drop`` into ``mm_processor_kwargs``; an error or None."""
+        try:
+            config = visual_options(request)
+        except ValueError as e:
+            return _bad_request(self, e.args[0], e.args[1])
+        if config is not None and self._flop_model().spec.vision is None:
+            return _bad_request(self, f"{vd.KEEP_FIELD}: {self._flop_model().spec.architecture} takes no images",
+                                vd.KEEP_FIELD)
+        return None
 
     def _apply_options(self, request, engine_inputs):
         """Validate ``flop_budget`` and ``early_rejection`` and forward them in ``vllm_xargs``; an error or None."""
@@ -196,6 +243,9 @@ class FlopChatMixin(BudgetMixin):
     """Mixed in front of ``OpenAIServingChat``."""
 
     async def render_chat_request(self, request):
+        error = self._apply_visual(request)
+        if error is not None:
+            return error
         result = await super().render_chat_request(request)
         if isinstance(result, tuple):
             error = self._apply_options(request, result[1])
@@ -219,6 +269,9 @@ class FlopCompletionMixin(BudgetMixin):
     """Mixed in front of ``OpenAIServingCompletion``."""
 
     async def render_completion_request(self, request):
+        error = self._apply_visual(request)
+        if error is not None:
+            return error
         result = await super().render_completion_request(request)
         if isinstance(result, list):
             error = self._apply_options(request, result)

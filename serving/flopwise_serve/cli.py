@@ -90,16 +90,33 @@ def flop_amount(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number of FLOPs, got {text!r}") from None
 
 
+def keep_ratio(text: str) -> float:
+    from flopwise.techniques.visual_drop import VisualDropError, parse_options
+
+    try:
+        return parse_options(text).keep
+    except VisualDropError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _visual_methods() -> list[str]:
+    from flopwise.techniques.visual_drop import method_names
+
+    return method_names()
+
+
 def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000,
                   default_budget: float | None = None, max_budget: float | None = None,
                   policy: str = "fifo", early_rejection: str | None = None,
-                  prm: str | None = None) -> tuple[list[str], dict[str, str]]:
+                  prm: str | None = None, visual_keep: float | None = None,
+                  visual_drop: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment ``flopwise serve`` runs."""
     from flopwise.budget import Policy
     from flopwise_vllm import PLUGIN_NAMES, SCHEDULER_CLS
     from flopwise_vllm.platform import MAX_BUDGET_ENV
     from flopwise_vllm.scheduler import POLICY_ENV
-    from flopwise_vllm.serving import DEFAULT_BUDGET_ENV, DEFAULT_PRM_ENV, DEFAULT_REJECTION_ENV
+    from flopwise.techniques.visual_drop import DEFAULT_KEEP_ENV, DEFAULT_METHOD_ENV
+    from flopwise_vllm.serving import DEFAULT_BUDGET_ENV, DEFAULT_PRM_ENV, DEFAULT_REJECTION_ENV, MM_KWARGS_GATE_ENV
 
     argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", host, "--port", str(port)]
     if not _has_flag(vllm_args, "--scheduler-cls"):
@@ -110,8 +127,16 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
         argv += ["--dtype", hw.default_dtype()]
     if not _has_flag(vllm_args, "--enforce-eager", "--no-enforce-eager"):
         argv += ["--enforce-eager"]  # compile warm-up takes minutes on small CPUs
+    # Per-request visual_keep travels in mm_processor_kwargs, which vLLM refuses unless trusted; flopwise
+    # trusts it and gates the other keys itself, unless the operator passed the flag (then vLLM's rules).
+    gate = not _has_flag(vllm_args, "--trust-request-mm-kwargs")
+    if gate:
+        argv += ["--trust-request-mm-kwargs"]
     argv += vllm_args
     env = hw.engine_env()
+    env.pop(MM_KWARGS_GATE_ENV, None)
+    if gate:
+        env[MM_KWARGS_GATE_ENV] = "1"
     # Endpoint plugins load only when named in VLLM_PLUGINS, which then also allow-lists general plugins.
     named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(named + list(PLUGIN_NAMES)))
@@ -121,7 +146,9 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
             env[key] = repr(float(value))
         else:
             env.pop(key, None)
-    for key, value in ((DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm)):
+    for key, value in ((DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm),
+                       (DEFAULT_KEEP_ENV, None if visual_keep is None else repr(float(visual_keep))),
+                       (DEFAULT_METHOD_ENV, visual_drop)):
         if value is not None:
             env[key] = value
         else:
@@ -165,7 +192,7 @@ def cmd_serve(args, rest: list[str]) -> int:
     except (LedgerError, ModelNotFound, ValueError) as e:
         return fail("serve", str(e))
     argv, env = serve_command(model, rest, args.host, args.port, args.default_flop_budget, args.max_flop_budget,
-                              args.budget_policy, rejection, args.prm)
+                              args.budget_policy, rejection, args.prm, args.visual_keep, args.visual_drop)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # same PID: whoever started `flopwise serve` can stop the server
     return 0
@@ -223,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--early-rejection", default=None, metavar="JSON",
                    help='default early_rejection for n>1 requests, e.g. \'{"every_tokens": 32, "keep": 0.5}\'')
     s.add_argument("--prm", default=None, help="default PRM for early rejection (verifier:arithmetic, head:chain-sum, or a dir)")
+    s.add_argument("--visual-keep", type=keep_ratio, default=None,
+                   help="VLMs: fraction of each image's tokens the LM sees, for requests that set no visual_keep")
+    s.add_argument("--visual-drop", choices=_visual_methods(), default=None,
+                   help="VLMs: how image tokens are chosen (default visiondrop)")
 
     bt = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
                         description="Any option not listed here is passed to the vLLM engine unchanged.")

@@ -100,5 +100,43 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
 
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
-        train_tokenizer(str(tmp))
+        tokenizer = train_tokenizer(str(tmp))
+        if family in ("llava", "qwen2-vl"):
+            save_processor(family, config, tokenizer, str(tmp))
+        if family == "llava":
+            legacy_llava_keys(str(tmp))
     return out_dir
+
+
+def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
+    """The image processor + processor vLLM needs to serve a tiny VLM (LLaVA: CLIP preprocessing;
+    Qwen2-VL: images resized to 56..224 px per side, so 4..64 LM tokens)."""
+    import transformers
+
+    if family == "llava":
+        side = config.vision_config.image_size
+        image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": side},
+                                                          crop_size={"height": side, "width": side})
+        processor = transformers.LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, image_token="<image>",
+            num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+    else:
+        image_processor = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
+        processor = transformers.Qwen2VLProcessor(
+            image_processor=image_processor, video_processor=transformers.Qwen2VLVideoProcessor(),
+            tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    processor.save_pretrained(out_dir)
+
+
+def legacy_llava_keys(out_dir: str) -> None:
+    """transformers 5 saves the CLIP tower without its ``vision_model.`` level; vLLM (like every LLaVA
+    checkpoint on the hub) expects it, and transformers reads both."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(out_dir, "model.safetensors")
+    state = load_file(path)
+    prefix = "vision_tower."
+    state = {(prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix) and ".vision_model." not in k else k): v
+             for k, v in state.items()}
+    save_file(state, path, metadata={"format": "pt"})

@@ -1,0 +1,133 @@
+"""Train the tiny LLaVA the visual-dropping benchmark measures quality on (no real VLM weights offline).
+
+    .venv/bin/python bench/scripts/train_tiny_vlm.py --out bench/models/tiny-llava-shapes
+
+A CLIP-style tower (256x256 images, 16-pixel patches: 256 image tokens) and a 4-layer Llama trained from
+scratch on :mod:`flopwise.shapes` (colour of a square, number of squares). Half the batches show the
+language model a random subset of the image tokens (5-100%), so the model reads any number of image
+tokens; which tokens survive at test time is then up to the dropping method, and random subsets in
+training favour none of them. About 10 minutes on 2 CPU cores; the weights (bf16, ~8 MB) are committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+
+import torch
+
+from flopwise import shapes
+from flopwise.hf import tiny
+
+CONFIG = dict(
+    architectures=["LlavaForConditionalGeneration"], model_type="llava", image_token_index=3,
+    vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    tie_word_embeddings=False,
+    text_config=dict(tiny._TEXT, model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=32),
+    vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=2, image_size=256, patch_size=16, projection_dim=64),
+)
+
+
+def build(out_dir: str):
+    import transformers
+
+    cfg = json.loads(json.dumps(CONFIG))
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    config.architectures = cfg["architectures"]
+    model = transformers.LlavaForConditionalGeneration(config)
+    tokenizer = tiny.train_tokenizer(out_dir)
+    tiny.save_processor("llava", config, tokenizer, out_dir)  # writes processor files (no weights yet)
+    return model, tokenizer, transformers.AutoProcessor.from_pretrained(out_dir)
+
+
+def pieces(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the image in the rendered chat prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "<image>" + question}], tokenize=False,
+                                         add_generation_prompt=True)
+    before, after = text.split("<image>")
+    return tokenizer.encode(before), tokenizer.encode(after)
+
+
+def batch_loss(model, processor, tokenizer, examples, keep: float | None, rng: random.Random):
+    pv = processor.image_processor([e.pil() for e in examples], return_tensors="pt")["pixel_values"]
+    feats = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[CONFIG["vision_feature_layer"]][:, 1:]
+    n = feats.shape[1]
+    if keep is not None:  # the same count per batch, a different random subset per example
+        k = max(1, round(keep * n))
+        idx = torch.stack([torch.sort(torch.tensor(rng.sample(range(n), k))).values for _ in examples])
+        feats = torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[-1]))
+    image = model.model.multi_modal_projector(feats)
+    before, after = pieces(tokenizer, examples[0].question)
+    targets = [tokenizer.encode(" " + e.answer) + [tokenizer.eos_token_id] for e in examples]
+    width = max(map(len, targets))
+    embed = model.get_input_embeddings()
+    rows, labels = [], []
+    for img, tgt in zip(image, targets):
+        tail = after + tgt + [tokenizer.pad_token_id] * (width - len(tgt))
+        rows.append(torch.cat([embed(torch.tensor(before)), img, embed(torch.tensor(tail))]))
+        lab = [-100] * (len(before) + img.shape[0] + len(after)) + tgt + [-100] * (width - len(tgt))
+        labels.append(lab)
+    return model(inputs_embeds=torch.stack(rows), labels=torch.tensor(labels)).loss
+
+
+@torch.no_grad()
+def accuracy(model, processor, tokenizer, examples) -> float:
+    from flopwise.hf import visual
+    from flopwise.techniques.visual_drop import VisualDropConfig
+
+    text = lambda e: tokenizer.apply_chat_template([{"role": "user", "content": "<image>" + e.question}],  # noqa: E731
+                                                   tokenize=False, add_generation_prompt=True)
+    ok = 0
+    for e in examples:
+        ids = visual.generate(model, processor, e.pil(), text(e), VisualDropConfig(keep=1.0), max_tokens=4)
+        ok += shapes.is_correct(tokenizer.decode(ids, skip_special_tokens=True), e)
+    return ok / len(examples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/models/tiny-llava-shapes")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from flopwise.atomic import atomic_directory
+
+    with atomic_directory(args.out) as tmp:
+        model, tokenizer, processor = build(str(tmp))
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        rng = random.Random(args.seed)
+        t0 = time.time()
+        for step in range(args.steps):
+            kind = "colour" if step % 2 == 0 else "count"
+            examples = [shapes.make(rng, kind) for _ in range(args.batch)]
+            keep = rng.uniform(0.04, 1.0) if rng.random() < 0.5 else None
+            loss = batch_loss(model, processor, tokenizer, examples, keep, rng)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 25 == 0 or step == args.steps - 1:
+                print(f"step {step:4d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+        model.eval()
+        acc = accuracy(model, processor, tokenizer, shapes.dataset(64, seed=10_000))
+        print(f"held-out accuracy at full tokens: {acc:.3f}")
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tiny.legacy_llava_keys(str(tmp))
+        (tmp / "TRAINING.json").write_text(json.dumps({**vars(args), "heldout_accuracy_full": acc,
+                                                       "seconds": round(time.time() - t0)}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Visual token dropping in vLLM: LLaVA-1.5 and Qwen2-VL subclasses that prune image tokens before the LM.
+
+``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``
+at the classes below (``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are
+the stock models. Three places must agree on how many tokens an image keeps, and they all call
+:func:`flopwise.techniques.visual_drop.keep_count`:
+
+* the processor (front end) writes that many placeholder tokens, so the prefill really shrinks, and
+  carries ``visual_keep`` / ``visual_drop`` to the model as two per-image fields next to the pixels
+  (they are part of the request's ``mm_processor_kwargs``, hence of the multimodal cache key);
+* ``embed_multimodal`` (worker) keeps exactly that many tokens, chosen by
+  :func:`flopwise.techniques.visual_drop.keep_indices`;
+* Qwen2-VL only: ``get_mrope_input_positions`` gives the kept tokens their original grid positions. It
+  runs when a request is added, before the encoder, so Qwen2-VL scores tokens on the patch embeddings
+  (one cheap linear layer, recomputed identically in both places) rather than on the encoder's output.
+
+LLaVA scores the vision tower's features at the layer the projector reads, CLS token included, and
+projects only the kept tokens. LLaVA-NeXT (anyres tiles) and videos are not pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaImageEmbeddingInputs,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptReplacement
+
+from flopwise.techniques import visual_drop as vd
+
+_FIELDS = (vd.KEEP_FIELD, vd.METHOD_FIELD)
+
+
+def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropConfig:
+    """The request's options merged over ``--mm-processor-kwargs`` and the env defaults; errors name the field."""
+    merged = processor.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+    return vd.parse_options(merged.get(vd.KEEP_FIELD), merged.get(vd.METHOD_FIELD))
+
+
+class _DropFields:
+    """Processor mix-in: strip the options before the HF processor, add them back as per-image fields."""
+
+    image_key = "pixel_values"  # one row per image
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        config = request_config(self, hf_kwargs)
+        # Request-level options stop here; server-level ones (--mm-processor-kwargs) reach the HF processor,
+        # which ignores unknown keywords with a warning.
+        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in _FIELDS})
+        n = self._num_images(out)
+        if n:
+            out[vd.KEEP_FIELD] = torch.full((n,), config.keep, dtype=torch.float64)
+            out[vd.METHOD_FIELD] = torch.full((n,), config.code, dtype=torch.int64)
+        return out
+
+    def _num_images(self, out) -> int:
+        pv = out.get(self.image_key)
+        return 0 if pv is None else len(pv)
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[vd.KEEP_FIELD] = MultiModalFieldConfig.batched("image")
+        fields[vd.METHOD_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = []
+        for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            if update.modality == "image" and isinstance(update, PromptReplacement):
+                update = PromptReplacement("image", update.target, _kept_replacement(update.replacement, out_mm_kwargs))
+            updates.append(update)
+        return updates
+
+
+def _kept_replacement(full, out_mm_kwargs):
+    def replacement(item_idx: int):
+        tokens = full(item_idx)
+        keep = _item_keep(out_mm_kwargs, item_idx)
+        return tokens if keep is None else tokens[: vd.keep_count(len(tokens), keep)]
+
+    return replacement
+
+
+def _item_keep(out_mm_kwargs, item_idx: int) -> float | None:
+    items = out_mm_kwargs.get("image") if hasattr(out_mm_kwargs, "get") else None
+    if not items:
+        return None
+    elem = items[item_idx].get(vd.KEEP_FIELD)
+    return None if elem is None else float(elem.data)
+
+
+def _configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
+    keep, code = kwargs.pop(vd.KEEP_FIELD, None), kwargs.pop(vd.METHOD_FIELD, None)
+    if keep is None:
+        return None
+    keep, code = _flat(keep), _flat(code)
+    return [vd.VisualDropConfig.from_code(float(k), int(c)) for k, c in zip(keep, code)]
+
+
+def _flat(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1).tolist()
+    return [v for item in x for v in _flat(item)] if isinstance(x, (list, tuple)) else [x]
+
+
+# -- LLaVA-1.5 -------------------------------------------------------------------------------------
+class FlopwiseLlavaProcessor(_DropFields, LlavaMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(FlopwiseLlavaProcessor, info=LlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class FlopwiseLlava(LlavaForConditionalGeneration):
+    def embed_multimodal(self, **kwargs):
+        configs = _configs(kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if configs is None or isinstance(image_input, LlavaImageEmbeddingInputs) or not any(c.active for c in configs):
+            return self._process_image_input(image_input)
+        # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy "default").
+        feats = self.vision_tower(image_input["pixel_values"], feature_select_strategy="full")
+        has_cls = self.config.vision_feature_select_strategy == "default"
+        out = []
+        for f, config in zip(feats, configs):
+            cls, tokens = (f[0], f[1:]) if has_cls else (None, f)
+            idx = vd.keep_indices(tokens, config, cls)
+            out.append(self.multi_modal_projector(tokens[idx]))
+        return out
+
+
+# -- Qwen2-VL --------------------------------------------------------------------------------------
+class FlopwiseQwen2VLProcessor(_DropFields, Qwen2VLMultiModalProcessor):
+    image_key = "image_grid_thw"  # pixel_values is flat: all images' patches in one tensor
+
+
+@MULTIMODAL_REGISTRY.register_processor(FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
+    def kept_tokens(self, pixel_values: torch.Tensor, config: vd.VisualDropConfig) -> torch.Tensor:
+        """Indices of one image's LM tokens to keep, scored on its merged patch embeddings."""
+        merge = self.visual.spatial_merge_size
+        visual = self.visual
+        with torch.no_grad():  # vLLM normalises pixels inside the tower (the processor ships them raw)
+            emb = visual.patch_embed(visual.input_norm(pixel_values.to(device=visual.device), visual.dtype))
+        return vd.keep_indices(vd.group_mean(emb, merge), config)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if not any(f.modality == "image" and f.data is not None and vd.KEEP_FIELD in f.data for f in mm_features):
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        merge = self.config.vision_config.spatial_merge_size
+        images = []
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if f.modality != "image":
+                raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
+            t, h, w = f.data["image_grid_thw"].data.tolist()
+            config = vd.VisualDropConfig.from_code(float(f.data[vd.KEEP_FIELD].data), int(f.data[vd.METHOD_FIELD].data))
+            kept = None
+            if config.active:
+                kept = self.kept_tokens(f.data["pixel_values"].data, config).cpu().numpy()
+            images.append((f.mm_position.offset, (t, h // merge, w // merge), kept))
+        pos, delta = vd.mrope_positions(len(input_tokens), images)
+        return torch.from_numpy(np.ascontiguousarray(pos)), delta
+
+    def embed_multimodal(self, **kwargs):
+        configs = _configs(kwargs)
+        if configs is None or not any(c.active for c in configs):
+            return super().embed_multimodal(**kwargs)
+        if "pixel_values_videos" in kwargs or "video_embeds" in kwargs:
+            raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input["type"] != "pixel_values":
+            raise ValueError(f"{vd.KEEP_FIELD} < 1 needs pixel inputs, not precomputed image embeddings")
+        embeds = self._process_image_input(image_input)
+        grid = image_input["image_grid_thw"]
+        pixels = image_input["pixel_values"].split(grid.prod(-1).tolist())
+        return tuple(e if not c.active else e[self.kept_tokens(p, c).to(e.device)]
+                     for e, p, c in zip(embeds, pixels, configs))

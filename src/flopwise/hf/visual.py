@@ -1,0 +1,96 @@
+"""The transformers reference for visual token dropping: the oracle the vLLM models are tested against.
+
+Readable on purpose: one image, the features the engine scores, :func:`keep_indices`, a prompt with
+only the kept placeholders, and a cache-free greedy loop (every step re-runs the whole sequence, so
+positions are explicit and nothing depends on generation helpers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flopwise.techniques import visual_drop as vd
+
+
+@dataclass
+class Prepared:
+    embeds: torch.Tensor  # [1, L, H] prompt embeddings with the kept image tokens in place
+    positions: torch.Tensor | None  # [3, 1, L] M-RoPE positions (Qwen2-VL) or None (1-D positions)
+    delta: int  # decode position = index + delta (M-RoPE); 0 otherwise
+    image_tokens: int  # image tokens the language model sees
+    kept: torch.Tensor  # indices kept of the image's tokens
+
+
+def _splice(ids: torch.Tensor, image_id: int, kept: int) -> torch.Tensor:
+    """Drop all but the first ``kept`` of the (single) run of image placeholders in ``ids``."""
+    where = (ids == image_id).nonzero().flatten()
+    drop = where[kept:]
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[drop] = False
+    return ids[mask]
+
+
+@torch.no_grad()
+def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -> Prepared:
+    """Embed ``prompt`` (a rendered chat prompt with one image placeholder) with ``image`` at ``config``."""
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    dtype = model.dtype
+    arch = model.config.architectures[0]
+    if arch == "LlavaForConditionalGeneration":
+        cfg = model.config
+        image_id = cfg.image_token_index
+        hidden = model.model.vision_tower(inputs["pixel_values"].to(dtype), output_hidden_states=True).hidden_states
+        feats = hidden[cfg.vision_feature_layer][0]
+        cls, tokens = (feats[0], feats[1:]) if cfg.vision_feature_select_strategy == "default" else (None, feats)
+        kept = vd.keep_indices(tokens, config, cls)
+        image_embeds = model.model.multi_modal_projector(tokens[kept])
+        positions, delta = None, 0
+    elif arch == "Qwen2VLForConditionalGeneration":
+        cfg = model.config
+        image_id = cfg.image_token_id
+        visual = model.model.visual
+        pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
+        out = visual(pixels, grid_thw=grid)
+        full = out.pooler_output if hasattr(out, "pooler_output") else out
+        kept = vd.keep_indices(vd.group_mean(visual.patch_embed(pixels), visual.spatial_merge_size), config)
+        image_embeds = full[kept]
+    else:
+        raise ValueError(f"visual token dropping supports LLaVA and Qwen2-VL, not {arch}")
+    ids = _splice(ids, image_id, len(kept))
+    embeds = model.get_input_embeddings()(ids[None]).clone()
+    embeds[0, ids == image_id] = image_embeds.to(embeds.dtype)
+    if arch == "Qwen2VLForConditionalGeneration":
+        merge = visual.spatial_merge_size
+        t, h, w = grid[0].tolist()
+        offset = int((ids == image_id).nonzero()[0])
+        pos, delta = vd.mrope_positions(len(ids), [(offset, (t, h // merge, w // merge), kept.numpy())])
+        positions = torch.from_numpy(pos.copy()).long()[:, None, :]
+    return Prepared(embeds, positions, delta, len(kept), kept)
+
+
+@torch.no_grad()
+def greedy(model, prepared: Prepared, max_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding from prepared prompt embeddings; stops at ``eos_token_id`` (included, as vLLM returns it)."""
+    embeds, out = prepared.embeds, []
+    embed = model.get_input_embeddings()
+    for _ in range(max_tokens):
+        kwargs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long)}
+        if prepared.positions is not None:
+            n = embeds.shape[1] - prepared.positions.shape[-1]
+            tail = torch.arange(n) + prepared.positions.shape[-1] + prepared.delta
+            kwargs["position_ids"] = torch.cat([prepared.positions, tail.expand(3, 1, n)], dim=-1)
+        logits = model(**kwargs).logits[0, -1]
+        token = int(logits.argmax())
+        out.append(token)
+        if token == eos_token_id:
+            break
+        embeds = torch.cat([embeds, embed(torch.tensor([[token]])).to(embeds.dtype)], dim=1)
+    return out
+
+
+def generate(model, processor, image, prompt: str, config: vd.VisualDropConfig, max_tokens: int = 8) -> list[int]:
+    prepared = prepare(model, processor, image, prompt, config)
+    return greedy(model, prepared, max_tokens, processor.tokenizer.eos_token_id)

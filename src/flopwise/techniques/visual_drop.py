@@ -1,0 +1,174 @@
+"""Visual token dropping: keep the most important image tokens before the language model sees them.
+
+Shared mechanics for the scoring methods (one per file: :mod:`.visiondrop`, :mod:`.cls_attention`,
+:mod:`.uniform_drop`): the request options (``visual_keep``, ``visual_drop``), how many tokens a keep
+ratio leaves, top-k selection in the original order, and Qwen2-VL's M-RoPE positions for the tokens
+kept. Kept tokens keep their original positions (their place in the image grid), so dropping changes
+which tokens the language model attends to, never where they are.
+
+Both the vLLM models (:mod:`flopwise_vllm.visual`) and the transformers reference
+(:mod:`flopwise.hf.visual`) call :func:`keep_indices`, so the two paths keep the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+KEEP_FIELD = "visual_keep"
+METHOD_FIELD = "visual_drop"
+DEFAULT_KEEP_ENV = "FLOPWISE_VISUAL_KEEP"  # the server's default keep ratio
+DEFAULT_METHOD_ENV = "FLOPWISE_VISUAL_DROP"  # the server's default method
+DEFAULT_METHOD = "visiondrop"
+
+
+@dataclass(frozen=True)
+class VisualScorer(ABC):
+    """Scores image tokens; the highest-scoring ``keep_count`` survive."""
+
+    @abstractmethod
+    def score(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens`` [N, D] features of one image (``query`` [D]: its CLS token, if the tower has one) -> [N]."""
+
+
+METHODS: dict[str, type[VisualScorer]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    _load()
+    return sorted(METHODS)
+
+
+def get_scorer(name: str) -> VisualScorer:
+    _load()
+    if name not in METHODS:
+        raise ValueError(f"unknown {METHOD_FIELD} method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]()
+
+
+def _load() -> None:
+    from flopwise.techniques import cls_attention, uniform_drop, visiondrop  # noqa: F401  (they register)
+
+
+class VisualDropConfig(BaseModel):
+    """A request's visual token dropping: ``visual_keep`` and ``visual_drop`` (server defaults otherwise)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep: float = Field(1.0, gt=0, le=1, description="Fraction of each image's tokens the language model sees.")
+    method: str = Field(DEFAULT_METHOD, description="Scoring method: visiondrop, cls_attention, uniform or random.")
+
+    @property
+    def active(self) -> bool:
+        return self.keep < 1.0
+
+    @property
+    def code(self) -> int:
+        """The method as a number: the engine carries it as a tensor next to the pixels."""
+        return method_names().index(self.method)
+
+    @classmethod
+    def from_code(cls, keep: float, code: int) -> VisualDropConfig:
+        return cls(keep=keep, method=method_names()[int(code)])
+
+
+class VisualDropError(ValueError):
+    """A bad visual-dropping option; ``field`` names it (``visual_keep`` or ``visual_drop``)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message, field)
+        self.message, self.field = message, field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_options(keep=None, method=None) -> VisualDropConfig:
+    """Validate a request's ``visual_keep`` / ``visual_drop``, falling back on the server defaults (env)."""
+    if keep is None:
+        keep = os.environ.get(DEFAULT_KEEP_ENV) or 1.0
+    if method is None:
+        method = os.environ.get(DEFAULT_METHOD_ENV) or DEFAULT_METHOD
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, str)):
+        raise VisualDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD)
+    try:
+        keep = float(keep)
+    except ValueError:
+        raise VisualDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD) from None
+    if not (0 < keep <= 1) or math.isnan(keep):
+        raise VisualDropError(f"{KEEP_FIELD} must be in (0, 1], got {keep}", KEEP_FIELD)
+    if method not in method_names():
+        raise VisualDropError(f"unknown {METHOD_FIELD} method {method!r}; choose one of {', '.join(method_names())}",
+                              METHOD_FIELD)
+    try:
+        return VisualDropConfig(keep=keep, method=method)
+    except ValidationError as e:  # unreachable after the checks above; kept so the error still names the field
+        raise VisualDropError(e.errors()[0]["msg"], KEEP_FIELD) from None
+
+
+def keep_count(tokens: int, keep: float) -> int:
+    """Tokens kept of an image of ``tokens`` tokens: ``round(keep * tokens)``; zero is an error."""
+    if keep >= 1.0:
+        return tokens
+    k = int(math.floor(keep * tokens + 0.5))
+    if k < 1:
+        raise VisualDropError(f"{KEEP_FIELD}={keep} keeps no token of an image of {tokens} tokens "
+                              f"(needs at least {1 / tokens:.4f})", KEEP_FIELD)
+    return k
+
+
+def keep_indices(tokens: torch.Tensor, config: VisualDropConfig, query: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (ascending) of the tokens ``config`` keeps of one image's features ``tokens`` [N, D]."""
+    n = tokens.shape[0]
+    k = keep_count(n, config.keep)
+    if k == n:
+        return torch.arange(n, device=tokens.device)
+    scores = get_scorer(config.method).score(tokens.float(), None if query is None else query.float())
+    # A stable sort (ties to the lower index) so the HF reference and the engine agree on ties.
+    order = torch.sort(-scores, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def group_mean(patches: torch.Tensor, merge: int) -> torch.Tensor:
+    """Qwen2-VL orders patches so that each ``merge``x``merge`` window (one LM token) is contiguous."""
+    return patches.reshape(-1, merge * merge, patches.shape[-1]).mean(1)
+
+
+def mrope_positions(input_len: int, images: list[tuple[int, tuple[int, int, int], np.ndarray | None]]) -> tuple[np.ndarray, int]:
+    """Qwen2-VL's 3-D M-RoPE positions of a prompt whose images keep only some tokens.
+
+    ``images``: (placeholder offset, LM grid (t, h, w), kept indices or None for all) per image, in order.
+    Text runs get consecutive positions after the highest one so far (vLLM's and transformers' rule);
+    image tokens get their (t, h, w) grid coordinates, so a kept token sits where it was in the image.
+    Returns positions [3, input_len] and the delta decode positions add (``max + 1 - input_len``).
+    """
+    parts: list[np.ndarray] = []
+    st = 0
+    for offset, (t, h, w), kept in images:
+        start = parts[-1].max() + 1 if parts else 0
+        text = offset - st
+        parts.append(np.broadcast_to(np.arange(text), (3, text)) + start)
+        grid = np.indices((t, h, w)).reshape(3, -1) + text + start
+        if kept is not None:
+            grid = grid[:, kept]
+        parts.append(grid)
+        st = offset + grid.shape[1]
+    if st < input_len:
+        start = parts[-1].max() + 1 if parts else 0
+        parts.append(np.broadcast_to(np.arange(input_len - st), (3, input_len - st)) + start)
+    pos = np.concatenate(parts, axis=1).reshape(3, -1)
+    return pos, int(pos.max() + 1 - input_len)

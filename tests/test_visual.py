@@ -1,0 +1,269 @@
+"""Visual token dropping: the scoring methods, vLLM's LLaVA / Qwen2-VL subclasses against the transformers
+reference (same kept tokens, same greedy answers), the ledger's charge, and ``flopwise serve`` over HTTP."""
+
+import base64
+import gc
+import io
+import random
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from flopwise import shapes
+from flopwise.ledger import FlopModel
+from flopwise.techniques import visual_drop as vd
+
+FAMILIES = ["llava", "qwen2-vl"]
+PLACEHOLDER = {"llava": "<image>", "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+# -- the methods (plain torch) --------------------------------------------------------------------
+def _features(n=64, d=16, salient=(5, 17, 40)):
+    """A flat background with a few distinct tokens: what a content-aware method must keep."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((n, d), 0.5) + 0.01 * torch.randn(n, d, generator=g)
+    for i in salient:
+        x[i] = 3 * torch.randn(d, generator=g)
+    return x, sorted(salient)
+
+
+@pytest.mark.parametrize("method", ["visiondrop", "cls_attention"])
+def test_content_methods_keep_the_distinct_tokens(method):
+    x, salient = _features()
+    query = x[salient].mean(0) if method == "cls_attention" else None  # a CLS token that has seen the objects
+    kept = vd.keep_indices(x, vd.VisualDropConfig(keep=3 / 64, method=method), query)
+    assert kept.tolist() == salient
+
+
+def test_baselines_are_content_blind_and_deterministic():
+    x, _ = _features()
+    uniform = vd.keep_indices(x, vd.VisualDropConfig(keep=0.25, method="uniform"))
+    assert uniform.tolist() == list(range(0, 64, 4))  # evenly spread, every 4th token
+    r1 = vd.keep_indices(x, vd.VisualDropConfig(keep=0.25, method="random"))
+    r2 = vd.keep_indices(torch.randn(64, 16), vd.VisualDropConfig(keep=0.25, method="random"))
+    assert r1.tolist() == r2.tolist() and len(set(r1.tolist())) == 16  # same subset whatever the content
+    assert r1.tolist() == sorted(r1.tolist()) and r1.tolist() != uniform.tolist()
+
+
+@pytest.mark.parametrize("keep,n,expected", [(1.0, 576, 576), (0.25, 576, 144), (0.05, 576, 29), (0.05, 16, 1),
+                                             (0.5, 7, 4)])
+def test_keep_count(keep, n, expected):
+    assert vd.keep_count(n, keep) == expected
+
+
+def test_a_ratio_that_keeps_no_token_is_an_error_naming_the_field():
+    with pytest.raises(vd.VisualDropError, match="visual_keep=0.01 keeps no token of an image of 16 tokens") as e:
+        vd.keep_count(16, 0.01)
+    assert e.value.field == "visual_keep"
+
+
+@pytest.mark.parametrize("keep,method,field", [(0, None, "visual_keep"), (1.5, None, "visual_keep"),
+                                               ("abc", None, "visual_keep"), (True, None, "visual_keep"),
+                                               (float("nan"), None, "visual_keep"), (0.5, "nope", "visual_drop")])
+def test_bad_options_name_the_field(keep, method, field):
+    with pytest.raises(vd.VisualDropError) as e:
+        vd.parse_options(keep, method)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_server_defaults_come_from_the_environment(monkeypatch):
+    assert vd.parse_options() == vd.VisualDropConfig(keep=1.0, method="visiondrop")
+    monkeypatch.setenv(vd.DEFAULT_KEEP_ENV, "0.25")
+    monkeypatch.setenv(vd.DEFAULT_METHOD_ENV, "uniform")
+    assert vd.parse_options() == vd.VisualDropConfig(keep=0.25, method="uniform")
+    assert vd.parse_options(0.5, "random") == vd.VisualDropConfig(keep=0.5, method="random")
+
+
+def test_mrope_positions_keep_each_token_at_its_grid_place():
+    # 5 text tokens, a 1x2x3 image grid, 4 text tokens.
+    full, delta = vd.mrope_positions(15, [(5, (1, 2, 3), None)])
+    grid = np.indices((1, 2, 3)).reshape(3, -1) + 5
+    assert (full[:, :5] == np.arange(5)).all() and (full[:, 5:11] == grid).all()
+    assert (full[:, 11:] == np.arange(4) + 8).all() and delta == 12 - 15  # text resumes after the grid's max (7)
+    kept, delta = vd.mrope_positions(11, [(5, (1, 2, 3), np.array([0, 4]))])
+    assert (kept[:, 5:7] == grid[:, [0, 4]]).all()
+    # text resumes after the highest position emitted, here the kept (5, 6, 6)
+    assert (kept[:, 7:] == np.arange(4) + 7).all() and delta == 11 - 11
+
+
+# -- vLLM against the transformers reference --------------------------------------------------------
+def _image(seed: int, size: int = 112):
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
+
+
+def _prompt(tokenizer, family: str, question: str = "what is it?") -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER[family] + question}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request, tiny_model):
+    import transformers
+
+    from flopwise_serve.offline import LLM
+
+    path = tiny_model(request.param)
+    arch = transformers.AutoConfig.from_pretrained(path).architectures[0]
+    ref = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    llm = LLM(path, dtype="float32", max_model_len=1024, max_num_seqs=8, limit_mm_per_prompt={"image": 1})
+    yield request.param, llm, ref, processor, FlopModel.from_pretrained(path)
+    llm.shutdown()
+    del llm
+    gc.collect()
+
+
+def _request(family, processor, image, keep=None, method=None, question="what is it?"):
+    req = {"prompt": _prompt(processor.tokenizer, family, question), "multi_modal_data": {"image": image}}
+    kwargs = {k: v for k, v in ((vd.KEEP_FIELD, keep), (vd.METHOD_FIELD, method)) if v is not None}
+    if kwargs:
+        req["mm_processor_kwargs"] = kwargs
+    return req
+
+
+def _greedy(n=6):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def _full_tokens(family, processor, image) -> int:
+    out = processor(text=[PLACEHOLDER[family]], images=[image], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
+    return int((out["input_ids"] == image_id).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["visiondrop", "cls_attention", "uniform", "random"])
+def test_engine_keeps_what_the_reference_keeps(vlm, method):
+    family, llm, ref, processor, _ = vlm
+    from flopwise.hf import visual
+
+    image = _image(1)
+    full = _full_tokens(family, processor, image)
+    baseline = llm.generate([_request(family, processor, image)], _greedy())[0]
+    for keep in (0.5, 0.25):
+        config = vd.VisualDropConfig(keep=keep, method=method)
+        expected = visual.greedy(ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6)
+        out = llm.generate([_request(family, processor, image, keep, method)], _greedy())[0]
+        assert list(out.outputs[0].token_ids) == expected, (keep, method)
+        # the prompt really shrank: the placeholders are the kept tokens only
+        assert len(out.prompt_token_ids) == len(baseline.prompt_token_ids) - full + vd.keep_count(full, keep)
+
+
+@pytest.mark.slow
+def test_mixed_ratios_in_one_batch_and_prefix_cache(vlm):
+    """Requests with different keep ratios batched together (and the same image seen again, so its
+    encoder output and prompt blocks may come from caches) answer as each does alone in the reference."""
+    family, llm, ref, processor, _ = vlm
+    from flopwise.hf import visual
+
+    image, other = _image(2), _image(3)
+    plan = [(image, 1.0), (image, 0.25), (other, 0.5), (image, 0.25), (image, 1.0), (other, 0.5)]
+    outs = llm.generate([_request(family, processor, im, keep) for im, keep in plan], _greedy())
+    for (im, keep), out in zip(plan, outs):
+        config = vd.VisualDropConfig(keep=keep)
+        expected = visual.greedy(ref, visual.prepare(ref, processor, im, _prompt(processor.tokenizer, family), config), 6)
+        assert list(out.outputs[0].token_ids) == expected, keep
+
+
+@pytest.mark.slow
+def test_ledger_charges_the_whole_encoder_and_only_kept_tokens(vlm):
+    from flopwise_serve.offline import flops_of
+
+    family, llm, _, processor, ledger = vlm
+    image = _image(4)
+    full = _full_tokens(family, processor, image)
+    outs = llm.generate([_request(family, processor, image, keep) for keep in (1.0, 0.25)], _greedy(4))
+    usages = [flops_of(o) for o in outs]
+    for out, usage, keep in zip(outs, usages, (1.0, 0.25)):
+        P, kept = len(out.prompt_token_ids), vd.keep_count(full, keep)
+        # LLaVA prunes before its projector (projector on kept tokens); Qwen2-VL merges the whole grid first.
+        vision = ledger.vision(1, tokens_per_image=kept if family == "llava" else full).total
+        lm = ledger.forward(P, start=0, logits=1).total + ledger.forward(3, start=P, logits=3).total
+        assert usage["vision"] == vision
+        assert usage["language"] == lm
+        assert usage["total"] == vision + lm
+    if family == "qwen2-vl":
+        assert usages[0]["vision"] == usages[1]["vision"]  # the encoder ran on the whole image both times
+    assert len(outs[0].prompt_token_ids) - len(outs[1].prompt_token_ids) == full - vd.keep_count(full, 0.25)
+    assert usages[1]["language"] < usages[0]["language"]
+
+
+# -- flopwise serve over HTTP --------------------------------------------------------------------------
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm_server(request, tiny_model, tmp_path_factory):
+    from openai import OpenAI
+
+    from flopwise_serve.launch import flopwise_server, free_port
+
+    path = tiny_model(request.param)
+    log = tmp_path_factory.mktemp("vlm-server") / "server.log"
+    with flopwise_server(path, free_port(), log, ["--max-model-len", "1024", "--limit-mm-per-prompt", '{"image": 1}',
+                                                  "--visual-drop", "visiondrop"]) as s:
+        client = OpenAI(base_url=f"{s.url}/v1", api_key="none", timeout=60, max_retries=0)
+        client.model_id = client.models.list().data[0].id
+        yield request.param, s, client
+
+
+def _chat(family, client, image, **extra):
+    content = [{"type": "image_url", "image_url": {"url": _data_url(image)}}, {"type": "text", "text": "what is it?"}]
+    return client.chat.completions.create(model=client.model_id, messages=[{"role": "user", "content": content}],
+                                          max_tokens=4, temperature=0, extra_body=extra or None)
+
+
+@pytest.mark.slow
+def test_served_image_requests_use_fewer_tokens_and_report_vision_flops(vlm_server):
+    family, _, client = vlm_server
+    image = _image(5, 224)
+    full = _chat(family, client, image)
+    cut = _chat(family, client, image, visual_keep=0.25)
+    via_mm = _chat(family, client, image, mm_processor_kwargs={"visual_keep": 0.25})
+    via_xargs = _chat(family, client, image, vllm_xargs={"visual_keep": 0.25})
+    assert cut.usage.prompt_tokens < full.usage.prompt_tokens
+    assert via_mm.usage.prompt_tokens == via_xargs.usage.prompt_tokens == cut.usage.prompt_tokens
+    assert via_mm.choices[0].message.content == cut.choices[0].message.content
+    f, c = full.usage.flops, cut.usage.flops
+    assert f["vision"] > 0 and f["language"] > 0 and f["total"] == f["vision"] + f["language"]
+    assert c["language"] < f["language"] and c["total"] < f["total"]
+
+
+BAD = [({"visual_keep": 0}, "visual_keep"), ({"visual_keep": 1.5}, "visual_keep"), ({"visual_keep": "x"}, "visual_keep"),
+       ({"visual_drop": "nope"}, "visual_drop"), ({"vllm_xargs": {"visual_keep": -1}}, "vllm_xargs.visual_keep"),
+       ({"mm_processor_kwargs": {"visual_keep": 2}}, "mm_processor_kwargs.visual_keep"),
+       ({"mm_processor_kwargs": {"max_pixels": 10**8}}, "mm_processor_kwargs")]
+
+
+@pytest.mark.slow
+def test_bad_visual_options_are_400_naming_the_field(vlm_server):
+    family, s, client = vlm_server
+    url = _data_url(_image(6))
+    for extra, param in BAD:
+        body = {"model": client.model_id, "max_tokens": 2,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "hi"}]}], **extra}
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400, (extra, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and param.split(".")[-1] in err["message"], (extra, err)
+    # a ratio that keeps no token of this image, and an image that does not decode
+    for extra, content_url, needle in (({"visual_keep": 0.001}, url, "visual_keep"),
+                                       ({}, "data:image/png;base64,bm90IGFuIGltYWdl", "image")):
+        body = {"model": client.model_id, "max_tokens": 2, **extra,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": content_url}},
+                                                          {"type": "text", "text": "hi"}]}]}
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]["message"].lower()
+    assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+    assert _chat(family, client, _image(7), visual_keep=0.5).choices[0].finish_reason == "length"
