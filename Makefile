@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection clean
+.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection bench-visual clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ bench-early-rejection: model
 	@test -f "$$($(BIN)/python -c 'from flopwise.reasoning import generator_dir; print(generator_dir())')/config.json" \
 		|| $(BIN)/python bench/scripts/finetune_chain_sum.py
 	$(BIN)/flopwise bench early-rejection
+
+bench-visual: setup
+	@test -f bench/models/tiny-llava-shapes/config.json || $(BIN)/python bench/scripts/train_tiny_vlm.py
+	$(BIN)/flopwise bench visual
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -53,6 +53,16 @@ def test_keep_count(keep, n, expected):
     assert vd.keep_count(n, keep) == expected
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.25, 0.1, 0.05, 0.33])
+def test_tokens_before_inverts_keep_count_from_below(keep):
+    for n in range(1, 700):
+        kept = vd.keep_count(n, keep) if round(keep * n) >= 1 else None
+        if kept is not None:
+            first = vd.tokens_before(kept, keep)
+            assert first <= n and vd.keep_count(first, keep) == kept
+            assert int(keep * (first - 1) + 0.5) < kept  # one fewer token would keep fewer
+
+
 def test_a_ratio_that_keeps_no_token_is_an_error_naming_the_field():
     with pytest.raises(vd.VisualDropError, match="visual_keep=0.01 keeps no token of an image of 16 tokens") as e:
         vd.keep_count(16, 0.01)
@@ -213,6 +223,7 @@ def vlm_server(request, tiny_model, tmp_path_factory):
                                                   "--visual-drop", "visiondrop"]) as s:
         client = OpenAI(base_url=f"{s.url}/v1", api_key="none", timeout=60, max_retries=0)
         client.model_id = client.models.list().data[0].id
+        client.ledger = FlopModel.from_pretrained(path)
         yield request.param, s, client
 
 
@@ -236,6 +247,37 @@ def test_served_image_requests_use_fewer_tokens_and_report_vision_flops(vlm_serv
     f, c = full.usage.flops, cut.usage.flops
     assert f["vision"] > 0 and f["language"] > 0 and f["total"] == f["vision"] + f["language"]
     assert c["language"] < f["language"] and c["total"] < f["total"]
+
+
+@pytest.mark.slow
+def test_budget_admission_counts_the_tower_and_the_kept_tokens(vlm_server):
+    family, _, client = vlm_server
+    image, ledger = _image(8, 224), client.ledger
+    full, cut = _chat(family, client, image), _chat(family, client, image, visual_keep=0.25)
+    vision = cut.usage.flops["vision"]
+    need = {name: ledger.forward(r.usage.prompt_tokens, logits=1).total + vision for name, r in (("full", full), ("cut", cut))}
+    if family == "llava":  # its projector runs on the kept tokens only
+        need["full"] += full.usage.flops["vision"] - vision
+    budget = (need["full"] + need["cut"]) // 2  # covers the cut request's prefill, not the full one's
+    with pytest.raises(Exception) as e:
+        _chat(family, client, image, flop_budget=budget)
+    assert e.value.status_code == 400 and "1 image" in str(e.value)
+    ok = _chat(family, client, image, visual_keep=0.25, flop_budget=budget)
+    assert ok.usage.flops["total"] <= budget and ok.usage.flops["budget"] == budget
+    # Admission's own figure: Qwen2-VL's grid is no longer visible in the front end, so it takes the fewest
+    # tokens that leave these placeholders at keep 0.25 (never refusing what fits; the engine gate does the rest).
+    placeholders = cut.usage.prompt_tokens - (full.usage.prompt_tokens - _full_tokens_served(family, full, cut))
+    tower = vd.tokens_before(placeholders, 0.25) if family == "qwen2-vl" else placeholders
+    admission = ledger.forward(cut.usage.prompt_tokens, logits=1).total + ledger.vision(1, tokens_per_image=tower).total
+    with pytest.raises(Exception) as e:
+        _chat(family, client, image, visual_keep=0.25, flop_budget=admission - 1)
+    assert e.value.status_code == 400 and f"needs {admission:,} FLOPs" in str(e.value)
+
+
+def _full_tokens_served(family, full, cut) -> int:
+    """Image tokens of the full request, from the prompt lengths of a full and a keep-0.25 request."""
+    diff = full.usage.prompt_tokens - cut.usage.prompt_tokens  # = n - round(n / 4)
+    return next(n for n in range(diff, 4 * diff + 4) if n - vd.keep_count(n, 0.25) == diff)
 
 
 BAD = [({"visual_keep": 0}, "visual_keep"), ({"visual_keep": 1.5}, "visual_keep"), ({"visual_keep": "x"}, "visual_keep"),

@@ -150,6 +150,19 @@ def rejection_config(request) -> er.EarlyRejectionConfig | None:
     return config
 
 
+def image_tokens(engine_input, whole_grid: bool, keep: float) -> list[int]:
+    """LM tokens behind each image of a rendered request, for admission. LLaVA projects only the kept
+    tokens: its placeholders. Qwen2-VL's tower runs on the whole grid, which the front end no longer sees
+    (the pixels went to the processor cache): the fewest tokens that ``keep`` leaves at that many
+    placeholders, so admission never refuses what fits; the engine's per-step gate bounds the rest."""
+    if not isinstance(engine_input, dict) or engine_input.get("type") != "multimodal":
+        return []
+    places = engine_input.get("mm_placeholders", {}).get("image", [])
+    if not whole_grid:
+        return [p.length for p in places]
+    return [vd.tokens_before(p.length, keep) for p in places]
+
+
 def visual_options(request) -> vd.VisualDropConfig | None:
     """Move ``visual_keep`` / ``visual_drop`` (top level, or in ``vllm_xargs``) into ``mm_processor_kwargs``,
     validated; raises ValueError(message, field)."""
@@ -229,8 +242,11 @@ class BudgetMixin:
         try:
             budget = parse_budget(raw, max_budget())
             model = self._flop_model()
+            whole_grid = model.spec.vision is not None and model.spec.vision.kind == "qwen2_vl"
+            keep = vd.parse_options((request.mm_processor_kwargs or {}).get(vd.KEEP_FIELD)).keep
             for engine_input in engine_inputs:
-                check_admission(model, budget, self._extract_prompt_len(engine_input))
+                images = image_tokens(engine_input, whole_grid, keep)
+                check_admission(model, budget, self._extract_prompt_len(engine_input), images)
         except (BudgetError, LedgerError) as e:
             metrics.refused()
             return _bad_request(self, str(e), FIELD)

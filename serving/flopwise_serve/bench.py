@@ -562,4 +562,8 @@ def run_bench(args) -> int:
         from flopwise_serve.bench_er import bench_early_rejection
 
         return bench_early_rejection(args)
+    if args.bench == "visual":
+        from flopwise_serve.bench_visual import bench_visual
+
+        return bench_visual(args)
     raise SystemExit(f"flopwise bench: error: unknown benchmark {args.bench!r}")

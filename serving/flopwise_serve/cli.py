@@ -304,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--decode-tokens", type=positive_int, default=128)
     bc.add_argument("--out", default="bench/results/convert.md")
 
+    bv = bsub.add_parser("visual", help="visual token dropping vs stock vLLM on the tiny shapes LLaVA: FLOPs, wall, accuracy")
+    bv.add_argument("--model", default=None, help="LLaVA model dir (default: bench/models/tiny-llava-shapes)")
+    bv.add_argument("--questions", type=positive_int, default=64)
+    bv.add_argument("--keep", type=keep_ratio, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
+    bv.add_argument("--methods", choices=_visual_methods(), nargs="+", default=["visiondrop", "cls_attention", "uniform", "random"])
+    bv.add_argument("--reps", type=positive_int, default=2, help="timed runs per setting (the fastest counts)")
+    bv.add_argument("--batch", type=positive_int, default=64, help="max_num_seqs of both engines")
+    bv.add_argument("--out", default="bench/results/visual.md")
+
     cv = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")
     cvsub = cv.add_subparsers(dest="transform", required=True)
     sq = cvsub.add_parser("sqa", help="fewer query heads (Sparse Query Attention) for Llama/Mistral/Qwen2/Qwen3")

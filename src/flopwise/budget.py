@@ -15,6 +15,7 @@ charge never exceeds the budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -39,16 +40,19 @@ def parse_budget(value, maximum: float | None = None, field: str = FIELD) -> flo
     return float(value)
 
 
-def admission_cost(model: FlopModel, prompt_tokens: int) -> int:
-    """The least a request can cost: its prefill with one row of logits."""
-    return model.forward(prompt_tokens, start=0, logits=1).total
+def admission_cost(model: FlopModel, prompt_tokens: int, image_tokens: Sequence[int] = ()) -> int:
+    """The least a request can cost: its prefill with one row of logits, plus one vision-tower run per
+    image (``image_tokens``: the LM tokens each image's tower + projector produce)."""
+    vision = sum(model.vision(1, tokens_per_image=t).total for t in image_tokens)
+    return model.forward(prompt_tokens, start=0, logits=1).total + vision
 
 
-def check_admission(model: FlopModel, budget: float, prompt_tokens: int) -> None:
-    need = admission_cost(model, prompt_tokens)
+def check_admission(model: FlopModel, budget: float, prompt_tokens: int, image_tokens: Sequence[int] = ()) -> None:
+    need = admission_cost(model, prompt_tokens, image_tokens)
     if need > budget:
+        images = f" and {len(image_tokens)} image(s)" if image_tokens else ""
         raise BudgetError(
-            f"{FIELD}={budget:,.0f} FLOPs cannot cover this request's prefill of {prompt_tokens} tokens, "
+            f"{FIELD}={budget:,.0f} FLOPs cannot cover this request's prefill of {prompt_tokens} tokens{images}, "
             f"which needs {need:,} FLOPs"
         )
 

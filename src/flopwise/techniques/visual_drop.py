@@ -131,6 +131,16 @@ def keep_count(tokens: int, keep: float) -> int:
     return k
 
 
+def tokens_before(kept: int, keep: float) -> int:
+    """The fewest tokens an image can have had for ``keep`` to leave ``kept`` of them."""
+    if keep >= 1.0:
+        return kept
+    n = max(kept, math.ceil((kept - 0.5) / keep) - 1)
+    while int(math.floor(keep * n + 0.5)) < kept:
+        n += 1
+    return n
+
+
 def keep_indices(tokens: torch.Tensor, config: VisualDropConfig, query: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (ascending) of the tokens ``config`` keeps of one image's features ``tokens`` [N, D]."""
     n = tokens.shape[0]

@@ -1,0 +1,226 @@
+"""``flopwise bench visual``: visual token dropping vs stock vLLM on the same VLM, in one run.
+
+The model is the tiny LLaVA trained on :mod:`flopwise.shapes` (``bench/scripts/train_tiny_vlm.py``), the
+only VLM with weights that can answer something here. Each engine runs in its own process, so the stock
+one really is stock: ``VLLM_PLUGINS=""`` loads no flopwise code (vLLM's own LLaVA class and scheduler).
+For every method and keep ratio the whole question set goes in one ``generate`` call (greedy); the
+report gives prefill FLOPs (vision tower + LM prefill, from the ledger the scheduler charges), wall time
+against stock vLLM's (the faster of its two runs, one before and one after the flopwise engine), and
+accuracy. Writes ``bench/results/visual.md`` with a PNG plot and the raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flopwise import hw, shapes
+from flopwise.ledger import FlopModel
+
+DEFAULT_MODEL = "bench/models/tiny-llava-shapes"
+MAX_TOKENS = 4
+
+
+def _prompts(model: str, examples, keep: float | None, method: str | None) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    out = []
+    for e in examples:
+        text = tok.apply_chat_template([{"role": "user", "content": "<image>" + e.question}], tokenize=False,
+                                       add_generation_prompt=True)
+        req = {"prompt": text, "multi_modal_data": {"image": e.pil()}}
+        if keep is not None:
+            req["mm_processor_kwargs"] = {"visual_keep": keep, "visual_drop": method}
+        out.append(req)
+    return out
+
+
+def worker(spec: dict) -> dict:
+    """Run one engine (stock or flopwise) over ``spec["settings"]``; returns rows of measurements."""
+    from vllm import LLM, SamplingParams
+
+    from flopwise_serve.offline import flops_of, set_engine_env
+
+    set_engine_env()
+    model, examples = spec["model"], shapes.dataset(spec["questions"], seed=spec["seed"])
+    # No prefix or processor cache: every timed run recomputes its images instead of replaying the last one.
+    kwargs = dict(dtype=hw.default_dtype(), enforce_eager=True, max_model_len=1024, seed=0,
+                  limit_mm_per_prompt={"image": 1}, max_num_seqs=spec["batch"], enable_prefix_caching=False,
+                  mm_processor_cache_gb=0)
+    if spec["stock"]:
+        llm = LLM(model, **kwargs)
+    else:
+        from flopwise_vllm import SCHEDULER_CLS
+
+        llm = LLM(model, scheduler_cls=SCHEDULER_CLS, **kwargs)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    ledger = FlopModel.from_pretrained(model)
+    warm = shapes.dataset(4, seed=spec["seed"] + 1)
+    llm.generate(_prompts(model, warm, None, None), params, use_tqdm=False)  # warm-up
+    rows = []
+    for setting in spec["settings"]:
+        keep, method = setting.get("keep"), setting.get("method")
+        prompts = _prompts(model, examples, keep, method)
+        walls = []
+        for _ in range(spec["reps"]):
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            walls.append(time.perf_counter() - t0)
+        correct = sum(shapes.is_correct(o.outputs[0].text, e) for o, e in zip(outs, examples))
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+        if spec["stock"]:  # stock vLLM charges nothing: the ledger's closed form for what it ran
+            prefill = sum(ledger.vision(1).total + ledger.forward(len(o.prompt_token_ids), logits=1).total for o in outs)
+        else:
+            prefill = sum(flops_of(o)["prompt"] for o in outs)
+        rows.append({**setting, "wall_s": min(walls), "accuracy": correct / len(examples),
+                     "prefill_flops": prefill, "prompt_tokens": prompt_tokens})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+def _run_worker(spec: dict, stock: bool, log: Path) -> list[dict]:
+    env = {**os.environ, **hw.engine_env({})}
+    if stock:
+        env["VLLM_PLUGINS"] = ""  # no flopwise plugin in that process at all
+    result = log.with_name(log.stem + "-worker.json")  # vLLM logs to stdout too: results go to a file
+    result.unlink(missing_ok=True)
+    spec = {**spec, "stock": stock, "result": str(result)}
+    with open(log, "ab") as err:
+        proc = subprocess.run([sys.executable, "-m", "flopwise_serve.bench_visual", json.dumps(spec)], env=env,
+                              stdout=err, stderr=err, timeout=3600)
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"bench worker failed (exit {proc.returncode}); see {log}")
+    rows = json.loads(result.read_text())["rows"]
+    result.unlink()
+    return rows
+
+
+def bench_visual(args) -> int:
+    model = args.model or DEFAULT_MODEL
+    if not os.path.isdir(model):
+        print(f"flopwise bench visual: error: no model at {model} (train it: bench/scripts/train_tiny_vlm.py)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_suffix(".log")
+    log.unlink(missing_ok=True)
+    base = {"model": model, "questions": args.questions, "seed": 10_000, "reps": args.reps, "batch": args.batch}
+    settings = [{"method": m, "keep": k} for m in args.methods for k in args.keep]
+    print(f"stock vLLM ({args.questions} questions) ...", flush=True)
+    stock = _run_worker({**base, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
+    print(f"flopwise: {len(settings)} settings ...", flush=True)
+    rows = _run_worker({**base, "settings": settings}, False, log)
+    stock += _run_worker({**base, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
+    ref = {"wall_s": min(r["wall_s"] for r in stock), "accuracy": stock[0]["accuracy"],
+           "prefill_flops": stock[0]["prefill_flops"], "prompt_tokens": stock[0]["prompt_tokens"]}
+    for r in rows:
+        r["flop_cut"] = ref["prefill_flops"] / r["prefill_flops"]
+        r["speedup"] = ref["wall_s"] / r["wall_s"]
+        r["rel_accuracy"] = r["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan")
+    write_report(args, model, ref, stock, rows, out)
+    return 0
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, dtype {hw.default_dtype()}"
+
+
+def write_report(args, model, ref, stock, rows, out: Path) -> None:
+    from flopwise_serve.bench import _versions
+
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    v = cfg["vision_config"]
+    tokens = (v["image_size"] // v["patch_size"]) ** 2
+    lines = [
+        "# Visual token dropping: prefill FLOPs, wall time and accuracy vs stock vLLM",
+        "",
+        f"- Hardware: {_hardware()}; {_versions()}.",
+        f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x {v['hidden_size']}, "
+        f"{tokens} image tokens per image; Llama LM {cfg['text_config']['num_hidden_layers']} layers x "
+        f"{cfg['text_config']['hidden_size']}), trained by `bench/scripts/train_tiny_vlm.py` on `flopwise.shapes`.",
+        f"- Workload: {args.questions} questions (half colour-of-the-square, half count-the-squares, 256x256 images), "
+        f"greedy, {MAX_TOKENS} output tokens, all in one `generate` call per setting; wall = fastest of {args.reps}.",
+        "- Stock = vLLM's own LLaVA and scheduler in a process with `VLLM_PLUGINS=\"\"`; its wall time is the faster "
+        "of a run before and a run after the flopwise engine (" + ", ".join(f"{r['wall_s']:.2f} s" for r in stock) + ").",
+        "- Prefill FLOPs = vision tower + projector + LM prefill, as the flopwise scheduler charged them "
+        "(stock: the ledger's closed form for the prompts it ran).",
+        f"- Command: `flopwise bench visual --questions {args.questions} --reps {args.reps}`.",
+        "",
+        f"Stock vLLM: accuracy {ref['accuracy']:.3f}, prefill {ref['prefill_flops'] / 1e9:.2f} GFLOP, "
+        f"wall {ref['wall_s']:.2f} s, {ref['prompt_tokens']} prompt tokens.",
+        "",
+        "| method | keep | image tokens | prompt tokens | prefill GFLOP | FLOP cut | wall s | wall cut | accuracy | vs full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    from flopwise.techniques.visual_drop import keep_count
+
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['keep']:.2f} | {keep_count(tokens, r['keep'])} | {r['prompt_tokens']} | "
+                     f"{r['prefill_flops'] / 1e9:.2f} | {r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['accuracy']:.3f} | {r['rel_accuracy']:.3f} |")
+    lowest = min(r["keep"] for r in rows)
+    best = max((r for r in rows if r["keep"] == lowest), key=lambda r: r["accuracy"])
+    lines += [
+        "",
+        f"## Targets at keep {lowest} (best method: {best['method']})",
+        "",
+        f"- Prefill FLOPs >= 6x fewer: {best['flop_cut']:.2f}x — {'met' if best['flop_cut'] >= 6 else 'not met'}.",
+        f"- Wall-time cut >= 0.8 x the FLOP cut ({0.8 * best['flop_cut']:.2f}x): {best['speedup']:.2f}x — "
+        f"{'met' if best['speedup'] >= 0.8 * best['flop_cut'] else 'not met'}.",
+        f"- Accuracy >= 95% of the full-token run: {best['rel_accuracy']:.3f} — "
+        f"{'met' if best['rel_accuracy'] >= 0.95 else 'not met'}.",
+        "",
+        f"![accuracy and cost vs keep ratio]({out.with_suffix('.png').name})",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"stock": stock, "rows": rows}, indent=1) + "\n")
+    _plot(rows, ref, out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def _plot(rows, ref, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["keep"])
+        a1.plot([r["keep"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=method)
+    a1.axhline(ref["accuracy"], color="grey", ls="--", label="stock vLLM")
+    a1.set_xscale("log")
+    a1.set_xlabel("visual_keep")
+    a1.set_ylabel("accuracy")
+    a1.legend(fontsize=7)
+    pts = sorted((r for r in rows if r["method"] == rows[0]["method"]), key=lambda r: r["keep"])
+    a2.plot([r["keep"] for r in pts], [r["flop_cut"] for r in pts], marker="o", label="prefill FLOP cut")
+    a2.plot([r["keep"] for r in pts], [r["speedup"] for r in pts], marker="s", label="wall-time cut")
+    a2.set_xscale("log")
+    a2.set_xlabel("visual_keep")
+    a2.set_ylabel("x vs stock vLLM")
+    a2.legend(fontsize=7)
+    fig.suptitle("Visual token dropping (tiny LLaVA, shapes task)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    Path(spec["result"]).write_text(json.dumps(worker(spec)))
