@@ -107,3 +107,24 @@ def test_serve_passes_early_rejection_defaults_to_the_server():
     assert json.loads(env["FLOPWISE_EARLY_REJECTION"]) == {"prm": "verifier:arithmetic", "every_tokens": 16, "every_steps": None, "keep": 0.5,
                                                            "min_keep": 1, "mode": "reject"}
     assert env["FLOPWISE_PRM"] == "verifier:arithmetic"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--visual-keep", "0"], "--visual-keep: visual_keep must be in (0, 1]"),
+    (["--visual-keep", "x"], "--visual-keep: visual_keep must be a number"),
+    (["--visual-drop", "nope"], "--visual-drop: invalid choice"),
+])
+def test_serve_checks_visual_defaults_before_starting(args, needle):
+    r = flopwise("serve", "/no/such/model", *args, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_serve_trusts_only_flopwise_mm_kwargs_unless_told():
+    from flopwise_serve.cli import serve_command
+
+    argv, env = serve_command("/m", [], visual_keep=0.25, visual_drop="uniform")
+    assert "--trust-request-mm-kwargs" in argv and env["FLOPWISE_MM_KWARGS_GATE"] == "1"
+    assert env["FLOPWISE_VISUAL_KEEP"] == "0.25" and env["FLOPWISE_VISUAL_DROP"] == "uniform"
+    argv, env = serve_command("/m", ["--trust-request-mm-kwargs"])
+    assert argv.count("--trust-request-mm-kwargs") == 1 and "FLOPWISE_MM_KWARGS_GATE" not in env
+    assert "FLOPWISE_VISUAL_KEEP" not in env

@@ -92,10 +92,12 @@ def accuracy(model, processor, tokenizer, examples) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/models/tiny-llava-shapes")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--square", type=int, default=shapes.SQUARE, help="square side in pixels")
+    ap.add_argument("--aug", type=float, default=0.5, help="share of batches that see a random subset of image tokens")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -110,8 +112,8 @@ def main() -> None:
         t0 = time.time()
         for step in range(args.steps):
             kind = "colour" if step % 2 == 0 else "count"
-            examples = [shapes.make(rng, kind) for _ in range(args.batch)]
-            keep = rng.uniform(0.04, 1.0) if rng.random() < 0.5 else None
+            examples = [shapes.make(rng, kind, square=args.square) for _ in range(args.batch)]
+            keep = rng.uniform(0.04, 1.0) if rng.random() < args.aug else None
             loss = batch_loss(model, processor, tokenizer, examples, keep, rng)
             opt.zero_grad()
             loss.backward()
@@ -121,7 +123,7 @@ def main() -> None:
             if step % 25 == 0 or step == args.steps - 1:
                 print(f"step {step:4d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
         model.eval()
-        acc = accuracy(model, processor, tokenizer, shapes.dataset(64, seed=10_000))
+        acc = accuracy(model, processor, tokenizer, shapes.dataset(64, seed=10_000, square=args.square))
         print(f"held-out accuracy at full tokens: {acc:.3f}")
         model.to(torch.bfloat16).save_pretrained(tmp)
         tiny.legacy_llava_keys(str(tmp))

@@ -41,6 +41,13 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.completion_stream_generator",
      ("request", "engine_inputs", "result_generator")),
     ("vllm.entrypoints.serve.engine.protocol", "UsageInfo", ()),
+    # visual token dropping (flopwise_vllm.visual)
+    ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor._call_hf_processor", ("hf_data", "hf_kwargs")),
+    ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor._get_prompt_updates",
+     ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+    ("vllm.model_executor.models.llava", "LlavaForConditionalGeneration.embed_multimodal", ()),
+    ("vllm.model_executor.models.qwen2_vl", "Qwen2VLForConditionalGeneration.get_mrope_input_positions",
+     ("input_tokens", "mm_features")),
 )
 
 _registered = False

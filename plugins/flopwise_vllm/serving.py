@@ -168,7 +168,7 @@ def visual_options(request) -> vd.VisualDropConfig | None:
     validated; raises ValueError(message, field)."""
     extra = request.model_extra or {}
     xargs = dict(request.vllm_xargs or {})
-    mm = dict(request.mm_processor_kwargs or {})
+    mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
     found = {}
     for name in vd.KEEP_FIELD, vd.METHOD_FIELD:
         for where, source in ((name, extra), (f"vllm_xargs.{name}", xargs), (f"mm_processor_kwargs.{name}", mm)):
@@ -243,7 +243,7 @@ class BudgetMixin:
             budget = parse_budget(raw, max_budget())
             model = self._flop_model()
             whole_grid = model.spec.vision is not None and model.spec.vision.kind == "qwen2_vl"
-            keep = vd.parse_options((request.mm_processor_kwargs or {}).get(vd.KEEP_FIELD)).keep
+            keep = vd.parse_options((getattr(request, "mm_processor_kwargs", None) or {}).get(vd.KEEP_FIELD)).keep
             for engine_input in engine_inputs:
                 images = image_tokens(engine_input, whole_grid, keep)
                 check_admission(model, budget, self._extract_prompt_len(engine_input), images)

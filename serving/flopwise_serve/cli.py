@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--methods", choices=_visual_methods(), nargs="+", default=["visiondrop", "cls_attention", "uniform", "random"])
     bv.add_argument("--reps", type=positive_int, default=2, help="timed runs per setting (the fastest counts)")
     bv.add_argument("--batch", type=positive_int, default=64, help="max_num_seqs of both engines")
+    bv.add_argument("--speed-requests", type=non_negative_int, default=16,
+                    help="requests per setting for the wall-time table at SmolLM2-135M's shape (0: skip it)")
     bv.add_argument("--out", default="bench/results/visual.md")
 
     cv = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")

@@ -15,6 +15,7 @@ import numpy as np
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 QUESTIONS = {"colour": "What colour is the square?", "count": "How many squares?"}
 NUMBERS = ["one", "two", "three"]
+SQUARE = 48  # side in pixels: 9 to 16 of a 256-pixel image's 256 16-pixel patches
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Example:
         return Image.fromarray(self.image)
 
 
-def make(rng: random.Random, kind: str, size: int = 256, square: int = 24) -> Example:
+def make(rng: random.Random, kind: str, size: int = 256, square: int = SQUARE) -> Example:
     image = np.full((size, size, 3), 16, dtype=np.uint8)
     image += np.asarray([rng.randrange(0, 12) for _ in range(3)], dtype=np.uint8)  # a slightly varied background
     count = 1 if kind == "colour" else rng.randint(1, 3)
@@ -49,10 +50,10 @@ def make(rng: random.Random, kind: str, size: int = 256, square: int = 24) -> Ex
     return Example(image, kind, answer)
 
 
-def dataset(n: int, seed: int, size: int = 256) -> list[Example]:
+def dataset(n: int, seed: int, size: int = 256, square: int = SQUARE) -> list[Example]:
     """``n`` examples, alternating colour and count questions."""
     rng = random.Random(seed)
-    return [make(rng, "colour" if i % 2 == 0 else "count", size) for i in range(n)]
+    return [make(rng, "colour" if i % 2 == 0 else "count", size, square) for i in range(n)]
 
 
 def is_correct(text: str, example: Example) -> bool:
