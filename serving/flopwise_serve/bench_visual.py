@@ -152,8 +152,7 @@ def bench_visual(args) -> int:
     print(f"flopwise: {len(settings)} settings ...", flush=True)
     rows = _run_worker({**base, "settings": settings}, False, log)
     stock += _run_worker({**base, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-    ref = {"wall_s": min(r["wall_s"] for r in stock), "accuracy": stock[0]["accuracy"],
-           "prefill_flops": stock[0]["prefill_flops"], "prompt_tokens": stock[0]["prompt_tokens"]}
+    ref = _reference(stock)
     _relative(rows, ref)
     speed = None
     if args.speed_requests:
@@ -163,11 +162,16 @@ def bench_visual(args) -> int:
         s_stock = _run_worker({**sbase, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
         s_rows = _run_worker({**sbase, "settings": [{"method": "visiondrop", "keep": k} for k in args.keep]}, False, log)
         s_stock += _run_worker({**sbase, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-        s_ref = {**s_stock[0], "wall_s": min(r["wall_s"] for r in s_stock)}
+        s_ref = _reference(s_stock)
         _relative(s_rows, s_ref)
         speed = {"model": shape, "stock": s_stock, "ref": s_ref, "rows": s_rows}
     write_report(args, model, ref, stock, rows, out, speed)
     return 0
+
+
+def _reference(stock: list[dict]) -> dict:
+    """Stock vLLM's figures: its first run's, with the faster wall time of its runs."""
+    return {**stock[0], "wall_s": min(r["wall_s"] for r in stock)}
 
 
 def _relative(rows: list[dict], ref: dict) -> None:
@@ -187,6 +191,16 @@ def _hardware() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, dtype {hw.default_dtype()}"
+
+
+def rewrite_report(out: Path = Path("bench/results/visual.md"), **arg_values) -> None:
+    """Rewrite the markdown and plot from the committed JSON (after a change to the report's text)."""
+    import argparse
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    stock, rows, speed = data["stock"], data["rows"], data["speed"]
+    args = argparse.Namespace(**{"questions": 64, "reps": 2, "speed_requests": 16, **arg_values})
+    write_report(args, DEFAULT_MODEL, _reference(stock), stock, rows, out, speed)
 
 
 def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -> None:
@@ -265,6 +279,20 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
         f"{'met' if best['rel_accuracy'] >= 0.95 else 'not met'}.",
         "",
         f"![accuracy and cost vs keep ratio]({out.with_suffix('.png').name})",
+        "",
+        "## Reading the results",
+        "",
+        "- Colour questions need any token of the square: every method keeps them. Counting needs a token of every "
+        "square, and here the content-aware methods lose to `random`: the tiny model was trained on random token "
+        "subsets as well as full images, so it counts from the density of object tokens in what it sees. "
+        "`visiondrop` hands it object tokens only (dense: it over-counts) and favours squares whose colour repeats. "
+        "A pretrained VLM was never fitted to random subsets; this model is a stand-in for the mechanics, not for "
+        "which method a real VLM prefers.",
+        "- The tiny model's wall time is bound by per-request work outside the model (image preprocessing, "
+        "scheduling), hence the realistic-shape table: there the LM dominates, as in LLaVA-1.5-7B, and the wall-time "
+        "cut follows the FLOP cut down to keep 0.25, then flattens as the fixed vision and text work remains.",
+        "- The engine and the transformers reference keep the same tokens and give the same greedy answers "
+        "(tests/test_visual.py), so these accuracies are those of the plain-torch algorithm.",
         "",
     ]
     out.write_text("\n".join(lines))
