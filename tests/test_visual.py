@@ -309,3 +309,27 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
         assert needle in r.json()["error"]["message"].lower()
     assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
     assert _chat(family, client, _image(7), visual_keep=0.5).choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_batch_lines_take_visual_keep(tiny_model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    url = _data_url(_image(9, 224))
+    lines = []
+    for i, extra in enumerate([{}, {"visual_keep": 0.25}, {"visual_keep": 0}]):
+        body = {"max_tokens": 3, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}], **extra}
+        lines.append(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "in.jsonl"), "-o",
+                        str(tmp_path / "out.jsonl"), "--model", tiny_model("qwen2-vl"), "--max-model-len", "1024"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = {rec["custom_id"]: rec for rec in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    full, cut = (out[k]["response"]["body"]["usage"] for k in ("r0", "r1"))
+    assert cut["prompt_tokens"] < full["prompt_tokens"] and cut["flops"]["language"] < full["flops"]["language"]
+    assert cut["flops"]["vision"] == full["flops"]["vision"]  # Qwen2-VL's tower runs on the whole image
+    assert out["r2"]["error"]["status_code"] == 400 and "visual_keep" in out["r2"]["error"]["message"]
