@@ -202,6 +202,9 @@ def test_ledger_charges_the_whole_encoder_and_only_kept_tokens(vlm):
         assert usages[0]["vision"] == usages[1]["vision"]  # the encoder ran on the whole image both times
     assert len(outs[0].prompt_token_ids) - len(outs[1].prompt_token_ids) == full - vd.keep_count(full, 0.25)
     assert usages[1]["language"] < usages[0]["language"]
+    # the dense baseline of the cut request is exactly what the full one cost: dropping shows as saved FLOPs
+    assert usages[0]["dense_baseline"] == usages[0]["total"]
+    assert usages[1]["dense_baseline"] == usages[0]["total"] > usages[1]["total"]
 
 
 # -- flopwise serve over HTTP --------------------------------------------------------------------------

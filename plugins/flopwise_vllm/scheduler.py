@@ -166,7 +166,16 @@ class FlopwiseScheduler(Scheduler):
     def step_cost(self, request: Request, start: int, tokens: int, logits: int) -> tuple[Breakdown, Breakdown]:
         """(charged, dense baseline) FLOPs of ``tokens`` tokens of ``request`` from position ``start``."""
         cost = self.flop_model.forward(tokens, start=start, logits=logits)
-        return cost, cost
+        if not request.mm_features:
+            return cost, cost
+        # Visual token dropping: without it, the step holding an image's placeholders would have processed
+        # its dropped tokens too, and every later position would sit that much further on.
+        drops = [(f.mm_position.offset, self.full_image_tokens(f) - f.mm_position.length) for f in request.mm_features]
+        before = sum(d for offset, d in drops if offset < start)
+        inside = sum(d for offset, d in drops if start <= offset < start + tokens)
+        if not (before or inside):
+            return cost, cost
+        return cost, self.flop_model.forward(tokens + inside, start=start + before, logits=logits)
 
     def _book(self, request: Request, part: Breakdown, cost: Breakdown, baseline: int) -> None:
         part += cost
@@ -189,20 +198,28 @@ class FlopwiseScheduler(Scheduler):
             cost, baseline = self.step_cost(request, start + in_prompt, in_output, 1)
             self._book(request, charge.completion, cost, baseline.total)
 
+    def full_image_tokens(self, feature) -> int:
+        """LM tokens of an image before visual dropping (its placeholders are the kept ones)."""
+        data, vision = feature.data, self.flop_model.spec.vision
+        if data is not None and "image_grid_thw" in data:  # Qwen2-VL: the image's own grid
+            return int(data["image_grid_thw"].data.prod()) // (vision.merge * vision.merge)
+        if vision is not None and vision.kind == "clip":  # LLaVA-1.5: fixed resolution
+            return vision.tokens_per_image
+        return feature.mm_position.length
+
     def vision_cost(self, feature) -> Breakdown:
         """One image's encoder run. With visual dropping the placeholders are the kept tokens only: LLaVA
         prunes before its projector (so charge the projector on those), Qwen2-VL after its whole grid."""
-        tokens = feature.mm_position.length
-        data = feature.data
-        if data is not None and "image_grid_thw" in data:
-            merge = self.flop_model.spec.vision.merge
-            tokens = int(data["image_grid_thw"].data.prod()) // (merge * merge)
-        return self.flop_model.vision(1, tokens_per_image=tokens)
+        if self.flop_model.spec.vision.kind == "clip":
+            return self.flop_model.vision(1, tokens_per_image=feature.mm_position.length)
+        return self.flop_model.vision(1, tokens_per_image=self.full_image_tokens(feature))
 
     def charge_encoder(self, request: Request, input_ids: list[int]) -> None:
         for i in input_ids:
-            cost = self.vision_cost(request.mm_features[i])
-            self._book(request, self.flop_charges[request.request_id].prompt, cost, cost.total)
+            feature = request.mm_features[i]
+            cost = self.vision_cost(feature)
+            baseline = self.flop_model.vision(1, tokens_per_image=self.full_image_tokens(feature))
+            self._book(request, self.flop_charges[request.request_id].prompt, cost, baseline.total)
 
     # -- budgets -------------------------------------------------------------------------------------
     def _pending_vision(self, request: Request) -> int:
