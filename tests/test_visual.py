@@ -70,7 +70,7 @@ def test_a_ratio_that_keeps_no_token_is_an_error_naming_the_field():
 
 
 @pytest.mark.parametrize("keep,method,field", [(0, None, "visual_keep"), (1.5, None, "visual_keep"),
-                                               ("abc", None, "visual_keep"), (True, None, "visual_keep"),
+                                               ("0.5", None, "visual_keep"), (True, None, "visual_keep"),
                                                (float("nan"), None, "visual_keep"), (0.5, "nope", "visual_drop")])
 def test_bad_options_name_the_field(keep, method, field):
     with pytest.raises(vd.VisualDropError) as e:

@@ -94,9 +94,11 @@ def keep_ratio(text: str) -> float:
     from flopwise.techniques.visual_drop import VisualDropError, parse_options
 
     try:
-        return parse_options(text).keep
-    except VisualDropError as e:
+        return parse_options(float(text)).keep
+    except VisualDropError as e:  # a ValueError too: catch it first
         raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"visual_keep must be a number in (0, 1], got {text!r}") from None
 
 
 def _visual_methods() -> list[str]:
