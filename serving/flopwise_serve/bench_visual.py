@@ -38,9 +38,9 @@ def speed_model() -> str:
 
     from flopwise.atomic import atomic_directory
     from flopwise.hf import tiny
-    from flopwise.models import default_model_path
+    from flopwise.models import cache_dir, default_model_path
 
-    out = Path(os.environ.get("FLOPWISE_CACHE", Path.home() / ".cache" / "flopwise")) / "bench-visual" / "llava-smollm2-shape"
+    out = cache_dir() / "bench-visual" / "llava-smollm2-shape"
     if (out / "config.json").exists():
         return str(out)
     text = json.loads((Path(default_model_path()) / "config.json").read_text())
