@@ -127,9 +127,9 @@ def vlm(request, tiny_model):
     gc.collect()
 
 
-def _request(family, processor, image, keep=None, method=None, question="what is it?"):
+def _request(family, processor, image, keep=None, method=None, question="what is it?", layer=None):
     req = {"prompt": _prompt(processor.tokenizer, family, question), "multi_modal_data": {"image": image}}
-    kwargs = {k: v for k, v in ((vd.KEEP_FIELD, keep), (vd.METHOD_FIELD, method)) if v is not None}
+    kwargs = {k: v for k, v in zip(vd.FIELDS, (keep, method, layer)) if v is not None}
     if kwargs:
         req["mm_processor_kwargs"] = kwargs
     return req
@@ -163,6 +163,27 @@ def test_engine_keeps_what_the_reference_keeps(vlm, method):
         assert list(out.outputs[0].token_ids) == expected, (keep, method)
         # the prompt really shrank: the placeholders are the kept tokens only
         assert len(out.prompt_token_ids) == len(baseline.prompt_token_ids) - full + vd.keep_count(full, keep)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [0, 1])
+def test_llava_drops_inside_the_tower_as_the_reference_does(vlm, layer):
+    family, llm, ref, processor, ledger = vlm
+    if family != "llava":
+        pytest.skip("visual_drop_layer is LLaVA's")
+    from flopwise.hf import visual
+    from flopwise_serve.offline import flops_of
+
+    image = _image(10)
+    for method in ("visiondrop", "uniform"):
+        config = vd.VisualDropConfig(keep=0.25, method=method, layer=layer)
+        expected = visual.greedy(ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6)
+        out = llm.generate([_request(family, processor, image, 0.25, method, layer=layer)], _greedy())[0]
+        assert list(out.outputs[0].token_ids) == expected, method
+        # the tower's later layers ran on the kept tokens: charged so, and less than dropping after the tower
+        kept = vd.keep_count(ledger.tokens_per_image, 0.25)
+        assert flops_of(out)["vision"] == ledger.vision(1, tokens_per_image=kept, kept_after_layer=layer).total
+        assert flops_of(out)["vision"] < ledger.vision(1, tokens_per_image=kept).total
 
 
 @pytest.mark.slow
@@ -286,7 +307,8 @@ def _full_tokens_served(family, full, cut) -> int:
 BAD = [({"visual_keep": 0}, "visual_keep"), ({"visual_keep": 1.5}, "visual_keep"), ({"visual_keep": "x"}, "visual_keep"),
        ({"visual_drop": "nope"}, "visual_drop"), ({"vllm_xargs": {"visual_keep": -1}}, "vllm_xargs.visual_keep"),
        ({"mm_processor_kwargs": {"visual_keep": 2}}, "mm_processor_kwargs.visual_keep"),
-       ({"mm_processor_kwargs": {"max_pixels": 10**8}}, "mm_processor_kwargs")]
+       ({"mm_processor_kwargs": {"max_pixels": 10**8}}, "mm_processor_kwargs"),
+       ({"visual_drop_layer": -1}, "visual_drop_layer"), ({"visual_drop_layer": 1.5}, "visual_drop_layer")]
 
 
 @pytest.mark.slow
@@ -301,8 +323,10 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
         assert r.status_code == 400, (extra, r.text)
         err = r.json()["error"]
         assert err["param"] == param and param.split(".")[-1] in err["message"], (extra, err)
-    # a ratio that keeps no token of this image, and an image that does not decode
+    # a ratio that keeps no token of this image, a tower layer the model lacks (Qwen2-VL: none), and an image
+    # that does not decode
     for extra, content_url, needle in (({"visual_keep": 0.001}, url, "visual_keep"),
+                                       ({"visual_keep": 0.5, "visual_drop_layer": 9}, url, "visual_drop_layer"),
                                        ({}, "data:image/png;base64,bm90IGFuIGltYWdl", "image")):
         body = {"model": client.model_id, "max_tokens": 2, **extra,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": content_url}},

@@ -33,6 +33,7 @@ from vllm.v1.request import Request, RequestStatus
 from flopwise.budget import FIELD, STOP_REASON, BudgetError, BudgetState, Policy, next_step_bound, parse_budget
 from flopwise.ledger import Breakdown, FlopModel
 from flopwise.techniques import early_rejection as er
+from flopwise.techniques import visual_drop as vd
 from flopwise.techniques.early_rejection import survivors
 from flopwise_vllm.payload import PAYLOAD_KEY
 from flopwise_vllm.rejection import Rejection, parse_config
@@ -46,6 +47,15 @@ def group_of(request_id: str) -> str:
     """The parent id of an n>1 child (vLLM names children ``{index}_{parent}``), else the id itself."""
     m = _CHILD.match(request_id)
     return m.group(2) if m else request_id
+
+
+def _drop_layer(feature) -> int | None:
+    """The tower layer an image's tokens were dropped after (``visual_drop_layer``), if any."""
+    data = feature.data
+    if data is None or vd.LAYER_FIELD not in data:
+        return None
+    layer = int(data[vd.LAYER_FIELD].data)
+    return layer if layer >= 0 else None
 
 
 def index_of(request_id: str) -> int:
@@ -211,7 +221,10 @@ class FlopwiseScheduler(Scheduler):
         """One image's encoder run. With visual dropping the placeholders are the kept tokens only: LLaVA
         prunes before its projector (so charge the projector on those), Qwen2-VL after its whole grid."""
         if self.flop_model.spec.vision.kind == "clip":
-            return self.flop_model.vision(1, tokens_per_image=feature.mm_position.length)
+            layer = _drop_layer(feature)
+            kept = feature.mm_position.length
+            after = layer if layer is not None and kept < self.full_image_tokens(feature) else None
+            return self.flop_model.vision(1, tokens_per_image=kept, kept_after_layer=after)
         return self.flop_model.vision(1, tokens_per_image=self.full_image_tokens(feature))
 
     def charge_encoder(self, request: Request, input_ids: list[int]) -> None:

@@ -164,34 +164,33 @@ def image_tokens(engine_input, whole_grid: bool, keep: float) -> list[int]:
 
 
 def visual_options(request) -> vd.VisualDropConfig | None:
-    """Move ``visual_keep`` / ``visual_drop`` (top level, or in ``vllm_xargs``) into ``mm_processor_kwargs``,
-    validated; raises ValueError(message, field)."""
+    """Move ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (top level, or in ``vllm_xargs``) into
+    ``mm_processor_kwargs``, validated; raises ValueError(message, field)."""
     extra = request.model_extra or {}
     xargs = dict(request.vllm_xargs or {})
     mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
     found = {}
-    for name in vd.KEEP_FIELD, vd.METHOD_FIELD:
+    for name in vd.FIELDS:
         for where, source in ((name, extra), (f"vllm_xargs.{name}", xargs), (f"mm_processor_kwargs.{name}", mm)):
             if source.get(name) is not None:
                 found.setdefault(name, (where, source[name]))
-    others = sorted(set(mm) - {vd.KEEP_FIELD, vd.METHOD_FIELD})
+    others = sorted(set(mm) - set(vd.FIELDS))
     if others and os.environ.get(MM_KWARGS_GATE_ENV):
         raise ValueError(f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
-                         f"--trust-request-mm-kwargs to allow them); {vd.KEEP_FIELD} and {vd.METHOD_FIELD} are "
-                         "accepted", "mm_processor_kwargs")
+                         f"--trust-request-mm-kwargs to allow them); {', '.join(vd.FIELDS)} are accepted",
+                         "mm_processor_kwargs")
     if not found:
         return None
-    keep = found.get(vd.KEEP_FIELD, (None, None))
-    method = found.get(vd.METHOD_FIELD, (None, None))
     try:
-        config = vd.parse_options(keep[1], method[1])
+        config = vd.parse_options(*(found.get(name, (None, None))[1] for name in vd.FIELDS))
     except vd.VisualDropError as e:
-        where = keep[0] if e.field == vd.KEEP_FIELD else method[0]
-        raise ValueError(str(e), where or e.field) from None
-    xargs.pop(vd.KEEP_FIELD, None)
-    xargs.pop(vd.METHOD_FIELD, None)
+        raise ValueError(str(e), found.get(e.field, (e.field,))[0]) from None
+    for name in vd.FIELDS:
+        xargs.pop(name, None)
     request.vllm_xargs = xargs or None
     request.mm_processor_kwargs = {**mm, vd.KEEP_FIELD: config.keep, vd.METHOD_FIELD: config.method}
+    if config.layer is not None:
+        request.mm_processor_kwargs[vd.LAYER_FIELD] = config.layer
     return config
 
 
@@ -243,10 +242,12 @@ class BudgetMixin:
             budget = parse_budget(raw, max_budget())
             model = self._flop_model()
             whole_grid = model.spec.vision is not None and model.spec.vision.kind == "qwen2_vl"
-            keep = vd.parse_options((getattr(request, "mm_processor_kwargs", None) or {}).get(vd.KEEP_FIELD)).keep
+            mm = getattr(request, "mm_processor_kwargs", None) or {}
+            visual = vd.parse_options(mm.get(vd.KEEP_FIELD), layer=mm.get(vd.LAYER_FIELD))
+            after = visual.layer if visual.active else None
             for engine_input in engine_inputs:
-                images = image_tokens(engine_input, whole_grid, keep)
-                check_admission(model, budget, self._extract_prompt_len(engine_input), images)
+                images = image_tokens(engine_input, whole_grid, visual.keep)
+                check_admission(model, budget, self._extract_prompt_len(engine_input), images, after)
         except (BudgetError, LedgerError) as e:
             metrics.refused()
             return _bad_request(self, str(e), FIELD)

@@ -15,7 +15,8 @@ the stock models. Three places must agree on how many tokens an image keeps, and
   (one cheap linear layer, recomputed identically in both places) rather than on the encoder's output.
 
 LLaVA scores the vision tower's features at the layer the projector reads, CLS token included, and
-projects only the kept tokens. LLaVA-NeXT (anyres tiles) and videos are not pruned.
+projects only the kept tokens; with ``visual_drop_layer`` L it scores after L tower layers instead and runs
+the remaining layers on the kept tokens only. LLaVA-NeXT (anyres tiles) and videos are not pruned.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ from vllm.multimodal.processing import PromptReplacement
 
 from flopwise.techniques import visual_drop as vd
 
-_FIELDS = (vd.KEEP_FIELD, vd.METHOD_FIELD)
-
 
 def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropConfig:
     """The request's options merged over ``--mm-processor-kwargs`` and the env defaults; errors name the field."""
     merged = processor.info.ctx.get_merged_mm_kwargs(hf_kwargs)
-    return vd.parse_options(merged.get(vd.KEEP_FIELD), merged.get(vd.METHOD_FIELD))
+    config = vd.parse_options(*(merged.get(f) for f in vd.FIELDS))
+    if config.layer is not None:
+        layers = processor.tower_layers()
+        if layers is None:
+            raise vd.VisualDropError(f"{vd.LAYER_FIELD} (dropping inside the vision tower) is supported for LLaVA "
+                                     "only", vd.LAYER_FIELD)
+        if config.layer > layers:
+            raise vd.VisualDropError(f"{vd.LAYER_FIELD}={config.layer}, but this model's vision tower runs "
+                                     f"{layers} layers", vd.LAYER_FIELD)
+    return config
 
 
 class _DropFields:
@@ -61,12 +69,17 @@ class _DropFields:
         config = request_config(self, hf_kwargs)
         # Request-level options stop here; server-level ones (--mm-processor-kwargs) reach the HF processor,
         # which ignores unknown keywords with a warning.
-        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in _FIELDS})
+        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in vd.FIELDS})
         n = self._num_images(out)
         if n:
             out[vd.KEEP_FIELD] = torch.full((n,), config.keep, dtype=torch.float64)
             out[vd.METHOD_FIELD] = torch.full((n,), config.code, dtype=torch.int64)
+            out[vd.LAYER_FIELD] = torch.full((n,), -1 if config.layer is None else config.layer, dtype=torch.int64)
         return out
+
+    def tower_layers(self) -> int | None:
+        """Vision-tower layers a request may drop after (``visual_drop_layer``); None: not supported."""
+        return None
 
     def _num_images(self, out) -> int:
         pv = out.get(self.image_key)
@@ -74,8 +87,8 @@ class _DropFields:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[vd.KEEP_FIELD] = MultiModalFieldConfig.batched("image")
-        fields[vd.METHOD_FIELD] = MultiModalFieldConfig.batched("image")
+        for name in vd.FIELDS:
+            fields[name] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -105,11 +118,11 @@ def _item_keep(out_mm_kwargs, item_idx: int) -> float | None:
 
 
 def _configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
-    keep, code = kwargs.pop(vd.KEEP_FIELD, None), kwargs.pop(vd.METHOD_FIELD, None)
+    keep, code, layer = (kwargs.pop(f, None) for f in vd.FIELDS)
     if keep is None:
         return None
-    keep, code = _flat(keep), _flat(code)
-    return [vd.VisualDropConfig.from_code(float(k), int(c)) for k, c in zip(keep, code)]
+    return [vd.VisualDropConfig.from_code(float(k), int(c), int(lay))
+            for k, c, lay in zip(_flat(keep), _flat(code), _flat(layer))]
 
 
 def _flat(x) -> list:
@@ -120,7 +133,10 @@ def _flat(x) -> list:
 
 # -- LLaVA-1.5 -------------------------------------------------------------------------------------
 class FlopwiseLlavaProcessor(_DropFields, LlavaMultiModalProcessor):
-    pass
+    def tower_layers(self) -> int:
+        from flopwise.ledger import FlopModel
+
+        return FlopModel.from_pretrained(self.info.get_hf_config().to_dict()).spec.vision.layers
 
 
 @MULTIMODAL_REGISTRY.register_processor(FlopwiseLlavaProcessor, info=LlavaProcessingInfo,
@@ -133,6 +149,8 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
             return []
         if configs is None or isinstance(image_input, LlavaImageEmbeddingInputs) or not any(c.active for c in configs):
             return self._process_image_input(image_input)
+        if any(c.active and c.layer is not None for c in configs):
+            return self._drop_in_tower(image_input["pixel_values"], configs)
         # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy "default").
         feats = self.vision_tower(image_input["pixel_values"], feature_select_strategy="full")
         has_cls = self.config.vision_feature_select_strategy == "default"
@@ -141,6 +159,28 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
             cls, tokens = (f[0], f[1:]) if has_cls else (None, f)
             idx = vd.keep_indices(tokens, config, cls)
             out.append(self.multi_modal_projector(tokens[idx]))
+        return out
+
+    def _drop_in_tower(self, pixel_values, configs):
+        """Run the tower's first ``layer`` layers on every patch, the rest on the CLS token + the kept ones."""
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"{vd.LAYER_FIELD} needs a tower with a class token (vision_feature_select_strategy "
+                             "'default')")
+        tower = self.vision_tower.vision_model
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.vision_tower.dtype)))
+        out = []
+        for h, config in zip(hidden, configs):
+            layer = len(tower.encoder.layers) if config.layer is None else config.layer
+            x = h[None]
+            for block in tower.encoder.layers[:layer]:
+                x = block(x)
+            idx = vd.keep_indices(x[0, 1:], config, x[0, 0])
+            x = torch.cat([x[:, :1], x[:, 1:][:, idx]], dim=1)
+            for block in tower.encoder.layers[layer:]:
+                x = block(x)
+            if tower.post_layernorm is not None:
+                x = tower.post_layernorm(x)
+            out.append(self.multi_modal_projector(x[0, 1:]))
         return out
 
 
@@ -169,7 +209,7 @@ class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
             if f.modality != "image":
                 raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
             t, h, w = f.data["image_grid_thw"].data.tolist()
-            config = vd.VisualDropConfig.from_code(float(f.data[vd.KEEP_FIELD].data), int(f.data[vd.METHOD_FIELD].data))
+            config = vd.VisualDropConfig.from_code(*(f.data[name].data.item() for name in vd.FIELDS))
             kept = None
             if config.active:
                 kept = self.kept_tokens(f.data["pixel_values"].data, config).cpu().numpy()

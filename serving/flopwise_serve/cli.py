@@ -111,13 +111,13 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
                   default_budget: float | None = None, max_budget: float | None = None,
                   policy: str = "fifo", early_rejection: str | None = None,
                   prm: str | None = None, visual_keep: float | None = None,
-                  visual_drop: str | None = None) -> tuple[list[str], dict[str, str]]:
+                  visual_drop: str | None = None, visual_drop_layer: int | None = None) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment ``flopwise serve`` runs."""
     from flopwise.budget import Policy
     from flopwise_vllm import PLUGIN_NAMES, SCHEDULER_CLS
     from flopwise_vllm.platform import MAX_BUDGET_ENV
     from flopwise_vllm.scheduler import POLICY_ENV
-    from flopwise.techniques.visual_drop import DEFAULT_KEEP_ENV, DEFAULT_METHOD_ENV
+    from flopwise.techniques.visual_drop import DEFAULT_KEEP_ENV, DEFAULT_LAYER_ENV, DEFAULT_METHOD_ENV
     from flopwise_vllm.serving import DEFAULT_BUDGET_ENV, DEFAULT_PRM_ENV, DEFAULT_REJECTION_ENV, MM_KWARGS_GATE_ENV
 
     argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", host, "--port", str(port)]
@@ -150,7 +150,8 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
             env.pop(key, None)
     for key, value in ((DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm),
                        (DEFAULT_KEEP_ENV, None if visual_keep is None else repr(float(visual_keep))),
-                       (DEFAULT_METHOD_ENV, visual_drop)):
+                       (DEFAULT_METHOD_ENV, visual_drop),
+                       (DEFAULT_LAYER_ENV, None if visual_drop_layer is None else str(visual_drop_layer))):
         if value is not None:
             env[key] = value
         else:
@@ -194,7 +195,8 @@ def cmd_serve(args, rest: list[str]) -> int:
     except (LedgerError, ModelNotFound, ValueError) as e:
         return fail("serve", str(e))
     argv, env = serve_command(model, rest, args.host, args.port, args.default_flop_budget, args.max_flop_budget,
-                              args.budget_policy, rejection, args.prm, args.visual_keep, args.visual_drop)
+                              args.budget_policy, rejection, args.prm, args.visual_keep, args.visual_drop,
+                              args.visual_drop_layer)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # same PID: whoever started `flopwise serve` can stop the server
     return 0
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VLMs: fraction of each image's tokens the LM sees, for requests that set no visual_keep")
     s.add_argument("--visual-drop", choices=_visual_methods(), default=None,
                    help="VLMs: how image tokens are chosen (default visiondrop)")
+    s.add_argument("--visual-drop-layer", type=non_negative_int, default=None,
+                   help="LLaVA: drop inside the vision tower after this many layers (default: after the tower)")
 
     bt = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
                         description="Any option not listed here is passed to the vLLM engine unchanged.")

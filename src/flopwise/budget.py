@@ -40,15 +40,18 @@ def parse_budget(value, maximum: float | None = None, field: str = FIELD) -> flo
     return float(value)
 
 
-def admission_cost(model: FlopModel, prompt_tokens: int, image_tokens: Sequence[int] = ()) -> int:
+def admission_cost(model: FlopModel, prompt_tokens: int, image_tokens: Sequence[int] = (),
+                   kept_after_layer: int | None = None) -> int:
     """The least a request can cost: its prefill with one row of logits, plus one vision-tower run per
-    image (``image_tokens``: the LM tokens each image's tower + projector produce)."""
-    vision = sum(model.vision(1, tokens_per_image=t).total for t in image_tokens)
+    image (``image_tokens``: the LM tokens each image's tower + projector produce; ``kept_after_layer``:
+    they were dropped to that many inside the tower, see :meth:`FlopModel.vision`)."""
+    vision = sum(model.vision(1, tokens_per_image=t, kept_after_layer=kept_after_layer).total for t in image_tokens)
     return model.forward(prompt_tokens, start=0, logits=1).total + vision
 
 
-def check_admission(model: FlopModel, budget: float, prompt_tokens: int, image_tokens: Sequence[int] = ()) -> None:
-    need = admission_cost(model, prompt_tokens, image_tokens)
+def check_admission(model: FlopModel, budget: float, prompt_tokens: int, image_tokens: Sequence[int] = (),
+                    kept_after_layer: int | None = None) -> None:
+    need = admission_cost(model, prompt_tokens, image_tokens, kept_after_layer)
     if need > budget:
         images = f" and {len(image_tokens)} image(s)" if image_tokens else ""
         raise BudgetError(

@@ -162,25 +162,36 @@ class FlopModel:
         return out
 
     # -- vision ------------------------------------------------------------------------------------
-    def vision(self, images: int = 1, tokens_per_image: int | None = None) -> Breakdown:
-        """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each."""
+    def vision(self, images: int = 1, tokens_per_image: int | None = None, kept_after_layer: int | None = None) -> Breakdown:
+        """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each.
+
+        ``kept_after_layer`` (CLIP towers): the image's tokens were dropped to ``tokens_per_image`` inside the
+        tower, after that many layers; the later layers run on the kept tokens (and the class token) only.
+        """
         out = Breakdown()
         v = self.spec.vision
         if images <= 0:
             return out
         if v is None:
             raise LedgerError(f"{self.spec.architecture} has no vision tower: it cannot take images")
-        out.add("vision", images * self._one_image(v, tokens_per_image or v.tokens_per_image))
+        out.add("vision", images * self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer))
         return out
 
     @staticmethod
-    def _one_image(v: VisionSpec, tokens: int) -> int:
+    def _one_image(v: VisionSpec, tokens: int, kept_after_layer: int | None = None) -> int:
         n = v.patches_for_tokens(tokens)
-        s = n + (1 if v.cls_token else 0)
+        cls = 1 if v.cls_token else 0
         E, F = v.hidden, v.ffn
+
+        def layer(s: int) -> int:
+            return 2 * s * E * 3 * E + 4 * s * s * E + 2 * s * E * E + 4 * s * E * F
+
         flops = 2 * n * v.patch_in * E  # patch embedding (a strided conv = one matmul per patch)
-        per_layer = 2 * s * E * 3 * E + 4 * s * s * E + 2 * s * E * E + 4 * s * E * F
-        flops += v.layers * per_layer
+        if kept_after_layer is None:
+            flops += v.layers * layer(n + cls)
+        else:
+            early = min(kept_after_layer, v.layers)
+            flops += early * layer(n + cls) + (v.layers - early) * layer(tokens + cls)
         flops += 2 * tokens * v.proj_in * v.proj_hidden + 2 * tokens * v.proj_hidden * v.out_hidden
         return flops
 

@@ -23,8 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 KEEP_FIELD = "visual_keep"
 METHOD_FIELD = "visual_drop"
+LAYER_FIELD = "visual_drop_layer"
+FIELDS = (KEEP_FIELD, METHOD_FIELD, LAYER_FIELD)  # a request's options, in parse_options' order
 DEFAULT_KEEP_ENV = "FLOPWISE_VISUAL_KEEP"  # the server's default keep ratio
 DEFAULT_METHOD_ENV = "FLOPWISE_VISUAL_DROP"  # the server's default method
+DEFAULT_LAYER_ENV = "FLOPWISE_VISUAL_DROP_LAYER"  # the server's default tower layer to drop at
 DEFAULT_METHOD = "visiondrop"
 
 
@@ -71,6 +74,8 @@ class VisualDropConfig(BaseModel):
 
     keep: float = Field(1.0, gt=0, le=1, description="Fraction of each image's tokens the language model sees.")
     method: str = Field(DEFAULT_METHOD, description="Scoring method: visiondrop, cls_attention, uniform or random.")
+    layer: int | None = Field(None, ge=0, description="LLaVA: drop inside the vision tower, after this many of its "
+                              "layers (the rest run on the kept tokens only); None: after the tower.")
 
     @property
     def active(self) -> bool:
@@ -82,12 +87,13 @@ class VisualDropConfig(BaseModel):
         return method_names().index(self.method)
 
     @classmethod
-    def from_code(cls, keep: float, code: int) -> VisualDropConfig:
-        return cls(keep=keep, method=method_names()[int(code)])
+    def from_code(cls, keep: float, code: int, layer: int = -1) -> VisualDropConfig:
+        """Back from the engine's tensors (``layer`` -1: after the tower)."""
+        return cls(keep=keep, method=method_names()[int(code)], layer=None if layer < 0 else int(layer))
 
 
 class VisualDropError(ValueError):
-    """A bad visual-dropping option; ``field`` names it (``visual_keep`` or ``visual_drop``)."""
+    """A bad visual-dropping option; ``field`` names it (``visual_keep``, ``visual_drop``, ``visual_drop_layer``)."""
 
     def __init__(self, message: str, field: str):
         super().__init__(message, field)
@@ -97,12 +103,18 @@ class VisualDropError(ValueError):
         return self.message
 
 
-def parse_options(keep=None, method=None) -> VisualDropConfig:
-    """Validate a request's ``visual_keep`` / ``visual_drop``, falling back on the server defaults (env)."""
+def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
+    """Validate a request's ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer``, falling back on the
+    server defaults (env)."""
     if keep is None:
         keep = float(os.environ.get(DEFAULT_KEEP_ENV) or 1.0)
     if method is None:
         method = os.environ.get(DEFAULT_METHOD_ENV) or DEFAULT_METHOD
+    if layer is None and os.environ.get(DEFAULT_LAYER_ENV):
+        layer = int(os.environ[DEFAULT_LAYER_ENV])
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        raise VisualDropError(f"{LAYER_FIELD} must be a non-negative integer (a vision-tower layer), got {layer!r}",
+                              LAYER_FIELD)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise VisualDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD)
     if not (0 < keep <= 1):  # NaN fails this too
@@ -110,7 +122,7 @@ def parse_options(keep=None, method=None) -> VisualDropConfig:
     if method not in method_names():
         raise VisualDropError(f"unknown {METHOD_FIELD} method {method!r}; choose one of {', '.join(method_names())}",
                               METHOD_FIELD)
-    return VisualDropConfig(keep=float(keep), method=method)
+    return VisualDropConfig(keep=float(keep), method=method, layer=layer)
 
 
 def keep_count(tokens: int, keep: float) -> int:
