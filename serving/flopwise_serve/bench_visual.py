@@ -58,7 +58,7 @@ def speed_model() -> str:
     return str(out)
 
 
-def _prompts(model: str, examples, keep: float | None, method: str | None) -> list[dict]:
+def _prompts(model: str, examples, keep: float | None, method: str | None, layer: int | None = None) -> list[dict]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -69,6 +69,8 @@ def _prompts(model: str, examples, keep: float | None, method: str | None) -> li
         req = {"prompt": text, "multi_modal_data": {"image": e.pil()}}
         if keep is not None:
             req["mm_processor_kwargs"] = {"visual_keep": keep, "visual_drop": method}
+            if layer is not None:
+                req["mm_processor_kwargs"]["visual_drop_layer"] = layer
         out.append(req)
     return out
 
@@ -98,7 +100,7 @@ def worker(spec: dict) -> dict:
     rows = []
     for setting in spec["settings"]:
         keep, method = setting.get("keep"), setting.get("method")
-        prompts = _prompts(model, examples, keep, method)
+        prompts = _prompts(model, examples, keep, method, setting.get("layer"))
         walls = []
         for _ in range(spec["reps"]):
             t0 = time.perf_counter()
@@ -146,7 +148,9 @@ def bench_visual(args) -> int:
     log = out.with_suffix(".log")
     log.unlink(missing_ok=True)
     base = {"model": model, "questions": args.questions, "seed": 10_000, "reps": args.reps, "batch": args.batch}
+    half = _tower_layers(model) // 2  # in-tower dropping: halfway up the tower
     settings = [{"method": m, "keep": k} for m in args.methods for k in args.keep]
+    settings += [{"method": "visiondrop", "keep": k, "layer": half} for k in args.keep if k < 1]
     print(f"stock vLLM ({args.questions} questions) ...", flush=True)
     stock = _run_worker({**base, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
     print(f"flopwise: {len(settings)} settings ...", flush=True)
@@ -160,13 +164,20 @@ def bench_visual(args) -> int:
         sbase = {**base, "model": shape, "questions": args.speed_requests}
         print(f"speed at SmolLM2-135M shape: stock, flopwise ({len(args.keep)} ratios), stock ...", flush=True)
         s_stock = _run_worker({**sbase, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-        s_rows = _run_worker({**sbase, "settings": [{"method": "visiondrop", "keep": k} for k in args.keep]}, False, log)
+        s_half = _tower_layers(shape) // 2
+        s_settings = [{"method": "visiondrop", "keep": k} for k in args.keep]
+        s_settings += [{"method": "visiondrop", "keep": k, "layer": s_half} for k in args.keep if k < 1]
+        s_rows = _run_worker({**sbase, "settings": s_settings}, False, log)
         s_stock += _run_worker({**sbase, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
         s_ref = _reference(s_stock)
         _relative(s_rows, s_ref)
         speed = {"model": shape, "stock": s_stock, "ref": s_ref, "rows": s_rows}
     write_report(args, model, ref, stock, rows, out, speed)
     return 0
+
+
+def _tower_layers(model: str) -> int:
+    return FlopModel.from_pretrained(model).spec.vision.layers
 
 
 def _reference(stock: list[dict]) -> dict:
@@ -238,7 +249,7 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['keep']:.2f} | {keep_count(tokens, r['keep'])} | "
+        lines.append(f"| {_label(r)} | {r['keep']:.2f} | {keep_count(tokens, r['keep'])} | "
                      f"{r['prefill_flops'] / 1e9:.2f} | {r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['accuracy']:.3f} | {r.get('acc_colour', 0):.3f} | {r.get('acc_count', 0):.3f} | "
                      f"{r['rel_accuracy']:.3f} |")
@@ -259,14 +270,15 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
             f"`speed_model()` in the cache. {args.speed_requests} requests per setting, method visiondrop; stock "
             f"wall = faster of {walls(speed['stock'])}; prefill {sref['prefill_flops'] / 1e9:.1f} GFLOP.",
             "",
-            "| keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | wall cut / FLOP cut |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| drop | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | wall cut / FLOP cut |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in speed["rows"]:
-            lines.append(f"| {r['keep']:.2f} | {keep_count(stokens, r['keep'])} | {r['prefill_flops'] / 1e9:.1f} | "
+            where = "after the tower" if r.get("layer") is None else f"after tower layer {r['layer']}"
+            lines.append(f"| {where} | {r['keep']:.2f} | {keep_count(stokens, r['keep'])} | {r['prefill_flops'] / 1e9:.1f} | "
                          f"{r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
                          f"{r['speedup'] / r['flop_cut']:.2f} |")
-        wall_row = min(speed["rows"], key=lambda r: r["keep"])
+        wall_row = min(speed["rows"], key=lambda r: (r["keep"], r.get("layer") is not None))  # after the tower
     lines += [
         "",
         f"## Targets at keep {lowest}",
@@ -275,7 +287,7 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
         + (f"; at the realistic shape {wall_row['flop_cut']:.2f}x." if speed else "."),
         f"- Wall-time cut >= 0.8 x the FLOP cut{' (realistic shape)' if speed else ''}: {wall_row['speedup']:.2f}x vs "
         f"{0.8 * wall_row['flop_cut']:.2f}x — {'met' if wall_row['speedup'] >= 0.8 * wall_row['flop_cut'] else 'not met'}.",
-        f"- Accuracy >= 95% of the full-token run (best method, {best['method']}): {best['rel_accuracy']:.3f} — "
+        f"- Accuracy >= 95% of the full-token run (best method, {_label(best)}): {best['rel_accuracy']:.3f} — "
         f"{'met' if best['rel_accuracy'] >= 0.95 else 'not met'}.",
         "",
         f"![accuracy and cost vs keep ratio]({out.with_suffix('.png').name})",
@@ -301,6 +313,10 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
     print("\n".join(lines))
 
 
+def _label(row: dict) -> str:
+    return row["method"] if row.get("layer") is None else f"{row['method']} @ tower layer {row['layer']}"
+
+
 def _plot(rows, ref, png: Path, speed: dict | None) -> None:
     import matplotlib
 
@@ -308,9 +324,9 @@ def _plot(rows, ref, png: Path, speed: dict | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["keep"])
-        a1.plot([r["keep"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=method)
+    for label in dict.fromkeys(_label(r) for r in rows):
+        pts = sorted((r for r in rows if _label(r) == label), key=lambda r: r["keep"])
+        a1.plot([r["keep"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=label)
     a1.axhline(ref["accuracy"], color="grey", ls="--", label="stock vLLM")
     a1.set_xscale("log")
     a1.set_xlabel("visual_keep")
@@ -320,9 +336,11 @@ def _plot(rows, ref, png: Path, speed: dict | None) -> None:
     a2.plot([r["keep"] for r in pts], [r["flop_cut"] for r in pts], marker="o", label="prefill FLOP cut (tiny)")
     a2.plot([r["keep"] for r in pts], [r["speedup"] for r in pts], marker="s", label="wall-time cut (tiny)")
     if speed:
-        sp = sorted(speed["rows"], key=lambda r: r["keep"])
-        a2.plot([r["keep"] for r in sp], [r["flop_cut"] for r in sp], marker="o", ls="--", label="prefill FLOP cut (135M shape)")
-        a2.plot([r["keep"] for r in sp], [r["speedup"] for r in sp], marker="s", ls="--", label="wall-time cut (135M shape)")
+        for in_tower in (False, True):
+            sp = sorted((r for r in speed["rows"] if (r.get("layer") is not None) == in_tower), key=lambda r: r["keep"])
+            tag = "135M shape" + (", in tower" if in_tower else "")
+            a2.plot([r["keep"] for r in sp], [r["flop_cut"] for r in sp], marker="o", ls="--", label=f"prefill FLOP cut ({tag})")
+            a2.plot([r["keep"] for r in sp], [r["speedup"] for r in sp], marker="s", ls="--", label=f"wall-time cut ({tag})")
     a2.set_xscale("log")
     a2.set_xlabel("visual_keep")
     a2.set_ylabel("x vs stock vLLM")
