@@ -113,6 +113,7 @@ def test_serve_passes_early_rejection_defaults_to_the_server():
     (["--visual-keep", "0"], "--visual-keep: visual_keep must be in (0, 1]"),
     (["--visual-keep", "x"], "--visual-keep: visual_keep must be a number"),
     (["--visual-drop", "nope"], "--visual-drop: invalid choice"),
+    (["--visual-drop-layer", "-1"], "--visual-drop-layer: must be a non-negative integer"),
 ])
 def test_serve_checks_visual_defaults_before_starting(args, needle):
     r = flopwise("serve", "/no/such/model", *args, timeout=60)
@@ -122,9 +123,10 @@ def test_serve_checks_visual_defaults_before_starting(args, needle):
 def test_serve_trusts_only_flopwise_mm_kwargs_unless_told():
     from flopwise_serve.cli import serve_command
 
-    argv, env = serve_command("/m", [], visual_keep=0.25, visual_drop="uniform")
+    argv, env = serve_command("/m", [], visual_keep=0.25, visual_drop="uniform", visual_drop_layer=2)
     assert "--trust-request-mm-kwargs" in argv and env["FLOPWISE_MM_KWARGS_GATE"] == "1"
     assert env["FLOPWISE_VISUAL_KEEP"] == "0.25" and env["FLOPWISE_VISUAL_DROP"] == "uniform"
+    assert env["FLOPWISE_VISUAL_DROP_LAYER"] == "2"
     argv, env = serve_command("/m", ["--trust-request-mm-kwargs"])
     assert argv.count("--trust-request-mm-kwargs") == 1 and "FLOPWISE_MM_KWARGS_GATE" not in env
-    assert "FLOPWISE_VISUAL_KEEP" not in env
+    assert "FLOPWISE_VISUAL_KEEP" not in env and "FLOPWISE_VISUAL_DROP_LAYER" not in env
