@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flopwise.prm import ProcessRewardModel
+from flopwise.techniques import OptionError
 
 FIELD = "early_rejection"
 STOP_REASON = "early_rejection"
@@ -59,15 +60,8 @@ class EarlyRejectionConfig(BaseModel):
         return self.keep_count(live) < live
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A bad ``early_rejection`` object; ``field`` is the path of the offending field."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message, field)
-        self.message, self.field = message, field
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def parse_config(raw, prefix: str = FIELD) -> EarlyRejectionConfig:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from flopwise.techniques import OptionError
+
 KEEP_FIELD = "visual_keep"
 METHOD_FIELD = "visual_drop"
 LAYER_FIELD = "visual_drop_layer"
@@ -58,8 +60,9 @@ def method_names() -> list[str]:
 
 def get_scorer(name: str) -> VisualScorer:
     _load()
-    if name not in METHODS:
-        raise ValueError(f"unknown {METHOD_FIELD} method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    if not isinstance(name, str) or name not in METHODS:  # a JSON list or object is not hashable
+        raise VisualDropError(f"unknown {METHOD_FIELD} method {name!r}; choose one of {', '.join(sorted(METHODS))}",
+                              METHOD_FIELD)
     return METHODS[name]()
 
 
@@ -92,15 +95,8 @@ class VisualDropConfig(BaseModel):
         return cls(keep=keep, method=method_names()[int(code)], layer=None if layer < 0 else int(layer))
 
 
-class VisualDropError(ValueError):
+class VisualDropError(OptionError):
     """A bad visual-dropping option; ``field`` names it (``visual_keep``, ``visual_drop``, ``visual_drop_layer``)."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message, field)
-        self.message, self.field = message, field
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
@@ -119,17 +115,19 @@ def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
         raise VisualDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD)
     if not (0 < keep <= 1):  # NaN fails this too
         raise VisualDropError(f"{KEEP_FIELD} must be in (0, 1], got {keep}", KEEP_FIELD)
-    if method not in method_names():
-        raise VisualDropError(f"unknown {METHOD_FIELD} method {method!r}; choose one of {', '.join(method_names())}",
-                              METHOD_FIELD)
+    get_scorer(method)  # an unknown method raises, naming the field
     return VisualDropConfig(keep=float(keep), method=method, layer=layer)
 
 
+def _rounded(tokens: int, keep: float) -> int:
+    return int(math.floor(keep * tokens + 0.5))  # halves round up, unlike round()
+
+
 def keep_count(tokens: int, keep: float) -> int:
-    """Tokens kept of an image of ``tokens`` tokens: ``round(keep * tokens)``; zero is an error."""
+    """Tokens kept of an image of ``tokens`` tokens: ``keep * tokens`` rounded; zero is an error."""
     if keep >= 1.0:
         return tokens
-    k = int(math.floor(keep * tokens + 0.5))
+    k = _rounded(tokens, keep)
     if k < 1:
         raise VisualDropError(f"{KEEP_FIELD}={keep} keeps no token of an image of {tokens} tokens "
                               f"(needs at least {1 / tokens:.4f})", KEEP_FIELD)
@@ -141,7 +139,7 @@ def tokens_before(kept: int, keep: float) -> int:
     if keep >= 1.0:
         return kept
     n = max(kept, math.ceil((kept - 0.5) / keep) - 1)
-    while int(math.floor(keep * n + 0.5)) < kept:
+    while _rounded(n, keep) < kept:
         n += 1
     return n
 
