@@ -101,10 +101,13 @@ def keep_ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"visual_keep must be a number in (0, 1], got {text!r}") from None
 
 
-def _visual_methods() -> list[str]:
+def visual_method(text: str) -> str:
+    """A ``visual_drop`` method name; checked only when given, so building the parser imports no torch."""
     from flopwise.techniques.visual_drop import method_names
 
-    return method_names()
+    if text not in method_names():
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(method_names())})")
+    return text
 
 
 def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000,
@@ -136,9 +139,6 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
         argv += ["--trust-request-mm-kwargs"]
     argv += vllm_args
     env = hw.engine_env()
-    env.pop(MM_KWARGS_GATE_ENV, None)
-    if gate:
-        env[MM_KWARGS_GATE_ENV] = "1"
     # Endpoint plugins load only when named in VLLM_PLUGINS, which then also allow-lists general plugins.
     named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(named + list(PLUGIN_NAMES)))
@@ -148,7 +148,8 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
             env[key] = repr(float(value))
         else:
             env.pop(key, None)
-    for key, value in ((DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm),
+    for key, value in ((MM_KWARGS_GATE_ENV, "1" if gate else None),
+                       (DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm),
                        (DEFAULT_KEEP_ENV, None if visual_keep is None else repr(float(visual_keep))),
                        (DEFAULT_METHOD_ENV, visual_drop),
                        (DEFAULT_LAYER_ENV, None if visual_drop_layer is None else str(visual_drop_layer))):
@@ -256,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prm", default=None, help="default PRM for early rejection (verifier:arithmetic, head:chain-sum, or a dir)")
     s.add_argument("--visual-keep", type=keep_ratio, default=None,
                    help="VLMs: fraction of each image's tokens the LM sees, for requests that set no visual_keep")
-    s.add_argument("--visual-drop", choices=_visual_methods(), default=None,
-                   help="VLMs: how image tokens are chosen (default visiondrop)")
+    s.add_argument("--visual-drop", type=visual_method, default=None,
+                   help="VLMs: how image tokens are chosen: visiondrop (default), cls_attention, uniform, random")
     s.add_argument("--visual-drop-layer", type=non_negative_int, default=None,
                    help="LLaVA: drop inside the vision tower after this many layers (default: after the tower)")
 
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--model", default=None, help="LLaVA model dir (default: bench/models/tiny-llava-shapes)")
     bv.add_argument("--questions", type=positive_int, default=64)
     bv.add_argument("--keep", type=keep_ratio, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
-    bv.add_argument("--methods", choices=_visual_methods(), nargs="+", default=["visiondrop", "cls_attention", "uniform", "random"])
+    bv.add_argument("--methods", type=visual_method, nargs="+", default=["visiondrop", "cls_attention", "uniform", "random"])
     bv.add_argument("--reps", type=positive_int, default=2, help="timed runs per setting (the fastest counts)")
     bv.add_argument("--batch", type=positive_int, default=64, help="max_num_seqs of both engines")
     bv.add_argument("--speed-requests", type=non_negative_int, default=16,
