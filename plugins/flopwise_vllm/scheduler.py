@@ -131,6 +131,7 @@ class FlopwiseScheduler(Scheduler):
         self._early_finishes: list[tuple[int, EngineCoreOutput]] = []
         self._tokenizer = None
         self._newlines: frozenset[int] | None = None
+        self._image_drops: dict[str, list[tuple[int, int]]] = {}  # request id -> (offset, dropped) per image
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -180,7 +181,10 @@ class FlopwiseScheduler(Scheduler):
             return cost, cost
         # Visual token dropping: without it, the step holding an image's placeholders would have processed
         # its dropped tokens too, and every later position would sit that much further on.
-        drops = [(f.mm_position.offset, self.full_image_tokens(f) - f.mm_position.length) for f in request.mm_features]
+        drops = self._image_drops.get(request.request_id)
+        if drops is None:  # once per request: this runs every step
+            drops = self._image_drops[request.request_id] = [
+                (f.mm_position.offset, self.full_image_tokens(f) - f.mm_position.length) for f in request.mm_features]
         before = sum(d for offset, d in drops if offset < start)
         inside = sum(d for offset, d in drops if start <= offset < start + tokens)
         if not (before or inside):
@@ -389,6 +393,7 @@ class FlopwiseScheduler(Scheduler):
     def settle(self, request_id: str) -> dict | None:
         """Close a request's account into its group; the payload is the group's running total."""
         charge = self.flop_charges.pop(request_id, None)
+        self._image_drops.pop(request_id, None)
         if charge is None:
             return None
         g = self.group_ids.pop(request_id)
