@@ -4,14 +4,12 @@ reference (same kept tokens, same greedy answers), the ledger's charge, and ``fl
 import base64
 import gc
 import io
-import random
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
-from flopwise import shapes
 from flopwise.ledger import FlopModel
 from flopwise.techniques import visual_drop as vd
 

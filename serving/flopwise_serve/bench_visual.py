@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -58,10 +57,7 @@ def speed_model() -> str:
     return str(out)
 
 
-def _prompts(model: str, examples, keep: float | None, method: str | None, layer: int | None = None) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
+def _prompts(tok, examples, keep: float | None, method: str | None, layer: int | None = None) -> list[dict]:
     out = []
     for e in examples:
         text = tok.apply_chat_template([{"role": "user", "content": "<image>" + e.question}], tokenize=False,
@@ -96,11 +92,12 @@ def worker(spec: dict) -> dict:
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     ledger = FlopModel.from_pretrained(model)
     warm = shapes.dataset(4, seed=spec["seed"] + 1)
-    llm.generate(_prompts(model, warm, None, None), params, use_tqdm=False)  # warm-up
+    tok = llm.get_tokenizer()
+    llm.generate(_prompts(tok, warm, None, None), params, use_tqdm=False)  # warm-up
     rows = []
     for setting in spec["settings"]:
         keep, method = setting.get("keep"), setting.get("method")
-        prompts = _prompts(model, examples, keep, method, setting.get("layer"))
+        prompts = _prompts(tok, examples, keep, method, setting.get("layer"))
         walls = []
         for _ in range(spec["reps"]):
             t0 = time.perf_counter()
@@ -148,60 +145,43 @@ def bench_visual(args) -> int:
     log = out.with_suffix(".log")
     log.unlink(missing_ok=True)
     base = {"model": model, "questions": args.questions, "seed": 10_000, "reps": args.reps, "batch": args.batch}
-    half = _tower_layers(model) // 2  # in-tower dropping: halfway up the tower
-    settings = [{"method": m, "keep": k} for m in args.methods for k in args.keep]
-    settings += [{"method": "visiondrop", "keep": k, "layer": half} for k in args.keep if k < 1]
-    print(f"stock vLLM ({args.questions} questions) ...", flush=True)
-    stock = _run_worker({**base, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-    print(f"flopwise: {len(settings)} settings ...", flush=True)
-    rows = _run_worker({**base, "settings": settings}, False, log)
-    stock += _run_worker({**base, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-    ref = _reference(stock)
-    _relative(rows, ref)
+    print(f"{model}: stock vLLM, flopwise, stock vLLM ({args.questions} questions) ...", flush=True)
+    stock, ref, rows = _against_stock(base, _settings(model, args.methods, args.keep), log)
     speed = None
     if args.speed_requests:
         shape = speed_model()
-        sbase = {**base, "model": shape, "questions": args.speed_requests}
         print(f"speed at SmolLM2-135M shape: stock, flopwise ({len(args.keep)} ratios), stock ...", flush=True)
-        s_stock = _run_worker({**sbase, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-        s_half = _tower_layers(shape) // 2
-        s_settings = [{"method": "visiondrop", "keep": k} for k in args.keep]
-        s_settings += [{"method": "visiondrop", "keep": k, "layer": s_half} for k in args.keep if k < 1]
-        s_rows = _run_worker({**sbase, "settings": s_settings}, False, log)
-        s_stock += _run_worker({**sbase, "settings": [{"method": "stock", "keep": 1.0}]}, True, log)
-        s_ref = _reference(s_stock)
-        _relative(s_rows, s_ref)
+        s_stock, s_ref, s_rows = _against_stock({**base, "model": shape, "questions": args.speed_requests},
+                                                _settings(shape, ["visiondrop"], args.keep), log)
         speed = {"model": shape, "stock": s_stock, "ref": s_ref, "rows": s_rows}
     write_report(args, model, ref, stock, rows, out, speed)
     return 0
 
 
-def _tower_layers(model: str) -> int:
-    return FlopModel.from_pretrained(model).spec.vision.layers
+def _settings(model: str, methods: list[str], keeps: list[float]) -> list[dict]:
+    """Every method at every keep ratio, plus visiondrop dropping halfway up the vision tower."""
+    half = FlopModel.from_pretrained(model).spec.vision.layers // 2
+    settings = [{"method": m, "keep": k} for m in methods for k in keeps]
+    return settings + [{"method": "visiondrop", "keep": k, "layer": half} for k in keeps if k < 1]
+
+
+def _against_stock(base: dict, settings: list[dict], log: Path) -> tuple[list[dict], dict, list[dict]]:
+    """Stock vLLM, the flopwise engine over ``settings``, stock vLLM again: (stock runs, reference, rows)."""
+    stock_run = {**base, "settings": [{"method": "stock", "keep": 1.0}]}
+    stock = _run_worker(stock_run, True, log)
+    rows = _run_worker({**base, "settings": settings}, False, log)
+    stock += _run_worker(stock_run, True, log)
+    ref = _reference(stock)
+    for r in rows:
+        r["flop_cut"] = ref["prefill_flops"] / r["prefill_flops"]
+        r["speedup"] = ref["wall_s"] / r["wall_s"]
+        r["rel_accuracy"] = r["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan")
+    return stock, ref, rows
 
 
 def _reference(stock: list[dict]) -> dict:
     """Stock vLLM's figures: its first run's, with the faster wall time of its runs."""
     return {**stock[0], "wall_s": min(r["wall_s"] for r in stock)}
-
-
-def _relative(rows: list[dict], ref: dict) -> None:
-    for r in rows:
-        r["flop_cut"] = ref["prefill_flops"] / r["prefill_flops"]
-        r["speedup"] = ref["wall_s"] / r["wall_s"]
-        r["rel_accuracy"] = r["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan")
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, dtype {hw.default_dtype()}"
 
 
 def rewrite_report(out: Path = Path("bench/results/visual.md"), **arg_values) -> None:
@@ -225,7 +205,7 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
     lines = [
         "# Visual token dropping: prefill FLOPs, wall time and accuracy vs stock vLLM",
         "",
-        f"- Hardware: {_hardware()}; {_versions()}.",
+        f"- Hardware: {hw.describe()}; {_versions()}.",
         f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x {v['hidden_size']}, "
         f"{tokens} image tokens per image; Llama LM {cfg['text_config']['num_hidden_layers']} layers x "
         f"{cfg['text_config']['hidden_size']}), trained by `bench/scripts/train_tiny_vlm.py` on `flopwise.shapes` "

@@ -35,13 +35,12 @@ def _splice(ids: torch.Tensor, image_id: int, kept: int) -> torch.Tensor:
 def _tower_with_drop(model, pixel_values, config: vd.VisualDropConfig):
     """LLaVA's CLIP tower with the image tokens dropped after ``config.layer`` layers: the layers up to the
     one the projector reads, the later ones on the class token + the kept tokens. Returns the tower's
-    output for the kept tokens and ``arange`` over them (they are already the kept ones)."""
-    cfg = model.config
+    output for the kept tokens and their indices among the image's tokens."""
+    from flopwise.ledger import FlopModel
+
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)
-    total = len(tower.encoder.layers)
-    feature = cfg.vision_feature_layer
-    run = total + feature + 1 if feature < 0 else feature
+    run = FlopModel.from_pretrained(model.config.to_dict()).spec.vision.layers  # up to the layer LLaVA reads
     x = tower.pre_layrnorm(tower.embeddings(pixel_values))
     for block in tower.encoder.layers[:config.layer]:
         x = block(x, None)
@@ -49,7 +48,7 @@ def _tower_with_drop(model, pixel_values, config: vd.VisualDropConfig):
     x = torch.cat([x[:, :1], x[:, 1:][:, idx]], dim=1)
     for block in tower.encoder.layers[config.layer:run]:
         x = block(x, None)
-    return x[0, 1:], torch.arange(len(idx))  # hidden_states carry no post-norm; LLaVA reads them as they are
+    return x[0, 1:], idx  # hidden_states carry no post-norm; LLaVA reads them as they are
 
 
 @torch.no_grad()
@@ -63,13 +62,14 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         cfg = model.config
         image_id = cfg.image_token_index
         if config.layer is not None and config.active:
-            tokens, kept = _tower_with_drop(model, inputs["pixel_values"].to(dtype), config)
+            selected, kept = _tower_with_drop(model, inputs["pixel_values"].to(dtype), config)
         else:
             hidden = model.model.vision_tower(inputs["pixel_values"].to(dtype), output_hidden_states=True).hidden_states
             feats = hidden[cfg.vision_feature_layer][0]
             cls, tokens = (feats[0], feats[1:]) if cfg.vision_feature_select_strategy == "default" else (None, feats)
             kept = vd.keep_indices(tokens, config, cls)
-        image_embeds = model.model.multi_modal_projector(tokens[kept])
+            selected = tokens[kept]
+        image_embeds = model.model.multi_modal_projector(selected)
         positions, delta = None, 0
     elif arch == "Qwen2VLForConditionalGeneration":
         cfg = model.config
