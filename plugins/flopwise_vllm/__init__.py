@@ -15,6 +15,8 @@ logger = logging.getLogger("flopwise")
 
 SUPPORTED_VLLM = "0.32.0"
 SCHEDULER_CLS = "flopwise_vllm.scheduler.FlopwiseScheduler"
+# KV token dropping (flopwise_vllm.kv): the CPU attention backend and worker it replaces.
+KV_BACKEND_CLS = "flopwise_vllm.kv.FlopwiseCPUAttentionBackend"
 # Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual).
 VISUAL_MODELS = {
     "LlavaForConditionalGeneration": "flopwise_vllm.visual:FlopwiseLlava",
@@ -48,6 +50,20 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.model_executor.models.llava", "LlavaForConditionalGeneration.embed_multimodal", ()),
     ("vllm.model_executor.models.qwen2_vl", "Qwen2VLForConditionalGeneration.get_mrope_input_positions",
      ("input_tokens", "mm_features")),
+    # KV token dropping (flopwise_vllm.kv)
+    ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
+     ("common_prefix_len", "common_attn_metadata")),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward", ("layer", "query", "key", "value",
+     "kv_cache", "attn_metadata", "output")),
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata", ("block_table_tensor", "seq_lens", "query_start_loc_cpu")),
+    ("vllm._custom_ops", "cpu_attn_reshape_and_cache", ("key", "value", "key_cache", "value_cache", "slot_mapping")),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", ()),
+    ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("scheduler_output",)),
+    ("vllm.v1.core.sched.output", "SchedulerOutput", ("finished_req_ids", "preempted_req_ids")),
+    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager._remove_blocks_in_range",
+     ("request_id", "first_block", "last_block")),
+    ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("block",)),
 )
 
 _registered = False
@@ -104,5 +120,10 @@ def register() -> None:
     # "module:Class" string so nothing heavy is imported until vLLM loads one of these models.
     for arch, cls in VISUAL_MODELS.items():
         ModelRegistry.register_model(arch, cls)
+    # KV token dropping: CPU attention that can read only a request's kept positions (stock with no drop
+    # in flight). The worker that feeds it is set by the platform plugin (flopwise_vllm.platform).
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, KV_BACKEND_CLS)
     _registered = True
     logger.debug("flopwise plugin registered (vLLM %s)", _vllm_version())

@@ -27,6 +27,7 @@ def _get() -> dict[str, Counter]:
                 "engine": Counter("flopwise_engine_flops", "All FLOPs the engine computed, aborted requests included (updated as requests finish)."),
                 "capped": Counter("flopwise_requests_capped", "Requests stopped mid-generation by their FLOP budget."),
                 "refused": Counter("flopwise_requests_refused", "Requests refused at admission: bad flop_budget or a prefill that cannot fit."),
+                "kv_dropped": Counter("flopwise_kv_dropped_tokens", "Prompt tokens whose KV was dropped after prefill (KV dropping)."),
             }
         return _metrics
 
@@ -46,6 +47,8 @@ def observe(usage: dict[str, int], engine_total: int, capped: bool = False) -> N
     m["baseline"].inc(usage["dense_baseline"])
     m["saved"].inc(max(0, usage["dense_baseline"] - usage["total"]))
     m["requests"].inc()
+    if "kv" in usage:
+        m["kv_dropped"].inc(usage["kv"]["dropped_tokens"])
     with _lock:
         delta, _engine_seen = max(0, engine_total - _engine_seen), max(_engine_seen, engine_total)
     m["engine"].inc(delta)

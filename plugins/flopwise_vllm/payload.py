@@ -38,12 +38,17 @@ class FlopTotals:
 
     def usage(self) -> dict[str, float]:
         """``usage.flops``: prompt, completion, total and dense_baseline summed over groups (+ budget if set,
-        + vision and language for image requests)."""
+        + vision and language for image requests, + kv, attention and kv_scoring with KV dropping)."""
         usage = {k: sum(p[k] for p in self.groups.values()) for k in USAGE_FIELDS}
         vision = sum(p.get("components", {}).get("vision", 0) for p in self.groups.values())
         if vision:  # image requests: the vision tower's part and the language model's (PRM scoring excluded)
             usage["vision"] = vision
             usage["language"] = usage["prompt"] + usage["completion"] - vision
+        kv = [p["kv"] for p in self.groups.values() if "kv" in p]
+        if kv:  # KV dropping: what was kept, and the attention it left (scoring charged apart)
+            usage["kv"] = {k: sum(d[k] for d in kv) for k in kv[0]}
+            for part in ("attention", "kv_scoring"):
+                usage[part] = sum(p.get("components", {}).get(part, 0) for p in self.groups.values())
         if any("prm" in p for p in self.groups.values()):
             usage["prm"] = sum(p.get("prm", 0) for p in self.groups.values())
         budgets = [p["budget"] for p in self.groups.values() if "budget" in p]

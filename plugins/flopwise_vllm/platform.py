@@ -5,10 +5,11 @@ plugins which platform to use, and this one answers with a subclass of the CPU p
 picked anyway. The subclass changes two things:
 
 * ``check_and_update_config``: when no ``--scheduler-cls`` was given, the model is a generator and the
-  ledger can cost its architecture, the scheduler becomes :class:`flopwise_vllm.scheduler.FlopwiseScheduler`.
+  ledger can cost its architecture, the scheduler becomes :class:`flopwise_vllm.scheduler.FlopwiseScheduler`
+  (and, unless ``--worker-cls`` was given, the worker :class:`flopwise_vllm.kv.FlopwiseCPUWorker`).
   An architecture the ledger does not know is served exactly as stock vLLM would, with a warning.
-* ``validate_request``: a malformed ``flop_budget`` or ``early_rejection`` (a JSON string) in ``vllm_xargs``
-  is refused in the front end.
+* ``validate_request``: a malformed ``flop_budget``, ``early_rejection`` (a JSON string) or KV-dropping
+  option (``kv_policy``, ``kv_keep``, ``kv_keep_tokens``) in ``vllm_xargs`` is refused in the front end.
 
 Opt out with ``FLOPWISE_SCHEDULER=0`` (or ``VLLM_TARGET_DEVICE=cpu``, which makes vLLM skip platform
 plugins).
@@ -23,6 +24,7 @@ from vllm.platforms.cpu import CpuPlatform
 
 from flopwise.budget import FIELD, BudgetError, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
+from flopwise.techniques import kv_drop as kd
 
 logger = logging.getLogger("flopwise")
 PLATFORM_CLS = "flopwise_vllm.platform.FlopwiseCpuPlatform"
@@ -52,14 +54,18 @@ class FlopwiseCpuPlatform(CpuPlatform):
         from flopwise_vllm import SCHEDULER_CLS
 
         sched, model = vllm_config.scheduler_config, vllm_config.model_config
-        if sched.scheduler_cls is not None or model is None or getattr(model, "runner_type", "generate") != "generate":
-            return
-        try:
-            FlopModel.from_pretrained(model.hf_config.to_dict())
-        except LedgerError as e:
-            logger.warning("flopwise: %s; serving without FLOP charging or budgets", e)
-            return
-        sched.scheduler_cls = SCHEDULER_CLS
+        if sched.scheduler_cls is None and model is not None and getattr(model, "runner_type", "generate") == "generate":
+            try:
+                FlopModel.from_pretrained(model.hf_config.to_dict())
+                sched.scheduler_cls = SCHEDULER_CLS
+            except LedgerError as e:
+                logger.warning("flopwise: %s; serving without FLOP charging or budgets", e)
+        if sched.scheduler_cls == SCHEDULER_CLS:
+            from flopwise_vllm.kv import STOCK_WORKER, WORKER_CLS
+
+            parallel = vllm_config.parallel_config
+            if parallel.worker_cls == STOCK_WORKER:  # KV dropping: the worker tells attention each step's drops
+                parallel.worker_cls = WORKER_CLS
 
     @classmethod
     def validate_request(cls, processed_inputs, params) -> None:
@@ -72,6 +78,13 @@ class FlopwiseCpuPlatform(CpuPlatform):
                 parse_budget(extra[FIELD], max_budget())
             except BudgetError as e:
                 raise VLLMValidationError(str(e), parameter=FIELD, value=extra[FIELD]) from None
+        if extra and any(name in extra for name in kd.FIELDS):
+            from vllm.exceptions import VLLMValidationError
+
+            try:
+                kd.from_extra(extra)
+            except kd.KVDropError as e:
+                raise VLLMValidationError(f"vllm_xargs: {e}", parameter=e.field, value=extra.get(e.field)) from None
         if extra and "early_rejection" in extra:
             from vllm.exceptions import VLLMValidationError
 

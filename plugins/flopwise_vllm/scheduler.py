@@ -16,6 +16,11 @@ stop_reason ``flop_budget``.
 
 Early rejection (``extra_args["early_rejection"]``, see :mod:`flopwise_vllm.rejection`) holds a group's
 children at each checkpoint until all have reached it, scores them with a PRM and finishes the weak ones.
+
+KV dropping (``extra_args["kv_policy"/"kv_keep"/"kv_keep_tokens"]``, see :mod:`flopwise_vllm.kv`): when a
+request's last prefill chunk is scheduled, the scheduler fixes its layout (blocks it shares with another
+request stay protected), takes the blocks about to be rewritten out of the prefix cache and sends the job
+to the worker; after that step it frees the emptied blocks and charges later steps on the kept context.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from vllm.v1.request import Request, RequestStatus
 
 from flopwise.budget import FIELD, STOP_REASON, BudgetError, BudgetState, Policy, next_step_bound, parse_budget
 from flopwise.ledger import Breakdown, FlopModel
+from flopwise.ledger.cost import context_sum
 from flopwise.techniques import early_rejection as er
+from flopwise.techniques import kv_drop as kd
 from flopwise.techniques import visual_drop as vd
 from flopwise.techniques.early_rejection import survivors
+from flopwise_vllm.kv import OUTPUT_ATTR, KVJob
 from flopwise_vllm.payload import PAYLOAD_KEY
 from flopwise_vllm.rejection import Rejection, parse_config
 
@@ -72,6 +80,7 @@ class Charge:
     completion: Breakdown = field(default_factory=Breakdown)
     dense_baseline: int = 0  # the same work with no flopwise technique on
     requests: int = 0
+    kv: dict[str, int] = field(default_factory=dict)  # KV dropping: prompt / kept / dropped tokens
 
     @property
     def total(self) -> int:
@@ -82,6 +91,19 @@ class Charge:
         self.completion += other.completion
         self.dense_baseline += other.dense_baseline
         self.requests += other.requests
+        for k, v in other.kv.items():
+            self.kv[k] = self.kv.get(k, 0) + v
+
+
+@dataclass
+class KVState:
+    """A request's KV dropping: its options, where its prefill started, the layout once dropped."""
+
+    config: kd.KVDropConfig
+    first: int | None = None  # tokens computed before its first prefill chunk (prefix-cache hits)
+    layout: kd.Layout | None = None  # sent to the worker with the last prefill chunk
+    applied: bool = False  # the step ran: later steps attend to the kept context only
+    stashed: bool = False  # earlier prefill chunks were sent to the worker to keep
 
 
 @dataclass
@@ -107,6 +129,8 @@ class Group:
             "components": (c.prompt + c.completion).as_dict(),
             "engine_total": engine_total,
         }
+        if c.kv:
+            out["kv"] = dict(c.kv)
         if self.rejection is not None:
             out.update(prm=prm, early_rejection=self.rejection.stats())
         if self.budget is not None:
@@ -132,6 +156,10 @@ class FlopwiseScheduler(Scheduler):
         self._tokenizer = None
         self._newlines: frozenset[int] | None = None
         self._image_drops: dict[str, list[tuple[int, int]]] = {}  # request id -> (offset, dropped) per image
+        self._kv: dict[str, KVState] = {}
+        windowed = any(layer.window is not None for layer in self.flop_model.spec.layers)
+        # KV dropping rewrites the CPU attention backend's block tables; a sliding window already limits reads.
+        self.kv_supported = not windowed and vllm_config.cache_config.cache_dtype in ("auto", None)
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -147,6 +175,9 @@ class FlopwiseScheduler(Scheduler):
         if config is not None:
             group.rejection = group.rejection or Rejection(config)
             group.rejection.started += 1
+        kv = self._kv_of(request)
+        if kv is not None:
+            self._kv[request.request_id] = KVState(kv)
         if self.budget_policy is Policy.SMALLEST_BUDGET:
             # vLLM's priority queue (--scheduling-policy priority) admits lower values first.
             request.priority = int(min(budget, 2**62)) if budget is not None else 2**62
@@ -173,10 +204,28 @@ class FlopwiseScheduler(Scheduler):
             logger.warning("request %s: ignoring early_rejection: %s", request.request_id, e)
             return None
 
+    def _kv_of(self, request: Request) -> kd.KVDropConfig | None:
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        try:
+            config = kd.from_extra(extra)
+        except kd.KVDropError as e:  # the front end validates first
+            logger.warning("request %s: ignoring KV dropping: %s", request.request_id, e)
+            return None
+        if config is not None and not self.kv_supported:
+            logger.warning("request %s: KV dropping needs full attention and an unquantized KV cache; ignored",
+                           request.request_id)
+            return None
+        return config
+
     # -- charging ------------------------------------------------------------------------------------
     def step_cost(self, request: Request, start: int, tokens: int, logits: int) -> tuple[Breakdown, Breakdown]:
         """(charged, dense baseline) FLOPs of ``tokens`` tokens of ``request`` from position ``start``."""
         cost = self.flop_model.forward(tokens, start=start, logits=logits)
+        kv = self._kv.get(request.request_id)
+        if kv is not None and kv.applied and start >= kv.layout.prompt:
+            # Each token attends to its context less the dropped tokens.
+            context = context_sum(start, tokens) - tokens * kv.layout.dropped_tokens
+            return self.flop_model.forward(tokens, start=start, logits=logits, context=context), cost
         if not request.mm_features:
             return cost, cost
         # Visual token dropping: without it, the step holding an image's placeholders would have processed
@@ -365,9 +414,74 @@ class FlopwiseScheduler(Scheduler):
         if self.flop_model.spec.vision is not None:
             for rid, inputs in out.scheduled_encoder_inputs.items():
                 self.charge_encoder(self.requests[rid], inputs)
+        if self._kv:
+            self.plan_kv(out)
         return out
 
+    # -- KV dropping ---------------------------------------------------------------------------------
+    def plan_kv(self, out: SchedulerOutput) -> None:
+        """Attach this step's KV jobs to the scheduler output (see :mod:`flopwise_vllm.kv`)."""
+        for rid in out.preempted_req_ids or ():
+            if rid in self._kv:  # its blocks are gone; it prefills (and drops) again
+                self._kv[rid] = KVState(self._kv[rid].config)
+        jobs: dict[str, KVJob] = {}
+        for rid, n in out.num_scheduled_tokens.items():
+            kv = self._kv.get(rid)
+            request = self.requests[rid]
+            prompt = request.num_prompt_tokens
+            if kv is None or request.num_computed_tokens - n >= prompt:
+                continue
+            if kv.first is None:
+                kv.first = request.num_computed_tokens - n
+            protected = -(-kv.first // self.block_size)  # a partly hit block is not ours to rewrite
+            if request.num_computed_tokens < prompt:  # an earlier chunk: the worker stashes it
+                if kd.layout(kv.config, prompt, self.block_size, protected).active:
+                    jobs[rid] = KVJob(kv.config.policy, kv.first, prompt)
+                    kv.stashed = True
+                continue
+            blocks = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[rid]
+            for i in range(protected, min(prompt // self.block_size, len(blocks))):
+                if blocks[i].ref_cnt > 1:  # shared with another request: never dropped under it
+                    protected = i + 1
+            lay = kd.layout(kv.config, prompt, self.block_size, protected)
+            if not lay.active:
+                if kv.stashed:  # nothing to drop after all (shared blocks): the worker lets its stash go
+                    jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
+                continue
+            # The region's blocks leave the prefix cache: the kept ones are about to be rewritten, and the
+            # dropped ones, freed after this step, could never be hit past them (hits are prefix chains).
+            # Unhashed, freed blocks are the first the pool hands out again.
+            for block in blocks[lay.protected:lay.full]:
+                self.kv_cache_manager.block_pool._maybe_evict_cached_block(block)
+            kv.layout = lay
+            jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
+            if not lay.kept:  # the whole region goes: nothing is scored
+                continue
+            policy = kd.get_policy(kv.config.policy)
+            scoring = Breakdown()
+            for layer in self.flop_model.spec.layers:
+                scoring.add("kv_scoring", policy.scoring_flops(prompt - kv.first, layer.q_heads, layer.head_dim))
+            self._book(request, self.flop_charges[rid].prompt, scoring, 0)
+        if jobs:
+            setattr(out, OUTPUT_ATTR, jobs)
+
+    def apply_kv(self, scheduler_output) -> None:
+        """After the step that dropped: the region's emptied blocks go back to the pool."""
+        for rid, job in (getattr(scheduler_output, OUTPUT_ATTR, None) or {}).items():
+            kv, lay = self._kv.get(rid), job.layout
+            if kv is None or lay is None or not lay.active or kv.layout is not lay:
+                continue
+            for manager in self.kv_cache_manager.coordinator.single_type_managers:
+                manager._remove_blocks_in_range(rid, lay.protected + lay.kept, lay.full)
+            kv.applied = True
+            charge = self.flop_charges.get(rid)
+            if charge is not None:
+                charge.kv = {"prompt_tokens": lay.prompt, "kept_tokens": lay.kept_tokens,
+                             "dropped_tokens": lay.dropped_tokens, "dropped_blocks": lay.dropped_blocks}
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        if self._kv:
+            self.apply_kv(scheduler_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         # Requests stopped by the budget gate or rejected never reached the model: emit their final outputs here,
         # the way vLLM emits requests it finishes with an error.
@@ -394,6 +508,7 @@ class FlopwiseScheduler(Scheduler):
         """Close a request's account into its group; the payload is the group's running total."""
         charge = self.flop_charges.pop(request_id, None)
         self._image_drops.pop(request_id, None)
+        self._kv.pop(request_id, None)
         if charge is None:
             return None
         g = self.group_ids.pop(request_id)

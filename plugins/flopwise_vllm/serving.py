@@ -1,5 +1,5 @@
 """flopwise additions to vLLM's OpenAI chat and completion handlers: ``flop_budget``, ``early_rejection``,
-``visual_keep`` / ``visual_drop``, ``usage.flops``, metrics.
+``visual_keep`` / ``visual_drop``, ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens``, ``usage.flops``, metrics.
 
 The handlers vLLM builds are re-classed (in :mod:`flopwise_vllm.endpoint`) to subclasses that mix in
 the classes below, so every vLLM feature (streaming, tools, n>1, logprobs) stays vLLM's own. The mixins
@@ -20,6 +20,7 @@ from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
 from flopwise.prm import PRMError
 from flopwise.techniques import early_rejection as er
+from flopwise.techniques import kv_drop as kd
 from flopwise.techniques import visual_drop as vd
 from flopwise_vllm import metrics
 from flopwise_vllm.payload import FlopTotals, take_payload
@@ -194,6 +195,32 @@ def visual_options(request) -> vd.VisualDropConfig | None:
     return config
 
 
+def kv_options(request, flop_model: FlopModel) -> kd.KVDropConfig | None:
+    """Validate ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens`` (top level, or in ``vllm_xargs``) and forward
+    them in ``vllm_xargs``; raises ValueError(message, field). None: no KV dropping asked for."""
+    extra = request.model_extra or {}
+    xargs = dict(request.vllm_xargs or {})
+    found = {}
+    for name in kd.FIELDS:
+        for where, source in ((name, extra), (f"vllm_xargs.{name}", xargs)):
+            if source.get(name) is not None:
+                found.setdefault(name, (where, source[name]))
+    if not found:
+        return None
+    try:
+        config = kd.parse_options(*(found.get(name, (None, None))[1] for name in kd.FIELDS))
+    except kd.KVDropError as e:
+        raise ValueError(str(e), found.get(e.field, (e.field,))[0]) from None
+    if config.active and any(layer.window is not None for layer in flop_model.spec.layers):
+        where = found.get(kd.KEEP_FIELD, found.get(kd.TOKENS_FIELD, found.get(kd.POLICY_FIELD)))[0]
+        raise ValueError(f"{where}: KV dropping needs full attention; {flop_model.spec.architecture} "
+                         "uses a sliding window", where)
+    for name in kd.FIELDS:
+        xargs.pop(name, None)
+    request.vllm_xargs = {**xargs, **config.as_extra()}
+    return config
+
+
 class BudgetMixin:
     """Validates ``flop_budget`` and refuses what cannot fit, before any response (or stream) starts.
 
@@ -219,9 +246,11 @@ class BudgetMixin:
         return None
 
     def _apply_options(self, request, engine_inputs):
-        """Validate ``flop_budget`` and ``early_rejection`` and forward them in ``vllm_xargs``; an error or None."""
+        """Validate ``flop_budget``, ``early_rejection`` and the KV options and forward them in ``vllm_xargs``;
+        an error or None."""
         try:
             config = rejection_config(request)
+            kv_options(request, self._flop_model())
         except ValueError as e:
             return _bad_request(self, e.args[0], e.args[1])
         if config is not None:

@@ -114,8 +114,10 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
                   default_budget: float | None = None, max_budget: float | None = None,
                   policy: str = "fifo", early_rejection: str | None = None,
                   prm: str | None = None, visual_keep: float | None = None,
-                  visual_drop: str | None = None, visual_drop_layer: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """The vLLM server command line and environment ``flopwise serve`` runs."""
+                  visual_drop: str | None = None, visual_drop_layer: int | None = None,
+                  kv: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment ``flopwise serve`` runs. ``kv``: the KV-dropping
+    defaults as env entries (:func:`kv_defaults`)."""
     from flopwise.budget import Policy
     from flopwise_vllm import PLUGIN_NAMES, SCHEDULER_CLS
     from flopwise_vllm.platform import MAX_BUDGET_ENV
@@ -152,12 +154,34 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
                        (DEFAULT_REJECTION_ENV, early_rejection), (DEFAULT_PRM_ENV, prm),
                        (DEFAULT_KEEP_ENV, None if visual_keep is None else repr(float(visual_keep))),
                        (DEFAULT_METHOD_ENV, visual_drop),
-                       (DEFAULT_LAYER_ENV, None if visual_drop_layer is None else str(visual_drop_layer))):
+                       (DEFAULT_LAYER_ENV, None if visual_drop_layer is None else str(visual_drop_layer)),
+                       *kv_defaults(None, None, None).items(), *(kv or {}).items()):
         if value is not None:
             env[key] = value
         else:
             env.pop(key, None)
     return argv, env
+
+
+def kv_defaults(policy: str | None, keep: float | None, tokens: int | None) -> dict[str, str | None]:
+    """``--kv-policy`` / ``--kv-keep`` / ``--kv-keep-tokens`` checked like a request's fields, as the env the
+    engine reads its defaults from; raises ValueError naming the flag."""
+    from flopwise.techniques import kv_drop as kd
+
+    env: dict[str, str | None] = {kd.DEFAULT_POLICY_ENV: None, kd.DEFAULT_KEEP_ENV: None, kd.DEFAULT_TOKENS_ENV: None}
+    if policy is None and keep is None and tokens is None:
+        return env
+    try:
+        config = kd.parse_options(policy or kd.DEFAULT_POLICY, keep if keep is not None or tokens is not None else 1.0,
+                                  tokens)
+    except kd.KVDropError as e:
+        raise ValueError(f"--{e.field.replace('_', '-')}: {e}") from None
+    env[kd.DEFAULT_POLICY_ENV] = config.policy
+    if config.tokens is not None:
+        env[kd.DEFAULT_TOKENS_ENV] = str(config.tokens)
+    else:
+        env[kd.DEFAULT_KEEP_ENV] = repr(config.keep)
+    return env
 
 
 def rejection_default(text: str | None, prm: str | None) -> str | None:
@@ -193,11 +217,12 @@ def cmd_serve(args, rest: list[str]) -> int:
         model = resolve_model(args.model)
         FlopModel.from_pretrained(model)  # an architecture the ledger cannot cost is refused up front
         rejection = rejection_default(args.early_rejection, args.prm)
+        kv = kv_defaults(args.kv_policy, args.kv_keep, args.kv_keep_tokens)
     except (LedgerError, ModelNotFound, ValueError) as e:
         return fail("serve", str(e))
     argv, env = serve_command(model, rest, args.host, args.port, args.default_flop_budget, args.max_flop_budget,
                               args.budget_policy, rejection, args.prm, args.visual_keep, args.visual_drop,
-                              args.visual_drop_layer)
+                              args.visual_drop_layer, kv)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # same PID: whoever started `flopwise serve` can stop the server
     return 0
@@ -261,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VLMs: how image tokens are chosen: visiondrop (default), cls_attention, uniform, random")
     s.add_argument("--visual-drop-layer", type=non_negative_int, default=None,
                    help="LLaVA: drop inside the vision tower after this many layers (default: after the tower)")
+    s.add_argument("--kv-policy", default=None,
+                   help="KV dropping policy for requests that set none: snapkv (default), streaming_llm, h2o, knorm, random")
+    s.add_argument("--kv-keep", type=float, default=None,
+                   help="fraction of each prompt's KV kept after prefill, for requests that set no kv_keep")
+    s.add_argument("--kv-keep-tokens", type=positive_int, default=None,
+                   help="token budget for each prompt's KV instead of --kv-keep")
 
     bt = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
                         description="Any option not listed here is passed to the vLLM engine unchanged.")

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from flopwise.ledger.spec import LayerSpec, LedgerError, ModelSpec, VisionSpec, parse_spec
 
-COMPONENTS = ("qkv", "attention", "o_proj", "mlp", "router", "experts", "shared_experts", "lm_head", "vision")
+COMPONENTS = ("qkv", "attention", "o_proj", "mlp", "router", "experts", "shared_experts", "lm_head", "vision",
+              "kv_scoring")
 
 
 @dataclass
@@ -202,20 +203,27 @@ class FlopModel:
         return self.spec.vision.tokens_per_image
 
     # -- a whole request ---------------------------------------------------------------------------
-    def request(self, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0, images: int = 0) -> RequestCost:
+    def request(self, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0, images: int = 0,
+                kv_dropped: int = 0) -> RequestCost:
         """Cost of generating ``output_tokens`` from ``prompt_tokens`` text tokens plus ``images`` images.
 
         Each image adds its placeholder tokens to the prompt. ``cached_tokens`` prompt tokens were
         prefix-cache hits and are not recomputed (vLLM always recomputes at least the last one).
+        ``kv_dropped`` prompt tokens' KV was dropped after prefill: decode attends to that many fewer.
         """
         _check_count("prompt_tokens", prompt_tokens, 1)
         _check_count("output_tokens", output_tokens, 1)
         _check_count("cached_tokens", cached_tokens, 0)
         _check_count("images", images, 0)
+        _check_count("kv_dropped", kv_dropped, 0)
         P = prompt_tokens + (images * self.tokens_per_image if images else 0)
         if cached_tokens >= P:
             raise LedgerError(f"cached_tokens must be < the prompt length {P}, got {cached_tokens}")
+        if kv_dropped >= P:
+            raise LedgerError(f"kv_dropped must be < the prompt length {P}, got {kv_dropped}")
         prefill = self.forward(P - cached_tokens, start=cached_tokens, logits=1) + self.vision(images)
         # The O-1 decode steps process positions P..P+O-2; one closed form covers them all.
-        decode = self.forward(output_tokens - 1, start=P, logits=output_tokens - 1)
+        O = output_tokens - 1
+        context = context_sum(P, O) - O * kv_dropped if kv_dropped else None
+        decode = self.forward(O, start=P, logits=O, context=context)
         return RequestCost(P, output_tokens, cached_tokens, images, prefill, decode)

@@ -1,0 +1,211 @@
+"""KV token dropping inside vLLM's paged cache (CPU attention backend + CPU worker).
+
+The scheduler (:class:`flopwise_vllm.scheduler.FlopwiseScheduler`) decides, per request, *where*: when a
+request's last prefill chunk is scheduled it fixes the :class:`flopwise.techniques.kv_drop.Layout`
+(protected prefix-cache blocks, the compressible region, how many blocks stay), takes the blocks about to
+be rewritten out of the prefix cache, and sends a :class:`KVJob` to the worker on the scheduler output
+(``SchedulerOutput.flopwise_kv``). After that step it returns the region's emptied blocks to the pool.
+
+The worker side, here, decides *what*, layer by layer, in the forward pass that completes the prompt:
+
+* :class:`FlopwiseCPUAttentionImpl` runs stock attention (the prompt sees its whole context), then scores
+  the prompt's tokens with the policy and writes each KV head's kept keys/values compacted into the
+  region's first blocks, through the kernel's own cache writer (so the ISA-specific block layout is
+  respected). Earlier prefill chunks of such a request are stashed so the last one sees the whole prompt.
+* :class:`FlopwiseCPUAttentionMetadataBuilder` rewrites, for every later step, that request's
+  block-table row to [protected + kept blocks, tail blocks] and shortens its ``seq_len`` by the dropped
+  tokens, before the kernel's scheduler metadata is built: attention reads only kept positions, never a
+  freed block. Positions (RoPE, slot mapping) stay the original ones.
+* :class:`FlopwiseCPUWorker` gives the builder the runner's row order and takes each step's jobs.
+
+The backend replaces ``CPU_ATTN`` (``register_backend`` from :func:`flopwise_vllm.register`); with no job
+in flight it is stock vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from flopwise.techniques import kv_drop as kd
+
+BACKEND_CLS = "flopwise_vllm.kv.FlopwiseCPUAttentionBackend"
+WORKER_CLS = "flopwise_vllm.kv.FlopwiseCPUWorker"
+STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+OUTPUT_ATTR = "flopwise_kv"  # SchedulerOutput attribute carrying {request id: KVJob}
+
+
+@dataclass(frozen=True)
+class KVJob:
+    """One request's drop, sent with each of its prefill steps. ``layout`` is set on the last one."""
+
+    policy: str
+    first: int  # the first position this request computes (after its prefix-cache hits)
+    prompt: int
+    layout: kd.Layout | None = None
+
+
+@dataclass
+class _Task:
+    request_id: str
+    q0: int  # the row's tokens in this step's batch
+    q1: int
+    job: KVJob
+    blocks: torch.Tensor | None  # the row's block ids (the last chunk only)
+
+
+@dataclass
+class WorkerState:
+    """Per worker process: the runner (for row order), this step's jobs, the compacted requests."""
+
+    runner: object | None = None
+    jobs: dict[str, KVJob] = field(default_factory=dict)
+    layouts: dict[str, kd.Layout] = field(default_factory=dict)
+    stash: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(
+        default_factory=dict)
+
+    def begin_step(self, scheduler_output) -> None:
+        gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+        for rid in gone:
+            self.layouts.pop(rid, None)
+        if gone and self.stash:
+            self.stash = {k: v for k, v in self.stash.items() if k[0] not in gone}
+        self.jobs = getattr(scheduler_output, OUTPUT_ATTR, None) or {}
+        for rid, job in self.jobs.items():
+            self.layouts.pop(rid, None)  # a (re-)prefill: a recompute after preemption lays out anew
+            if job.layout is not None and job.layout.active:
+                # Read by the builder only for rows past the prompt, i.e. from the next step on.
+                self.layouts[rid] = job.layout
+
+
+STATE = WorkerState()
+
+
+class FlopwiseCPUWorker(CPUWorker):
+    """vLLM's CPU worker, telling the attention backend each step's KV jobs and the runner's row order."""
+
+    def init_device(self):
+        super().init_device()
+        STATE.runner = self.model_runner
+
+    def execute_model(self, scheduler_output):
+        STATE.begin_step(scheduler_output)
+        return super().execute_model(scheduler_output)
+
+
+@dataclass
+class FlopwiseCPUAttentionMetadata(CPUAttentionMetadata):
+    kv_tasks: list[_Task] | None = None
+
+
+class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        cm = common_attn_metadata
+        stock = self.is_cross_attention or self.is_encoder_only_attention
+        if stock or STATE.runner is None or not (STATE.layouts or STATE.jobs):
+            return super().build(common_prefix_len, cm, fast_build)
+        req_ids = STATE.runner.input_batch.req_ids[:cm.num_reqs]
+        starts = cm.query_start_loc_cpu.tolist()
+        seq_lens = cm.seq_lens.tolist()
+        table, lens, tasks = None, None, []
+        for i, rid in enumerate(req_ids):
+            q0, q1 = starts[i], starts[i + 1]
+            context_start = seq_lens[i] - (q1 - q0)
+            lay, job = STATE.layouts.get(rid), STATE.jobs.get(rid)
+            if lay is not None and context_start >= lay.prompt:
+                if table is None:  # the runner's table is persistent: never edit it in place
+                    table, lens = cm.block_table_tensor.clone(), cm.seq_lens.clone()
+                row = cm.block_table_tensor[i]
+                keep = lay.protected + lay.kept
+                table[i, keep:row.shape[0] - lay.dropped_blocks] = row[lay.full:]
+                lens[i] -= lay.dropped_tokens
+            elif job is not None and context_start < job.prompt:
+                blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
+                tasks.append(_Task(rid, q0, q1, job, blocks))
+        if table is not None:
+            cm = dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens)
+        md = super().build(common_prefix_len, cm, fast_build)
+        if not tasks:
+            return md
+        return FlopwiseCPUAttentionMetadata(**{f.name: getattr(md, f.name) for f in dataclasses.fields(md)},
+                                            kv_tasks=tasks)
+
+
+def _layer_index(layer) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer.layer_name)
+
+
+class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        tasks = getattr(attn_metadata, "kv_tasks", None)
+        if tasks and self.attn_type == AttentionType.DECODER:
+            q = query.view(-1, self.num_heads, self.head_size)
+            k = key.view(-1, self.num_kv_heads, self.head_size)
+            v = value.view(-1, self.num_kv_heads, self.head_size)
+            for task in tasks:
+                self._drop(layer, task, q, k, v, kv_cache)
+        return out
+
+    def _drop(self, layer, task: _Task, query, key, value, kv_cache) -> None:
+        """Stash one prefill chunk of a request, or (its last chunk) score its prompt and compact the kept KV."""
+        index = _layer_index(layer)
+        lay = task.job.layout
+        if lay is not None and not lay.active:  # nothing to drop after all
+            STATE.stash.pop((task.request_id, index), None)
+            return
+        policy = kd.get_policy(task.job.policy)
+        q = query[task.q0:task.q1]
+        part = (key[task.q0:task.q1].clone(), value[task.q0:task.q1].clone(),
+                policy.queries_of(q).clone() if policy.query_window != 0 else None)
+        parts = STATE.stash.pop((task.request_id, index), [])
+        parts.append(part)
+        if lay is None:  # not the last chunk: keep what the last one will need
+            if isinstance(policy.query_window, int) and policy.query_window > 0 and len(parts) > 1:
+                queries = policy.queries_of(torch.cat([p[2] for p in parts]))
+                parts = [(p[0], p[1], None) for p in parts[:-1]] + [(part[0], part[1], queries)]
+            STATE.stash[(task.request_id, index)] = parts
+            return
+        if lay.kept == 0:  # the whole region goes: nothing to score or write
+            return
+        keys = torch.cat([p[0] for p in parts])
+        values = torch.cat([p[1] for p in parts])
+        queries = [p[2] for p in parts if p[2] is not None]
+        start, end = lay.region
+        ctx = kd.KVContext(keys=keys, queries=policy.queries_of(torch.cat(queries)) if queries else None,
+                           start=start, end=end, offset=task.job.first, layer=index)
+        idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens) - task.job.first  # [Hkv, m] rows of keys
+        heads = torch.arange(idx.shape[0]).unsqueeze(0)
+        kept_k, kept_v = keys[idx.T, heads], values[idx.T, heads]  # [m, Hkv, d]: head h's j-th kept token
+        bs = lay.block_size
+        j = torch.arange(lay.kept_region_tokens)
+        slots = (task.blocks[lay.protected + j // bs].long() * bs + j % bs)
+        blocks, heads_n, block_size, _ = kv_cache.size()
+        cache = kv_cache.view((blocks, heads_n, block_size * 2, -1))
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(kept_k.contiguous(), kept_v.contiguous(), key_cache, value_cache, slots,
+                                       layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                                       kv_cache_dtype=self.kv_cache_dtype)
+
+
+class FlopwiseCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return FlopwiseCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return FlopwiseCPUAttentionMetadataBuilder

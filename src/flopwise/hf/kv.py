@@ -1,0 +1,81 @@
+"""The transformers reference for KV dropping: prefill, drop with the same policy and layout, decode.
+
+This is the oracle the vLLM adapter is tested against. It follows kvpress's recipe on a plain
+``DynamicCache``: prefill the whole prompt (full attention), score each layer's cached keys (and the
+prompt's queries, captured through an attention-function wrapper) with the policy, keep the chosen
+positions per KV head, then decode greedily with each new token at its original position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from flopwise.techniques import kv_drop as kd
+
+_CAPTURE = "flopwise_kv_capture"
+
+
+@dataclass
+class KVRun:
+    tokens: list[int]
+    layout: kd.Layout | None
+    kept: list[torch.Tensor] = field(default_factory=list)  # per layer: [kv_heads, kept] positions
+
+
+def compress(cache, captured: dict[int, torch.Tensor], config: kd.KVDropConfig, lay: kd.Layout, offset: int = 0,
+             seed: int = 0):
+    """Drop, in place, what ``config`` drops of each layer of a prefilled ``DynamicCache``; -> kept positions.
+    The policy sees positions ``offset..`` only: what an engine computed after its prefix-cache hits."""
+    policy = kd.get_policy(config.policy)
+    start, end = lay.region
+    kept = []
+    for i, layer in enumerate(cache.layers):
+        keys, values = layer.keys[0], layer.values[0]  # [Hkv, P, d]
+        queries = captured.get(i)
+        ctx = kd.KVContext(keys=keys[:, offset:].transpose(0, 1),
+                           queries=policy.queries_of(None if queries is None else queries[offset:]),
+                           start=start, end=end, offset=offset, layer=i, seed=seed)
+        idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens)  # [Hkv, m]
+        gather = idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+        layer.keys = torch.cat([keys[:, :start], keys.gather(1, gather), keys[:, end:]], dim=1).unsqueeze(0)
+        layer.values = torch.cat([values[:, :start], values.gather(1, gather), values[:, end:]], dim=1).unsqueeze(0)
+        kept.append(idx)
+    return kept
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_tokens: int, block_size: int,
+             protected_blocks: int = 0, offset: int = 0, seed: int = 0) -> KVRun:
+    """Greedy ``max_tokens`` tokens after ``prompt_ids`` with ``config``'s KV drop applied after prefill.
+    ``protected_blocks`` / ``offset``: as the engine had them (prefix-cache hits it did not recompute)."""
+    from transformers import AttentionInterface
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] > 1:  # the prefill: [1, Hq, P, d] rotated queries
+            captured[module.layer_idx] = query[0].transpose(0, 1)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_CAPTURE, capture)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(_CAPTURE)
+    try:
+        P = len(prompt_ids)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        lay = kd.layout(config, P, block_size, protected_blocks) if config is not None else None
+        kept = compress(cache, captured, config, lay, offset, seed) if lay is not None and lay.active else []
+        for t in range(max_tokens - 1):
+            length = cache.get_seq_length()
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[P + t]]), cache_position=torch.tensor([length]))
+            tokens.append(int(out.logits[0, -1].argmax()))
+        return KVRun(tokens, lay, kept)
+    finally:
+        model.set_attn_implementation(before)

@@ -1,0 +1,260 @@
+"""KV-cache token dropping: after a prompt is prefilled, keep only the most useful keys/values of it.
+
+Shared mechanics for the policies (one per file: :mod:`.streaming_llm`, :mod:`.snapkv`, :mod:`.h2o`,
+:mod:`.knorm`, :mod:`.random_kv`): the request options (``kv_policy``, ``kv_keep`` ratio or
+``kv_keep_tokens`` budget), the paged layout a drop leaves, and per-head top-k selection.
+
+The layout is what makes this work in a paged cache. A prompt of P tokens fills blocks of ``block_size``
+tokens; three regions:
+
+* ``protected`` blocks at the start (prefix-cache hits, blocks shared with another request) are kept
+  verbatim: they are not this request's to change;
+* the *compressible* region, the blocks after them that the prompt fills entirely: the policy picks
+  which of its tokens to keep, per layer and KV head, and they are written compacted into its first
+  ``kept`` blocks (a whole number of blocks, so attention never reads a slot that holds no kept token);
+  the rest of its blocks go back to the pool;
+* the *tail*: the prompt's last partial block and everything generated after it, always kept.
+
+Kept keys keep the RoPE rotation of their original position (keys are cached rotated), and new tokens
+keep their original positions, so nothing is re-indexed. Both the vLLM adapter
+(:mod:`flopwise_vllm.kv`) and the transformers reference (:mod:`flopwise.hf.kv`) call :func:`layout` and
+:func:`keep_indices`, so the two paths keep the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from flopwise.techniques import OptionError
+
+POLICY_FIELD = "kv_policy"
+KEEP_FIELD = "kv_keep"
+TOKENS_FIELD = "kv_keep_tokens"
+FIELDS = (POLICY_FIELD, KEEP_FIELD, TOKENS_FIELD)
+DEFAULT_POLICY_ENV = "FLOPWISE_KV_POLICY"  # the server's defaults
+DEFAULT_KEEP_ENV = "FLOPWISE_KV_KEEP"
+DEFAULT_TOKENS_ENV = "FLOPWISE_KV_KEEP_TOKENS"
+DEFAULT_POLICY = "snapkv"
+
+
+@dataclass(frozen=True)
+class KVContext:
+    """What a policy sees for one layer of one request: the prompt's keys and the queries it asked for."""
+
+    keys: torch.Tensor  # [P - offset, kv_heads, head_dim]: positions offset..P-1, rotated (as cached)
+    queries: torch.Tensor | None  # [W, q_heads, head_dim], rotated: the prompt's last W queries
+    start: int  # the compressible region [start, end) of positions
+    end: int
+    offset: int = 0  # the first position the request computed itself (after its prefix-cache hits)
+    layer: int = 0
+    seed: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return self.offset + self.keys.shape[0]
+
+    @property
+    def rel(self) -> slice:
+        """The region as rows of ``keys``."""
+        return slice(self.start - self.offset, self.end - self.offset)
+
+
+@dataclass(frozen=True)
+class KVPolicy(ABC):
+    """Scores a prompt's tokens per KV head; the highest scores in the compressible region are kept."""
+
+    # Queries the policy needs: 0 none, None every query the request computed, W the last W.
+    query_window = 0
+
+    def queries_of(self, queries: torch.Tensor | None) -> torch.Tensor | None:
+        """The part of ``queries`` (oldest first) this policy reads."""
+        w = self.query_window
+        if w == 0 or queries is None:
+            return None
+        return queries if w is None else queries[-w:]
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest tokens this policy can keep (its sinks + window)."""
+        return 1
+
+    @abstractmethod
+    def score(self, ctx: KVContext) -> torch.Tensor:
+        """-> [kv_heads, end - start] scores of the compressible region's tokens (higher = keep)."""
+
+    def scoring_flops(self, prompt: int, q_heads: int, head_dim: int) -> int:
+        """Matmul FLOPs of one layer's scoring (charged to the request)."""
+        return 0
+
+
+POLICIES: dict[str, type[KVPolicy]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        POLICIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def policy_names() -> list[str]:
+    _load()
+    return sorted(POLICIES)
+
+
+def get_policy(name: str) -> KVPolicy:
+    _load()
+    if not isinstance(name, str) or name not in POLICIES:
+        raise KVDropError(f"unknown {POLICY_FIELD} {name!r}; choose one of {', '.join(sorted(POLICIES))}",
+                          POLICY_FIELD)
+    return POLICIES[name]()
+
+
+def _load() -> None:
+    from flopwise.techniques import h2o, knorm, random_kv, snapkv, streaming_llm  # noqa: F401  (they register)
+
+
+class KVDropError(OptionError):
+    """A bad KV-dropping option; ``field`` names it (``kv_policy``, ``kv_keep``, ``kv_keep_tokens``)."""
+
+
+class KVDropConfig(BaseModel):
+    """A request's KV dropping: a policy and how much of the prompt's KV to keep (ratio or token budget)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field(DEFAULT_POLICY, description="streaming_llm, snapkv, h2o, knorm or random.")
+    keep: float = Field(1.0, gt=0, le=1, description="Fraction of the prompt's tokens whose KV is kept.")
+    tokens: int | None = Field(None, ge=1, description="Token budget for the prompt's KV (instead of keep).")
+
+    @property
+    def active(self) -> bool:
+        return self.tokens is not None or self.keep < 1.0
+
+    def target(self, prompt: int) -> int:
+        """Prompt tokens to keep, never fewer than the policy needs."""
+        want = self.tokens if self.tokens is not None else math.ceil(self.keep * prompt)
+        return min(prompt, max(want, get_policy(self.policy).min_tokens))
+
+    def as_extra(self) -> dict:
+        """The options as ``SamplingParams.extra_args`` entries."""
+        if self.tokens is not None:
+            return {POLICY_FIELD: self.policy, TOKENS_FIELD: self.tokens}
+        return {POLICY_FIELD: self.policy, KEEP_FIELD: self.keep}
+
+
+def parse_options(policy=None, keep=None, tokens=None) -> KVDropConfig:
+    """Validate a request's ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens``, falling back on the server
+    defaults (env). Raises :class:`KVDropError` naming the field."""
+    if policy is None:
+        policy = os.environ.get(DEFAULT_POLICY_ENV) or DEFAULT_POLICY
+    if keep is None and tokens is None:
+        keep = float(os.environ.get(DEFAULT_KEEP_ENV) or 1.0)
+        tokens = int(os.environ[DEFAULT_TOKENS_ENV]) if os.environ.get(DEFAULT_TOKENS_ENV) else None
+    if keep is not None and tokens is not None:
+        raise KVDropError(f"give {KEEP_FIELD} or {TOKENS_FIELD}, not both", TOKENS_FIELD)
+    chosen = get_policy(policy)  # an unknown policy raises, naming the field
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise KVDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD)
+        if not (0 < keep <= 1):  # NaN fails this too
+            raise KVDropError(f"{KEEP_FIELD} must be in (0, 1], got {keep}", KEEP_FIELD)
+        return KVDropConfig(policy=policy, keep=float(keep))
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise KVDropError(f"{TOKENS_FIELD} must be a positive integer, got {tokens!r}", TOKENS_FIELD)
+    if tokens < chosen.min_tokens:
+        raise KVDropError(f"{TOKENS_FIELD}={tokens} is below the {chosen.min_tokens} tokens {policy} needs "
+                          f"(its sinks + window)", TOKENS_FIELD)
+    return KVDropConfig(policy=policy, tokens=tokens)
+
+
+def from_extra(extra: dict | None) -> KVDropConfig | None:
+    """The options a request carries in ``extra_args`` (server defaults otherwise); None when inactive."""
+    extra = extra or {}
+    config = parse_options(extra.get(POLICY_FIELD), extra.get(KEEP_FIELD), extra.get(TOKENS_FIELD))
+    return config if config.active else None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a prompt's kept KV sits in its blocks after the drop (see the module docstring)."""
+
+    prompt: int
+    block_size: int
+    protected: int  # blocks kept verbatim at the start
+    full: int  # blocks the prompt fills entirely
+    kept: int  # blocks of the compressible region [protected, full) left, holding its kept tokens
+
+    @property
+    def region(self) -> tuple[int, int]:
+        """Token positions [start, end) the policy chooses from."""
+        return self.protected * self.block_size, self.full * self.block_size
+
+    @property
+    def kept_region_tokens(self) -> int:
+        return self.kept * self.block_size
+
+    @property
+    def dropped_blocks(self) -> int:
+        return self.full - self.protected - self.kept
+
+    @property
+    def dropped_tokens(self) -> int:
+        return self.dropped_blocks * self.block_size
+
+    @property
+    def kept_tokens(self) -> int:
+        return self.prompt - self.dropped_tokens
+
+    @property
+    def active(self) -> bool:
+        return self.dropped_blocks > 0
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return self.prompt, self.block_size, self.protected, self.full, self.kept
+
+
+def layout(config: KVDropConfig, prompt: int, block_size: int, protected_blocks: int = 0) -> Layout:
+    """The layout ``config`` leaves for a ``prompt``-token prompt whose first ``protected_blocks`` blocks
+    must stay as they are. The region keeps whole blocks, rounded up: never fewer tokens than asked."""
+    full = prompt // block_size
+    protected = min(protected_blocks, full)
+    outside = protected * block_size + (prompt - full * block_size)
+    need = max(0, config.target(prompt) - outside)
+    kept = min(full - protected, math.ceil(need / block_size))
+    return Layout(prompt, block_size, protected, full, kept)
+
+
+def keep_indices(policy: KVPolicy, ctx: KVContext, count: int) -> torch.Tensor:
+    """[kv_heads, count] positions (absolute, ascending per head) ``policy`` keeps of the region."""
+    scores = policy.score(ctx).float()
+    # A stable sort (ties to the lower position) so the reference and the engine agree on ties.
+    order = torch.sort(-scores, dim=-1, stable=True).indices[:, :count]
+    return torch.sort(order, dim=-1).values + ctx.start
+
+
+def window_attention(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Softmax attention of the last W ``queries`` [W, Hq, d] over ``keys`` [P, Hkv, d] (the queries sit at
+    the keys' last W positions), causal, averaged over each KV head's query group: -> [W, kv_heads, P]
+    (float32, computed in chunks of queries)."""
+    P, kv_heads, d = keys.shape
+    W, q_heads, _ = queries.shape
+    group = q_heads // kv_heads
+    k = keys.float().permute(1, 0, 2)  # [Hkv, P, d]
+    out = []
+    for s in range(0, W, chunk):
+        q = queries[s:s + chunk].float()  # [w, Hq, d]
+        w = q.shape[0]
+        q = q.reshape(w, kv_heads, group, d).permute(1, 2, 0, 3)  # [Hkv, g, w, d]
+        logits = torch.einsum("hgwd,hpd->hgwp", q, k) / math.sqrt(d)
+        pos = torch.arange(P - W + s, P - W + s + w).unsqueeze(1)  # the queries' positions
+        logits = logits.masked_fill(torch.arange(P).unsqueeze(0) > pos, float("-inf"))
+        out.append(torch.softmax(logits, dim=-1).mean(1).permute(1, 0, 2))  # [w, Hkv, P]
+    return torch.cat(out)

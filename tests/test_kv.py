@@ -1,0 +1,247 @@
+"""KV token dropping: the policies, the paged layout, and vLLM against the transformers reference."""
+
+import gc
+
+import pytest
+import torch
+
+from flopwise.ledger import FlopModel
+from flopwise.techniques import kv_drop as kd
+
+BS = 32  # the smallest block size the CPU attention kernel takes
+POLICIES = ["streaming_llm", "snapkv", "h2o", "knorm", "random"]
+
+
+def _prompt(n: int, seed: int = 7) -> list[int]:
+    return [(seed * i + 3) % 1900 + 20 for i in range(n)]
+
+
+# -- core ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt,keep,protected,expect", [
+    # 300 tokens = 9 full blocks + 12 in the tail; 25% = 75 tokens: 63 from the region -> 2 blocks (64)
+    (300, 0.25, 0, dict(full=9, kept=2, dropped_tokens=224, kept_tokens=76)),
+    (300, 0.5, 0, dict(full=9, kept=5, dropped_tokens=128, kept_tokens=172)),
+    # 8 protected blocks hold more than 25% already: the whole region [8, 9) goes
+    (300, 0.25, 8, dict(full=9, kept=0, dropped_tokens=32, kept_tokens=268)),
+    (300, 1.0, 0, dict(full=9, kept=9, dropped_tokens=0, kept_tokens=300)),
+    (40, 0.1, 0, dict(full=1, kept=1, dropped_tokens=0, kept_tokens=40)),  # snapkv keeps its 64-token window
+])
+def test_layout(prompt, keep, protected, expect):
+    lay = kd.layout(kd.parse_options("snapkv", keep), prompt, BS, protected)
+    assert {k: getattr(lay, k) for k in expect} == expect
+    assert lay.active == (expect["dropped_tokens"] > 0)
+    assert lay.region == (min(protected, lay.full) * BS, lay.full * BS)
+
+
+def test_token_budget_layout_and_policy_minimum():
+    lay = kd.layout(kd.parse_options("streaming_llm", tokens=100), 1000, BS)
+    assert lay.kept_tokens >= 100 and lay.kept_tokens - 100 < BS  # whole blocks, rounded up
+    # a ratio below what the policy needs is raised to it; a token budget below it is refused
+    assert kd.layout(kd.parse_options("snapkv", 0.01), 1000, BS).kept_tokens >= 64
+
+
+@pytest.mark.parametrize("args,field", [
+    (dict(policy="lru"), "kv_policy"), (dict(policy=["snapkv"]), "kv_policy"),
+    (dict(keep=0), "kv_keep"), (dict(keep=1.5), "kv_keep"), (dict(keep="0.5"), "kv_keep"),
+    (dict(keep=True), "kv_keep"), (dict(keep=float("nan")), "kv_keep"),
+    (dict(tokens=0), "kv_keep_tokens"), (dict(tokens=2.5), "kv_keep_tokens"),
+    (dict(policy="snapkv", tokens=32), "kv_keep_tokens"),  # below its 64-token window
+    (dict(policy="streaming_llm", tokens=4), "kv_keep_tokens"),  # only its sinks
+    (dict(keep=0.5, tokens=100), "kv_keep_tokens"),
+])
+def test_bad_options_name_the_field(args, field):
+    with pytest.raises(kd.KVDropError) as e:
+        kd.parse_options(**args)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_server_defaults_come_from_env(monkeypatch):
+    assert kd.from_extra({}) is None
+    monkeypatch.setenv(kd.DEFAULT_KEEP_ENV, "0.25")
+    monkeypatch.setenv(kd.DEFAULT_POLICY_ENV, "knorm")
+    assert kd.from_extra({}) == kd.KVDropConfig(policy="knorm", keep=0.25)
+    assert kd.from_extra({"kv_keep_tokens": 128}).tokens == 128  # a request's own choice wins
+    assert kd.from_extra({"kv_keep": 1.0}) is None  # and can turn it off
+
+
+def _ctx(keys, queries=None, start=0, end=None, offset=0):
+    return kd.KVContext(keys=keys, queries=queries, start=start, end=keys.shape[0] + offset if end is None else end,
+                        offset=offset)
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    keys = torch.randn(100, 2, 8)
+    idx = kd.keep_indices(kd.get_policy("streaming_llm"), _ctx(keys, end=96), 20)
+    expect = list(range(4)) + list(range(80, 96))
+    assert idx.tolist() == [expect, expect]
+
+
+def test_knorm_keeps_the_smallest_keys_per_head():
+    keys = torch.ones(64, 2, 8)
+    keys[[3, 10, 20], 0] *= 0.1
+    keys[[5, 6, 7], 1] *= 0.1
+    idx = kd.keep_indices(kd.get_policy("knorm"), _ctx(keys, offset=32, start=32, end=96), 3)
+    assert idx.tolist() == [[35, 42, 52], [37, 38, 39]]  # absolute positions, per head
+
+
+def test_snapkv_keeps_what_the_window_attends_to():
+    torch.manual_seed(0)
+    keys = torch.randn(200, 1, 16) * 0.1
+    queries = torch.randn(64, 2, 16) * 0.1
+    keys[50, 0] = queries.mean((0, 1)) * 200  # a key every window query points at
+    policy = kd.get_policy("snapkv")
+    idx = kd.keep_indices(policy, _ctx(keys, queries, end=128), 5)[0].tolist()
+    assert 50 in idx and idx == sorted(idx)
+    assert set(range(48, 53)) <= set(kd.keep_indices(policy, _ctx(keys, queries, end=200), 69)[0].tolist())
+    assert set(range(136, 200)) <= set(kd.keep_indices(policy, _ctx(keys, queries, end=200), 69)[0].tolist())
+
+
+def test_h2o_normalises_by_how_many_queries_saw_a_token():
+    keys = torch.zeros(10, 1, 4)  # uniform attention: each query spreads 1 over what it sees
+    scores = kd.get_policy("h2o").score(_ctx(keys, torch.zeros(10, 1, 4)))
+    received = torch.tensor([sum(1 / (q + 1) for q in range(p, 10)) for p in range(10)])
+    assert torch.allclose(scores[0], received / torch.arange(10, 0, -1))
+
+
+def test_random_is_seeded_per_layer():
+    keys = torch.randn(64, 2, 8)
+    policy = kd.get_policy("random")
+    a, b = (kd.keep_indices(policy, kd.KVContext(keys, None, 0, 64, layer=layer), 16) for layer in (0, 1))
+    assert torch.equal(a, kd.keep_indices(policy, kd.KVContext(keys, None, 0, 64, layer=0), 16))
+    assert not torch.equal(a, b)
+
+
+def test_scoring_flops():
+    assert kd.get_policy("snapkv").scoring_flops(1000, 9, 64) == 2 * 9 * 64 * 64 * 1000
+    assert kd.get_policy("h2o").scoring_flops(1000, 9, 64) == 2 * 9 * 64 * 1000 * 1001 // 2
+    assert kd.get_policy("knorm").scoring_flops(1000, 9, 64) == 0
+
+
+def test_ledger_charges_decode_on_the_kept_context(tiny_model):
+    ledger = FlopModel.from_pretrained(tiny_model("llama-gqa"))
+    full, cut = ledger.request(300, 10), ledger.request(300, 10, kv_dropped=224)
+    assert full.prefill.total == cut.prefill.total
+    attn = 4 * sum(layer.q_heads * layer.head_dim for layer in ledger.spec.layers)
+    assert full.decode.flops["attention"] - cut.decode.flops["attention"] == attn * 9 * 224
+    assert {k: v for k, v in full.decode.flops.items() if k != "attention"} == \
+        {k: v for k, v in cut.decode.flops.items() if k != "attention"}
+
+
+# -- the HF reference ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model("llama-gqa")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_reference_without_drop_is_plain_greedy(hf):
+    from flopwise.hf import kv as hk
+
+    ids = _prompt(300)
+    plain = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, 300:].tolist()
+    assert hk.generate(hf, ids, None, 8, BS).tokens == plain
+    run = hk.generate(hf, ids, kd.parse_options("knorm", 0.25), 8, BS)
+    assert [k.shape for k in run.kept] == [(2, 64)] * 2  # per layer: [kv heads, kept region tokens]
+
+
+# -- vLLM --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from flopwise_serve.offline import LLM
+
+    path = tiny_model("llama-gqa")
+    # 128-token steps: a 300-token prompt prefills in three chunks (the worker stashes the first two).
+    # 33 blocks of 32 = one 1024-token request: the pool is tight enough that freed blocks must be reused.
+    llm = LLM(path, dtype="float32", max_model_len=1024, block_size=BS, max_num_batched_tokens=128,
+              max_num_seqs=8, num_gpu_blocks_override=33, seed=0, enforce_eager=True)
+    yield llm, FlopModel.from_pretrained(path)
+    llm.shutdown()
+    del llm
+    gc.collect()
+
+
+def _greedy(n: int, **kv):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=kv or None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_engine_keeps_what_the_reference_keeps(engine, hf, keep):
+    """Every policy: vLLM's tokens equal the HF reference's on the same kept positions, and the charge is
+    the ledger's with decode attention on the kept context plus the policy's scoring."""
+    from flopwise.hf import kv as hk
+
+    llm, ledger = engine
+    # A request that drops takes its region's blocks out of the prefix cache, so the same prompt is
+    # computed afresh each time below (one prompt per keep: the full run, last, leaves its blocks cached).
+    ids = _prompt(300, seed=7 if keep == 0.5 else 19)
+    one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab  # per extra prefill chunk
+    tokens = []
+    for policy in POLICIES:
+        out = llm.generate([{"prompt_token_ids": ids}], _greedy(12, kv_policy=policy, kv_keep=keep))[0]
+        assert not out.num_cached_tokens
+        ref = hk.generate(hf, ids, kd.parse_options(policy, keep), 12, BS)
+        assert list(out.outputs[0].token_ids) == ref.tokens, policy
+        tokens.append(ref.tokens)
+        lay, charge = ref.layout, out.ec_transfer_params["flopwise"]
+        assert charge["kv"] == {"prompt_tokens": 300, "kept_tokens": lay.kept_tokens,
+                                "dropped_tokens": lay.dropped_tokens, "dropped_blocks": lay.dropped_blocks}
+        scoring = sum(kd.get_policy(policy).scoring_flops(300, layer.q_heads, layer.head_dim)
+                      for layer in ledger.spec.layers)
+        assert charge["total"] == ledger.request(300, 12, kv_dropped=lay.dropped_tokens).total + 2 * one_logit_row \
+            + scoring
+        assert charge["dense_baseline"] == ledger.request(300, 12).total + 2 * one_logit_row
+        assert charge["components"].get("kv_scoring", 0) == scoring
+    full = llm.generate([{"prompt_token_ids": ids}], _greedy(12))[0]
+    assert not full.num_cached_tokens
+    # the drop really changes what the model attends to
+    assert sum(t != list(full.outputs[0].token_ids) for t in tokens) >= 3
+
+
+@pytest.mark.slow
+def test_prefix_cache_blocks_shared_with_others_are_never_dropped(engine, hf):
+    from flopwise.hf import kv as hk
+
+    llm, _ = engine
+    shared = _prompt(256, seed=11)
+    a_ids, b_ids = shared + _prompt(44, seed=5), shared + _prompt(100, seed=13)
+    a1 = llm.generate([{"prompt_token_ids": a_ids}], _greedy(8))[0]
+    b = llm.generate([{"prompt_token_ids": b_ids}], _greedy(8, kv_policy="snapkv", kv_keep=0.25))[0]
+    assert b.num_cached_tokens == 256  # its first 8 blocks are A's
+    ref = hk.generate(hf, b_ids, kd.parse_options("snapkv", 0.25), 8, BS, protected_blocks=8, offset=256)
+    assert list(b.outputs[0].token_ids) == ref.tokens
+    assert b.ec_transfer_params["flopwise"]["kv"]["dropped_blocks"] == ref.layout.dropped_blocks == 3
+    # A's blocks are intact and still in the prefix cache: A again hits them and says the same.
+    a2 = llm.generate([{"prompt_token_ids": a_ids}], _greedy(8))[0]
+    assert a2.num_cached_tokens >= 256
+    assert a2.outputs[0].token_ids == a1.outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_freed_blocks_go_to_other_requests_and_are_never_read(engine, hf):
+    """B drops 14 of its 19 prompt blocks; C (another prompt, 19 blocks) can only run beside B in the
+    33-block pool by taking them, and writes its own KV there. B must still say what the reference says:
+    had it read a freed block, it would have read C's keys."""
+    from flopwise.hf import kv as hk
+
+    llm, _ = engine
+    engine_core = llm.engine.llm_engine
+    b_ids, c_ids = _prompt(600, seed=17), _prompt(600, seed=29)
+    engine_core.add_request("B", {"prompt_token_ids": b_ids}, _greedy(60, kv_policy="knorm", kv_keep=0.25))
+    engine_core.add_request("C", {"prompt_token_ids": c_ids}, _greedy(2))
+    finished, outputs = [], {}
+    for _ in range(500):
+        for out in engine_core.step():
+            if out.finished:
+                finished.append(out.request_id)
+                outputs[out.request_id] = out
+        if len(finished) == 2:
+            break
+    assert finished == ["C", "B"]  # C ran (and finished) while B was still generating
+    assert outputs["B"].ec_transfer_params["flopwise"]["kv"]["dropped_blocks"] == 14
+    ref = hk.generate(hf, b_ids, kd.parse_options("knorm", 0.25), 60, BS)
+    assert list(outputs["B"].outputs[0].token_ids) == ref.tokens
