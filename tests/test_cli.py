@@ -130,3 +130,28 @@ def test_serve_trusts_only_flopwise_mm_kwargs_unless_told():
     argv, env = serve_command("/m", ["--trust-request-mm-kwargs"])
     assert argv.count("--trust-request-mm-kwargs") == 1 and "FLOPWISE_MM_KWARGS_GATE" not in env
     assert "FLOPWISE_VISUAL_KEEP" not in env and "FLOPWISE_VISUAL_DROP_LAYER" not in env
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--kv-keep", "0"], "--kv-keep: kv_keep must be in (0, 1]"),
+    (["--kv-keep", "x"], "--kv-keep: invalid float value"),
+    (["--kv-policy", "lru"], "--kv-policy: unknown kv_policy 'lru'"),
+    (["--kv-policy", "snapkv", "--kv-keep-tokens", "16"], "--kv-keep-tokens: kv_keep_tokens=16 is below the 64"),
+    (["--kv-keep", "0.5", "--kv-keep-tokens", "100"], "--kv-keep-tokens: give kv_keep or kv_keep_tokens"),
+])
+def test_serve_checks_kv_defaults_before_starting(tiny_model, args, needle):
+    r = flopwise("serve", tiny_model("llama-gqa"), *args, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_serve_passes_kv_defaults_to_the_engine(monkeypatch):
+    from flopwise_serve.cli import kv_defaults, serve_command
+
+    monkeypatch.setenv("FLOPWISE_KV_KEEP_TOKENS", "999")  # a stale value in the caller's env does not leak
+    _, env = serve_command("/m", [], kv=kv_defaults(None, 0.25, None))
+    assert env["FLOPWISE_KV_POLICY"] == "snapkv" and env["FLOPWISE_KV_KEEP"] == "0.25"
+    assert "FLOPWISE_KV_KEEP_TOKENS" not in env
+    _, env = serve_command("/m", [], kv=kv_defaults("streaming_llm", None, 256))
+    assert env["FLOPWISE_KV_KEEP_TOKENS"] == "256" and "FLOPWISE_KV_KEEP" not in env
+    _, env = serve_command("/m", [])
+    assert not any(k.startswith("FLOPWISE_KV") for k in env)

@@ -311,3 +311,70 @@ def test_early_rejection_on_completions_endpoint(server, client):
                                   extra_body={"ignore_eos": True, "early_rejection": {"every_tokens": 3, "keep": 0.5}})
     assert r.model_extra["early_rejection"]["rejected"] == 3
     assert [c.index for c in r.choices] == [0] and r.usage.completion_tokens == 12 + 6 + 3 + 3
+
+
+# -- KV dropping -------------------------------------------------------------------------------------
+def _long_prompt(seed: int, n: int = 700) -> list[int]:
+    return [(seed * i + 5) % 1900 + 20 for i in range(n)]
+
+
+def _gauge(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return float(re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.parametrize("where", ["top", "vllm_xargs"])
+def test_kv_keep_cuts_attention_and_blocks(server, client, where):
+    """700 prompt tokens in 128-token blocks: 5 full blocks + 60 in the tail. kv_keep 0.25 keeps one
+    block of the region (with the tail, 188 tokens >= 175) and frees the other four."""
+    s, ledger = server
+    prompt = _long_prompt(3 if where == "top" else 31)
+    kv = {"kv_policy": "snapkv", "kv_keep": 0.25}
+    before = _metrics(s.url)
+    extra = kv if where == "top" else {"vllm_xargs": kv}
+    cut = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra)
+    after = _metrics(s.url)
+    # The same prompt again, in full: the drop took its blocks out of the prefix cache, so it is recomputed.
+    full = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=8, temperature=0)
+    f, g = cut.usage.flops, full.usage.flops
+    assert f["kv"] == {"prompt_tokens": 700, "kept_tokens": 188, "dropped_tokens": 512, "dropped_blocks": 4}
+    assert f["dense_baseline"] == g["total"] == ledger.request(700, 8).total
+    assert f["total"] == ledger.request(700, 8, kv_dropped=512).total + f["kv_scoring"]
+    full_attention = ledger.request(700, 8).decode.flops["attention"]
+    assert full_attention - ledger.request(700, 8, kv_dropped=512).decode.flops["attention"] == \
+        4 * sum(x.q_heads * x.head_dim for x in ledger.spec.layers) * 7 * 512
+    assert after["flopwise_kv_dropped_tokens_total"] - before.get("flopwise_kv_dropped_tokens_total", 0) == 512
+
+
+def test_kv_keep_holds_fewer_blocks_while_generating(server, client):
+    """vLLM's own KV-cache usage gauge, read mid-generation: 2 blocks held (kept + tail) instead of 6."""
+    s, _ = server
+    usage = {}
+    for keep in (1.0, 0.25):
+        stream = client.completions.create(model=client.model_id, prompt=_long_prompt(41 if keep < 1 else 43),
+                                           max_tokens=60, temperature=0, stream=True,
+                                           extra_body={"kv_policy": "knorm", "kv_keep": keep, "ignore_eos": True})
+        for i, _ in enumerate(stream):
+            if i == 20:
+                usage[keep] = _gauge(s.url, "vllm:kv_cache_usage_perc")
+    assert usage[1.0] > 0 and usage[1.0] / usage[0.25] == pytest.approx(3, rel=0.01)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"kv_policy": "lru", "kv_keep": 0.5}, "kv_policy"),
+    ({"kv_keep": 0}, "kv_keep"),
+    ({"kv_keep": 1.5}, "kv_keep"),
+    ({"kv_keep": "0.5"}, "kv_keep"),
+    ({"kv_policy": "snapkv", "kv_keep_tokens": 10}, "kv_keep_tokens"),
+    ({"kv_keep": 0.5, "kv_keep_tokens": 200}, "kv_keep_tokens"),
+    ({"vllm_xargs": {"kv_keep": 2}}, "vllm_xargs.kv_keep"),
+    ({"vllm_xargs": {"kv_policy": "x", "kv_keep": 0.5}}, "vllm_xargs.kv_policy"),
+])
+def test_bad_kv_option_is_400_naming_the_field(server, client, body, param):
+    s, _ = server
+    r = httpx.post(f"{s.url}/v1/chat/completions", timeout=30, json={
+        "model": client.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param.split(".")[-1] in err["message"]
+    assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200

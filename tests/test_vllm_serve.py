@@ -59,6 +59,23 @@ def test_bad_budget_in_vllm_xargs_is_400(vllm_server, bad):
     assert r.status_code == 400 and "flop_budget" in r.text
 
 
+@pytest.mark.parametrize("xargs,field", [({"kv_keep": 1.5}, "kv_keep"), ({"kv_policy": "lru", "kv_keep": 0.5}, "kv_policy")])
+def test_bad_kv_option_in_vllm_xargs_is_400(vllm_server, xargs, field):
+    s, _, path = vllm_server
+    r = httpx.post(f"{s.url}/v1/completions", timeout=60,
+                   json={"model": path, "prompt": "x", "max_tokens": 3, "vllm_xargs": xargs})
+    assert r.status_code == 400 and field in r.text
+
+
+def test_kv_keep_in_vllm_xargs_drops_in_plain_vllm_serve(vllm_server):
+    """Plain `vllm serve` gets the KV-dropping worker and attention backend through the plugin too."""
+    s, _, path = vllm_server
+    prompt = [(3 * i + 1) % 1900 + 20 for i in range(700)]  # 5 full 128-token blocks + 60
+    r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
+        "model": path, "prompt": prompt, "max_tokens": 4, "vllm_xargs": {"kv_policy": "h2o", "kv_keep": 0.25}}).json()
+    assert r["ec_transfer_params"]["flopwise"]["kv"]["dropped_blocks"] == 4
+
+
 def test_opt_out_leaves_stock_vllm(tmp_path):
     """FLOPWISE_SCHEDULER=0: the platform plugin stands aside and vLLM picks its own CPU platform."""
     env = {**os.environ, "FLOPWISE_SCHEDULER": "0"}
