@@ -245,3 +245,35 @@ def test_freed_blocks_go_to_other_requests_and_are_never_read(engine, hf):
     assert outputs["B"].ec_transfer_params["flopwise"]["kv"]["dropped_blocks"] == 14
     ref = hk.generate(hf, b_ids, kd.parse_options("knorm", 0.25), 60, BS)
     assert list(outputs["B"].outputs[0].token_ids) == ref.tokens
+
+
+def test_eviction_rule():
+    # 300 tokens, budget 128: 4 region blocks kept (+12 tail) = 140, 160 dropped
+    lay = kd.layout(kd.parse_options("knorm", tokens=128), 300, BS)
+    assert (lay.kept, lay.dropped_tokens) == (4, 160)
+    first = [n for n in range(300, 500) if kd.evicts(lay, 0, n, 128)][0]
+    second = [n for n in range(300, 500) if kd.evicts(lay, 1, n, 128)][0]
+    assert (first, second) == (352, 384)  # block 9 once block 10 is full, then block 10 once 11 is
+
+
+@pytest.mark.slow
+def test_token_budget_evicts_while_decoding(engine, hf):
+    """kv_keep_tokens 128: the prompt is cut to 140 tokens, and generation then evicts the oldest tail
+    block each time the kept KV is a block over the budget: at 352 and 384 cached tokens."""
+    from flopwise.hf import kv as hk
+
+    llm, ledger = engine
+    ids = _prompt(300, seed=23)
+    out = llm.generate([{"prompt_token_ids": ids}], _greedy(100, kv_policy="knorm", kv_keep_tokens=128))[0]
+    ref = hk.generate(hf, ids, kd.parse_options("knorm", tokens=128), 100, BS)
+    assert ref.evicted == 2
+    assert list(out.outputs[0].token_ids) == ref.tokens
+    charge = out.ec_transfer_params["flopwise"]
+    assert charge["kv"] == {"prompt_tokens": 300, "kept_tokens": 140, "dropped_tokens": 160, "dropped_blocks": 5,
+                            "evicted_tokens": 64}
+    one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab
+    expected = ledger.request(300, 1).total + 2 * one_logit_row
+    for n in range(300, 399):  # decode steps: n tokens cached, the new one at position n
+        gone = 160 + 32 * ((n >= 352) + (n >= 384))
+        expected += ledger.forward(1, start=n, logits=1, context=n + 1 - gone).total
+    assert charge["total"] == expected

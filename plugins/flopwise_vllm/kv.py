@@ -13,9 +13,10 @@ The worker side, here, decides *what*, layer by layer, in the forward pass that 
   region's first blocks, through the kernel's own cache writer (so the ISA-specific block layout is
   respected). Earlier prefill chunks of such a request are stashed so the last one sees the whole prompt.
 * :class:`FlopwiseCPUAttentionMetadataBuilder` rewrites, for every later step, that request's
-  block-table row to [protected + kept blocks, tail blocks] and shortens its ``seq_len`` by the dropped
-  tokens, before the kernel's scheduler metadata is built: attention reads only kept positions, never a
-  freed block. Positions (RoPE, slot mapping) stay the original ones.
+  block-table row to [protected + kept blocks, tail blocks] (minus the tail blocks evicted under a token
+  budget) and shortens its ``seq_len`` to match, before the kernel's scheduler metadata is built:
+  attention reads only kept positions, never a freed block. Positions (RoPE, slot mapping) stay the
+  original ones.
 * :class:`FlopwiseCPUWorker` gives the builder the runner's row order and takes each step's jobs.
 
 The backend replaces ``CPU_ATTN`` (``register_backend`` from :func:`flopwise_vllm.register`); with no job
@@ -54,6 +55,12 @@ class KVJob:
     first: int  # the first position this request computes (after its prefix-cache hits)
     prompt: int
     layout: kd.Layout | None = None
+    evicted: int = 0  # tail blocks evicted so far while decoding (token budget): also sent on its own
+
+    @property
+    def reads(self) -> bool:
+        """Does the request attend to less than its whole context from here on?"""
+        return self.layout is not None and (self.layout.active or self.evicted > 0)
 
 
 @dataclass
@@ -71,22 +78,22 @@ class WorkerState:
 
     runner: object | None = None
     jobs: dict[str, KVJob] = field(default_factory=dict)
-    layouts: dict[str, kd.Layout] = field(default_factory=dict)
+    views: dict[str, KVJob] = field(default_factory=dict)  # requests reading fewer blocks than they hold
     stash: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(
         default_factory=dict)
 
     def begin_step(self, scheduler_output) -> None:
         gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
         for rid in gone:
-            self.layouts.pop(rid, None)
+            self.views.pop(rid, None)
         if gone and self.stash:
             self.stash = {k: v for k, v in self.stash.items() if k[0] not in gone}
         self.jobs = getattr(scheduler_output, OUTPUT_ATTR, None) or {}
         for rid, job in self.jobs.items():
-            self.layouts.pop(rid, None)  # a (re-)prefill: a recompute after preemption lays out anew
-            if job.layout is not None and job.layout.active:
+            self.views.pop(rid, None)  # a (re-)prefill lays out anew; an eviction replaces the view
+            if job.reads:
                 # Read by the builder only for rows past the prompt, i.e. from the next step on.
-                self.layouts[rid] = job.layout
+                self.views[rid] = job
 
 
 STATE = WorkerState()
@@ -113,7 +120,7 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
         stock = self.is_cross_attention or self.is_encoder_only_attention
-        if stock or STATE.runner is None or not (STATE.layouts or STATE.jobs):
+        if stock or STATE.runner is None or not (STATE.views or STATE.jobs):
             return super().build(common_prefix_len, cm, fast_build)
         req_ids = STATE.runner.input_batch.req_ids[:cm.num_reqs]
         starts = cm.query_start_loc_cpu.tolist()
@@ -122,14 +129,14 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         for i, rid in enumerate(req_ids):
             q0, q1 = starts[i], starts[i + 1]
             context_start = seq_lens[i] - (q1 - q0)
-            lay, job = STATE.layouts.get(rid), STATE.jobs.get(rid)
-            if lay is not None and context_start >= lay.prompt:
+            view, job = STATE.views.get(rid), STATE.jobs.get(rid)
+            if view is not None and context_start >= view.prompt:
                 if table is None:  # the runner's table is persistent: never edit it in place
                     table, lens = cm.block_table_tensor.clone(), cm.seq_lens.clone()
-                row = cm.block_table_tensor[i]
-                keep = lay.protected + lay.kept
-                table[i, keep:row.shape[0] - lay.dropped_blocks] = row[lay.full:]
-                lens[i] -= lay.dropped_tokens
+                row, lay = cm.block_table_tensor[i], view.layout
+                keep, resume = lay.protected + lay.kept, lay.full + view.evicted  # skip blocks [keep, resume)
+                table[i, keep:row.shape[0] - (resume - keep)] = row[resume:]
+                lens[i] -= (resume - keep) * lay.block_size
             elif job is not None and context_start < job.prompt:
                 blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
                 tasks.append(_Task(rid, q0, q1, job, blocks))

@@ -104,6 +104,7 @@ class KVState:
     layout: kd.Layout | None = None  # sent to the worker with the last prefill chunk
     applied: bool = False  # the step ran: later steps attend to the kept context only
     stashed: bool = False  # earlier prefill chunks were sent to the worker to keep
+    evicted: int = 0  # tail blocks evicted while decoding (token budget)
 
 
 @dataclass
@@ -223,8 +224,9 @@ class FlopwiseScheduler(Scheduler):
         cost = self.flop_model.forward(tokens, start=start, logits=logits)
         kv = self._kv.get(request.request_id)
         if kv is not None and kv.applied and start >= kv.layout.prompt:
-            # Each token attends to its context less the dropped tokens.
-            context = context_sum(start, tokens) - tokens * kv.layout.dropped_tokens
+            # Each token attends to its context less the dropped (and evicted) tokens.
+            gone = kv.layout.dropped_tokens + kv.evicted * kv.layout.block_size
+            context = context_sum(start, tokens) - tokens * gone
             return self.flop_model.forward(tokens, start=start, logits=logits, context=context), cost
         if not request.mm_features:
             return cost, cost
@@ -407,6 +409,8 @@ class FlopwiseScheduler(Scheduler):
             if held:
                 self.max_num_active_reqs += len(held)
                 self.running[:0] = held
+        if self._kv:  # before charging: an eviction planned now already shortens this step's context
+            self.plan_kv(out)
         # super() has already advanced num_computed_tokens past this step's tokens.
         for rid, n in out.num_scheduled_tokens.items():
             request = self.requests[rid]
@@ -414,8 +418,6 @@ class FlopwiseScheduler(Scheduler):
         if self.flop_model.spec.vision is not None:
             for rid, inputs in out.scheduled_encoder_inputs.items():
                 self.charge_encoder(self.requests[rid], inputs)
-        if self._kv:
-            self.plan_kv(out)
         return out
 
     # -- KV dropping ---------------------------------------------------------------------------------
@@ -429,7 +431,11 @@ class FlopwiseScheduler(Scheduler):
             kv = self._kv.get(rid)
             request = self.requests[rid]
             prompt = request.num_prompt_tokens
-            if kv is None or request.num_computed_tokens - n >= prompt:
+            if kv is None:
+                continue
+            if request.num_computed_tokens - n >= prompt:  # decoding: evict under a token budget
+                if kv.applied and kv.config.tokens is not None:
+                    self._evict(request, kv, request.num_computed_tokens - n, jobs)
                 continue
             if kv.first is None:
                 kv.first = request.num_computed_tokens - n
@@ -447,6 +453,8 @@ class FlopwiseScheduler(Scheduler):
             if not lay.active:
                 if kv.stashed:  # nothing to drop after all (shared blocks): the worker lets its stash go
                     jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
+                if kv.config.tokens is not None:  # the budget still holds while generating
+                    kv.layout, kv.applied = lay, True
                 continue
             # The region's blocks leave the prefix cache: the kept ones are about to be rewritten, and the
             # dropped ones, freed after this step, could never be hit past them (hits are prefix chains).
@@ -465,19 +473,38 @@ class FlopwiseScheduler(Scheduler):
         if jobs:
             setattr(out, OUTPUT_ATTR, jobs)
 
+    def _evict(self, request: Request, kv: KVState, cached: int, jobs: dict[str, KVJob]) -> None:
+        """Free the oldest tail blocks that put the request's KV a block over its token budget."""
+        lay, before = kv.layout, kv.evicted
+        while kd.evicts(lay, kv.evicted, cached, kv.config.tokens):
+            kv.evicted += 1
+        if kv.evicted == before:
+            return
+        rid = request.request_id
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            manager._remove_blocks_in_range(rid, lay.full + before, lay.full + kv.evicted)
+        jobs[rid] = KVJob(kv.config.policy, kv.first, lay.prompt, lay, kv.evicted)
+        charge = self.flop_charges.get(rid)
+        if charge is not None:
+            charge.kv = {**self._kv_stats(lay), "evicted_tokens": kv.evicted * lay.block_size}
+
+    @staticmethod
+    def _kv_stats(lay: kd.Layout) -> dict[str, int]:
+        return {"prompt_tokens": lay.prompt, "kept_tokens": lay.kept_tokens, "dropped_tokens": lay.dropped_tokens,
+                "dropped_blocks": lay.dropped_blocks}
+
     def apply_kv(self, scheduler_output) -> None:
         """After the step that dropped: the region's emptied blocks go back to the pool."""
         for rid, job in (getattr(scheduler_output, OUTPUT_ATTR, None) or {}).items():
             kv, lay = self._kv.get(rid), job.layout
-            if kv is None or lay is None or not lay.active or kv.layout is not lay:
-                continue
+            if kv is None or lay is None or not lay.active or kv.layout is not lay or kv.applied:
+                continue  # (an eviction update is applied when planned)
             for manager in self.kv_cache_manager.coordinator.single_type_managers:
                 manager._remove_blocks_in_range(rid, lay.protected + lay.kept, lay.full)
             kv.applied = True
             charge = self.flop_charges.get(rid)
             if charge is not None:
-                charge.kv = {"prompt_tokens": lay.prompt, "kept_tokens": lay.kept_tokens,
-                             "dropped_tokens": lay.dropped_tokens, "dropped_blocks": lay.dropped_blocks}
+                charge.kv = self._kv_stats(lay)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if self._kv:

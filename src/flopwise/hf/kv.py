@@ -22,6 +22,7 @@ class KVRun:
     tokens: list[int]
     layout: kd.Layout | None
     kept: list[torch.Tensor] = field(default_factory=list)  # per layer: [kv_heads, kept] positions
+    evicted: int = 0  # tail blocks evicted while decoding (token budget)
 
 
 def compress(cache, captured: dict[int, torch.Tensor], config: kd.KVDropConfig, lay: kd.Layout, offset: int = 0,
@@ -71,11 +72,18 @@ def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_t
         tokens = [int(out.logits[0, -1].argmax())]
         lay = kd.layout(config, P, block_size, protected_blocks) if config is not None else None
         kept = compress(cache, captured, config, lay, offset, seed) if lay is not None and lay.active else []
+        evicted = 0
         for t in range(max_tokens - 1):
+            while lay is not None and config.tokens is not None and kd.evicts(lay, evicted, P + t, config.tokens):
+                at = (lay.protected + lay.kept) * block_size  # the oldest tail block, in the cache's rows
+                for layer in cache.layers:
+                    layer.keys = torch.cat([layer.keys[:, :, :at], layer.keys[:, :, at + block_size:]], dim=2)
+                    layer.values = torch.cat([layer.values[:, :, :at], layer.values[:, :, at + block_size:]], dim=2)
+                evicted += 1
             length = cache.get_seq_length()
             out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
                         position_ids=torch.tensor([[P + t]]), cache_position=torch.tensor([length]))
             tokens.append(int(out.logits[0, -1].argmax()))
-        return KVRun(tokens, lay, kept)
+        return KVRun(tokens, lay, kept, evicted)
     finally:
         model.set_attn_implementation(before)

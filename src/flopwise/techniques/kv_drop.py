@@ -13,7 +13,9 @@ tokens; three regions:
   which of its tokens to keep, per layer and KV head, and they are written compacted into its first
   ``kept`` blocks (a whole number of blocks, so attention never reads a slot that holds no kept token);
   the rest of its blocks go back to the pool;
-* the *tail*: the prompt's last partial block and everything generated after it, always kept.
+* the *tail*: the prompt's last partial block and everything generated after it, kept, except that
+  under a token budget (``kv_keep_tokens``) its oldest full blocks are evicted as generation goes on
+  (:func:`evicts`), so a request's KV stays within about the budget however long it runs.
 
 Kept keys keep the RoPE rotation of their original position (keys are cached rotated), and new tokens
 keep their original positions, so nothing is re-indexed. Both the vLLM adapter
@@ -230,6 +232,16 @@ def layout(config: KVDropConfig, prompt: int, block_size: int, protected_blocks:
     need = max(0, config.target(prompt) - outside)
     kept = min(full - protected, math.ceil(need / block_size))
     return Layout(prompt, block_size, protected, full, kept)
+
+
+def evicts(lay: Layout, evicted: int, cached: int, budget: int) -> bool:
+    """Decode-time eviction under a token budget (``kv_keep_tokens``): with ``cached`` tokens in the
+    cache and ``evicted`` tail blocks already gone, does the oldest tail block go too? It does when the
+    kept KV is a whole block over the budget and the block is full and not the newest full one, so the
+    kept prompt (the policy's choice, StreamingLLM's sinks) stays and a recent window slides behind it."""
+    block = lay.full + evicted
+    kept = cached - lay.dropped_tokens - evicted * lay.block_size
+    return kept - lay.block_size >= budget and (block + 2) * lay.block_size <= cached
 
 
 def keep_indices(policy: KVPolicy, ctx: KVContext, count: int) -> torch.Tensor:
