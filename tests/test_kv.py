@@ -9,7 +9,7 @@ from flopwise.ledger import FlopModel
 from flopwise.techniques import kv_drop as kd
 
 BS = 32  # the smallest block size the CPU attention kernel takes
-POLICIES = ["streaming_llm", "snapkv", "h2o", "knorm", "random"]
+POLICIES = ["streaming_llm", "snapkv", "tova", "h2o", "knorm", "random"]
 
 
 def _prompt(n: int, seed: int = 7) -> list[int]:

@@ -19,7 +19,7 @@ class H2O(KVPolicy):
 
     def score(self, ctx: KVContext) -> torch.Tensor:
         n = ctx.keys.shape[0]
-        received = window_attention(ctx.keys, ctx.queries, chunk=512).sum(0)  # [Hkv, n]
+        received = window_attention(ctx.keys, ctx.queries)  # [Hkv, n]
         seen_by = torch.arange(n, 0, -1, dtype=torch.float32)
         return (received / seen_by)[:, ctx.rel]
 

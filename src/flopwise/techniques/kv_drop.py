@@ -120,7 +120,7 @@ def get_policy(name: str) -> KVPolicy:
 
 
 def _load() -> None:
-    from flopwise.techniques import h2o, knorm, random_kv, snapkv, streaming_llm  # noqa: F401  (they register)
+    from flopwise.techniques import h2o, knorm, random_kv, snapkv, streaming_llm, tova  # noqa: F401  (they register)
 
 
 class KVDropError(OptionError):
@@ -132,7 +132,7 @@ class KVDropConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: str = Field(DEFAULT_POLICY, description="streaming_llm, snapkv, h2o, knorm or random.")
+    policy: str = Field(DEFAULT_POLICY, description="snapkv, tova, h2o, streaming_llm, knorm or random.")
     keep: float = Field(1.0, gt=0, le=1, description="Fraction of the prompt's tokens whose KV is kept.")
     tokens: int | None = Field(None, ge=1, description="Token budget for the prompt's KV (instead of keep).")
 
@@ -252,21 +252,22 @@ def keep_indices(policy: KVPolicy, ctx: KVContext, count: int) -> torch.Tensor:
     return torch.sort(order, dim=-1).values + ctx.start
 
 
-def window_attention(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Softmax attention of the last W ``queries`` [W, Hq, d] over ``keys`` [P, Hkv, d] (the queries sit at
-    the keys' last W positions), causal, averaged over each KV head's query group: -> [W, kv_heads, P]
-    (float32, computed in chunks of queries)."""
+def window_attention(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Attention the last W ``queries`` [W, Hq, d] pay each of ``keys`` [P, Hkv, d] (the queries sit at the
+    keys' last W positions): causal softmax, summed over the queries, averaged over each KV head's query
+    group -> [kv_heads, P], float32. Chunks of queries only see the keys before them."""
     P, kv_heads, d = keys.shape
     W, q_heads, _ = queries.shape
     group = q_heads // kv_heads
-    k = keys.float().permute(1, 0, 2)  # [Hkv, P, d]
-    out = []
+    k = keys.float().permute(1, 2, 0)  # [Hkv, d, P]
+    total = torch.zeros(kv_heads, P)
     for s in range(0, W, chunk):
-        q = queries[s:s + chunk].float()  # [w, Hq, d]
+        q = queries[s:s + chunk].float()
         w = q.shape[0]
-        q = q.reshape(w, kv_heads, group, d).permute(1, 2, 0, 3)  # [Hkv, g, w, d]
-        logits = torch.einsum("hgwd,hpd->hgwp", q, k) / math.sqrt(d)
-        pos = torch.arange(P - W + s, P - W + s + w).unsqueeze(1)  # the queries' positions
-        logits = logits.masked_fill(torch.arange(P).unsqueeze(0) > pos, float("-inf"))
-        out.append(torch.softmax(logits, dim=-1).mean(1).permute(1, 0, 2))  # [w, Hkv, P]
-    return torch.cat(out)
+        seen = P - W + s + w  # keys visible to the chunk's last query
+        q = q.reshape(w, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * w, d)
+        logits = torch.bmm(q, k[:, :, :seen]) / math.sqrt(d)  # [Hkv, group * w, seen]
+        pos = torch.arange(P - W + s, seen).repeat(group)  # each row's query position (group-major)
+        logits.masked_fill_(torch.arange(seen).unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+        total[:, :seen] += torch.softmax(logits, dim=-1).sum(1) / group
+    return total
