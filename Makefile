@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection bench-visual clean
+.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection bench-visual bench-kv clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-early-rejection: model
 bench-visual: setup
 	@test -f bench/models/tiny-llava-shapes/config.json || $(BIN)/python bench/scripts/train_tiny_vlm.py
 	$(BIN)/flopwise bench visual
+
+bench-kv: model
+	$(BIN)/flopwise bench kv
 
 clean:
 	rm -rf $(VENV) build *.egg-info

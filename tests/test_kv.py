@@ -150,12 +150,14 @@ def test_reference_without_drop_is_plain_greedy(hf):
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     from flopwise_serve.offline import LLM
+    from flopwise_vllm.forcing import ForcedContinuation
 
     path = tiny_model("llama-gqa")
     # 128-token steps: a 300-token prompt prefills in three chunks (the worker stashes the first two).
     # 33 blocks of 32 = one 1024-token request: the pool is tight enough that freed blocks must be reused.
     llm = LLM(path, dtype="float32", max_model_len=1024, block_size=BS, max_num_batched_tokens=128,
-              max_num_seqs=8, num_gpu_blocks_override=33, seed=0, enforce_eager=True)
+              max_num_seqs=8, num_gpu_blocks_override=33, seed=0, enforce_eager=True,
+              logits_processors=[ForcedContinuation])
     yield llm, FlopModel.from_pretrained(path)
     llm.shutdown()
     del llm
@@ -277,3 +279,53 @@ def test_token_budget_evicts_while_decoding(engine, hf):
         gone = 160 + 32 * ((n >= 352) + (n >= 384))
         expected += ledger.forward(1, start=n, logits=1, context=n + 1 - gone).total
     assert charge["total"] == expected
+
+
+@pytest.mark.slow
+def test_forced_continuation_logprobs_match_the_reference(engine, hf):
+    """Perplexity under a drop: vLLM's log-probabilities of a forced continuation equal the reference's."""
+    from vllm import SamplingParams
+
+    from flopwise.hf import kv as hk
+
+    llm, _ = engine
+    ids, forced = _prompt(300, seed=37), _prompt(20, seed=41)
+    params = SamplingParams(max_tokens=20, temperature=0, logprobs=0,
+                            extra_args={"kv_policy": "snapkv", "kv_keep": 0.25, "force_tokens": forced})
+    out = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0]
+    assert list(out.token_ids) == forced
+    got = [lp[t].logprob for lp, t in zip(out.logprobs, forced)]
+    ref = hk.generate(hf, ids, kd.parse_options("snapkv", 0.25), 20, BS, forced=forced).logprobs
+    assert got == pytest.approx(ref, abs=2e-4)
+    full = hk.generate(hf, ids, None, 20, BS, forced=forced).logprobs
+    assert got != pytest.approx(full, abs=1e-2)  # the drop shows in the numbers
+
+
+@pytest.mark.slow
+def test_a_flop_budget_buys_more_tokens_with_kv_dropping(engine):
+    """The budget gate sees the cheaper decode steps: the same budget stops a dropping request later."""
+    llm, ledger = engine
+    one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab
+    budget = ledger.request(900, 60).total + 7 * one_logit_row  # 900 tokens prefill in 8 chunks
+    got = {}
+    for keep, seed in ((1.0, 43), (0.1, 47)):  # two prompts of one length: no prefix-cache hit between them
+        out = llm.generate([{"prompt_token_ids": _prompt(900, seed)}],
+                           _greedy(120, flop_budget=budget, kv_policy="streaming_llm", kv_keep=keep))[0]
+        assert out.outputs[0].stop_reason == "flop_budget"
+        assert out.ec_transfer_params["flopwise"]["total"] <= budget
+        got[keep] = len(out.outputs[0].token_ids)
+    assert got[1.0] in (59, 60) and got[0.1] > got[1.0] + 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_long_chunked_prefill_scores_the_whole_prompt(engine, hf, policy):
+    """600 tokens in five 128-token chunks: the worker stashes four, keeping the queries the policy reads."""
+    from flopwise.hf import kv as hk
+
+    llm, _ = engine
+    ids = _prompt(600, seed={"snapkv": 53, "h2o": 59, "tova": 61}[policy])
+    out = llm.generate([{"prompt_token_ids": ids}], _greedy(10, kv_policy=policy, kv_keep=0.25))[0]
+    ref = hk.generate(hf, ids, kd.parse_options(policy, 0.25), 10, BS)
+    assert ref.layout.dropped_blocks == 14
+    assert list(out.outputs[0].token_ids) == ref.tokens

@@ -182,7 +182,7 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
         parts.append(part)
         if lay is None:  # not the last chunk: keep what the last one will need
             if isinstance(policy.query_window, int) and policy.query_window > 0 and len(parts) > 1:
-                queries = policy.queries_of(torch.cat([p[2] for p in parts]))
+                queries = policy.queries_of(torch.cat([p[2] for p in parts if p[2] is not None]))
                 parts = [(p[0], p[1], None) for p in parts[:-1]] + [(part[0], part[1], queries)]
             STATE.stash[(task.request_id, index)] = parts
             return

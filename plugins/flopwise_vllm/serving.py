@@ -19,6 +19,7 @@ from http import HTTPStatus
 from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
 from flopwise.prm import PRMError
+from flopwise.techniques import OptionError
 from flopwise.techniques import early_rejection as er
 from flopwise.techniques import kv_drop as kd
 from flopwise.techniques import visual_drop as vd
@@ -164,17 +165,30 @@ def image_tokens(engine_input, whole_grid: bool, keep: float) -> list[int]:
     return [vd.tokens_before(p.length, keep) for p in places]
 
 
+def _find(fields, sources) -> dict[str, tuple[str, object]]:
+    """Where each of ``fields`` is first set among ``sources`` ((path prefix, dict), in order): (path, value)."""
+    found = {}
+    for name in fields:
+        for prefix, source in sources:
+            if source.get(name) is not None:
+                found.setdefault(name, (prefix + name, source[name]))
+    return found
+
+
+def _parse(parse, fields, found):
+    """``parse`` the ``found`` values in ``fields`` order; its OptionError becomes ValueError(message, path)."""
+    try:
+        return parse(*(found.get(name, (None, None))[1] for name in fields))
+    except OptionError as e:
+        raise ValueError(str(e), found.get(e.field, (e.field,))[0]) from None
+
+
 def visual_options(request) -> vd.VisualDropConfig | None:
     """Move ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (top level, or in ``vllm_xargs``) into
     ``mm_processor_kwargs``, validated; raises ValueError(message, field)."""
-    extra = request.model_extra or {}
     xargs = dict(request.vllm_xargs or {})
     mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
-    found = {}
-    for name in vd.FIELDS:
-        for where, source in ((name, extra), (f"vllm_xargs.{name}", xargs), (f"mm_processor_kwargs.{name}", mm)):
-            if source.get(name) is not None:
-                found.setdefault(name, (where, source[name]))
+    found = _find(vd.FIELDS, (("", request.model_extra or {}), ("vllm_xargs.", xargs), ("mm_processor_kwargs.", mm)))
     others = sorted(set(mm) - set(vd.FIELDS))
     if others and os.environ.get(MM_KWARGS_GATE_ENV):
         raise ValueError(f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
@@ -182,10 +196,7 @@ def visual_options(request) -> vd.VisualDropConfig | None:
                          "mm_processor_kwargs")
     if not found:
         return None
-    try:
-        config = vd.parse_options(*(found.get(name, (None, None))[1] for name in vd.FIELDS))
-    except vd.VisualDropError as e:
-        raise ValueError(str(e), found.get(e.field, (e.field,))[0]) from None
+    config = _parse(vd.parse_options, vd.FIELDS, found)
     for name in vd.FIELDS:
         xargs.pop(name, None)
     request.vllm_xargs = xargs or None
@@ -198,19 +209,11 @@ def visual_options(request) -> vd.VisualDropConfig | None:
 def kv_options(request, flop_model: FlopModel) -> kd.KVDropConfig | None:
     """Validate ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens`` (top level, or in ``vllm_xargs``) and forward
     them in ``vllm_xargs``; raises ValueError(message, field). None: no KV dropping asked for."""
-    extra = request.model_extra or {}
     xargs = dict(request.vllm_xargs or {})
-    found = {}
-    for name in kd.FIELDS:
-        for where, source in ((name, extra), (f"vllm_xargs.{name}", xargs)):
-            if source.get(name) is not None:
-                found.setdefault(name, (where, source[name]))
+    found = _find(kd.FIELDS, (("", request.model_extra or {}), ("vllm_xargs.", xargs)))
     if not found:
         return None
-    try:
-        config = kd.parse_options(*(found.get(name, (None, None))[1] for name in kd.FIELDS))
-    except kd.KVDropError as e:
-        raise ValueError(str(e), found.get(e.field, (e.field,))[0]) from None
+    config = _parse(kd.parse_options, kd.FIELDS, found)
     if config.active and any(layer.window is not None for layer in flop_model.spec.layers):
         where = found.get(kd.KEEP_FIELD, found.get(kd.TOKENS_FIELD, found.get(kd.POLICY_FIELD)))[0]
         raise ValueError(f"{where}: KV dropping needs full attention; {flop_model.spec.architecture} "

@@ -562,6 +562,10 @@ def run_bench(args) -> int:
         from flopwise_serve.bench_er import bench_early_rejection
 
         return bench_early_rejection(args)
+    if args.bench == "kv":
+        from flopwise_serve.bench_kv import bench_kv
+
+        return bench_kv(args)
     if args.bench == "visual":
         from flopwise_serve.bench_visual import bench_visual
 

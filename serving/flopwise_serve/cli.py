@@ -342,6 +342,28 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--decode-tokens", type=positive_int, default=128)
     bc.add_argument("--out", default="bench/results/convert.md")
 
+    bk = bsub.add_parser("kv", help="KV token dropping vs stock vLLM on SmolLM2-135M: attention FLOPs, KV blocks, "
+                         "concurrency, wall time, retrieval and perplexity")
+    bk.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    bk.add_argument("--policies", nargs="+", default=["snapkv", "tova", "h2o", "streaming_llm", "knorm", "random"],
+                    help="KV policies (the first is also run at every keep ratio in the speed part)")
+    bk.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1], help="fractions of prompt KV kept")
+    bk.add_argument("--questions", type=positive_int, default=16, help="retrieval prompts per context length")
+    bk.add_argument("--retrieval-tokens", type=positive_int, nargs="+", default=[2000, 4000])
+    bk.add_argument("--ppl-tokens", type=positive_int, nargs="+", default=[2048, 4096], help="perplexity context lengths")
+    bk.add_argument("--docs", type=positive_int, default=4, help="perplexity documents per context length")
+    bk.add_argument("--continuation", type=positive_int, default=128, help="tokens scored after each context")
+    bk.add_argument("--reference", nargs="*", default=["snapkv", "tova"],
+                    help="policies whose perplexity the transformers reference recomputes at keep 0.25")
+    bk.add_argument("--requests", type=positive_int, default=32, help="speed part: requests in the batch")
+    bk.add_argument("--prompt-tokens", type=positive_int, default=2000)
+    bk.add_argument("--output-tokens", type=positive_int, default=128)
+    bk.add_argument("--stock-fits", type=positive_int, default=8, help="KV pool size, in whole requests")
+    bk.add_argument("--parts", nargs="+", choices=["retrieval", "perplexity", "speed"],
+                    default=["retrieval", "perplexity", "speed"],
+                    help="run only these parts; the others are kept from the existing JSON")
+    bk.add_argument("--out", default="bench/results/kv.md")
+
     bv = bsub.add_parser("visual", help="visual token dropping vs stock vLLM on the tiny shapes LLaVA: FLOPs, wall, accuracy")
     bv.add_argument("--model", default=None, help="LLaVA model dir (default: bench/models/tiny-llava-shapes)")
     bv.add_argument("--questions", type=positive_int, default=64)

@@ -23,6 +23,7 @@ class KVRun:
     layout: kd.Layout | None
     kept: list[torch.Tensor] = field(default_factory=list)  # per layer: [kv_heads, kept] positions
     evicted: int = 0  # tail blocks evicted while decoding (token budget)
+    logprobs: list[float] = field(default_factory=list)  # of each token generated (or forced)
 
 
 def compress(cache, captured: dict[int, torch.Tensor], config: kd.KVDropConfig, lay: kd.Layout, offset: int = 0,
@@ -48,9 +49,10 @@ def compress(cache, captured: dict[int, torch.Tensor], config: kd.KVDropConfig, 
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_tokens: int, block_size: int,
-             protected_blocks: int = 0, offset: int = 0, seed: int = 0) -> KVRun:
+             protected_blocks: int = 0, offset: int = 0, seed: int = 0, forced: list[int] | None = None) -> KVRun:
     """Greedy ``max_tokens`` tokens after ``prompt_ids`` with ``config``'s KV drop applied after prefill.
-    ``protected_blocks`` / ``offset``: as the engine had them (prefix-cache hits it did not recompute)."""
+    ``protected_blocks`` / ``offset``: as the engine had them (prefix-cache hits it did not recompute).
+    ``forced``: decode these tokens instead (teacher forcing); ``logprobs`` then holds each one's."""
     from transformers import AttentionInterface
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -69,7 +71,15 @@ def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_t
         P = len(prompt_ids)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True)
-        tokens = [int(out.logits[0, -1].argmax())]
+        logprobs: list[float] = []
+
+        def pick(logits: torch.Tensor) -> int:
+            token = int(logits.argmax()) if forced is None else forced[len(tokens)]
+            logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
+            return token
+
+        tokens: list[int] = []
+        tokens.append(pick(out.logits[0, -1]))
         lay = kd.layout(config, P, block_size, protected_blocks) if config is not None else None
         kept = compress(cache, captured, config, lay, offset, seed) if lay is not None and lay.active else []
         evicted = 0
@@ -83,7 +93,7 @@ def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_t
             length = cache.get_seq_length()
             out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
                         position_ids=torch.tensor([[P + t]]), cache_position=torch.tensor([length]))
-            tokens.append(int(out.logits[0, -1].argmax()))
-        return KVRun(tokens, lay, kept, evicted)
+            tokens.append(pick(out.logits[0, -1]))
+        return KVRun(tokens, lay, kept, evicted, logprobs)
     finally:
         model.set_attn_implementation(before)

@@ -134,7 +134,8 @@ class KVDropConfig(BaseModel):
 
     policy: str = Field(DEFAULT_POLICY, description="snapkv, tova, h2o, streaming_llm, knorm or random.")
     keep: float = Field(1.0, gt=0, le=1, description="Fraction of the prompt's tokens whose KV is kept.")
-    tokens: int | None = Field(None, ge=1, description="Token budget for the prompt's KV (instead of keep).")
+    tokens: int | None = Field(None, ge=1, description="Token budget for the request's KV, instead of keep: the "
+                               "prompt is cut to it, and generation evicts its oldest blocks beyond it.")
 
     @property
     def active(self) -> bool:
