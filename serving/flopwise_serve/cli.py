@@ -287,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--visual-drop-layer", type=non_negative_int, default=None,
                    help="LLaVA: drop inside the vision tower after this many layers (default: after the tower)")
     s.add_argument("--kv-policy", default=None,
-                   help="KV dropping policy for requests that set none: snapkv (default), streaming_llm, h2o, knorm, random")
+                   help="KV dropping policy for requests that set none: snapkv (default), tova, h2o, streaming_llm, "
+                   "knorm, random")
     s.add_argument("--kv-keep", type=float, default=None,
                    help="fraction of each prompt's KV kept after prefill, for requests that set no kv_keep")
     s.add_argument("--kv-keep-tokens", type=positive_int, default=None,
-                   help="token budget for each prompt's KV instead of --kv-keep")
+                   help="token budget for each request's KV instead of --kv-keep: the prompt is cut to it and "
+                   "generation evicts its oldest blocks beyond it")
 
     bt = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
                         description="Any option not listed here is passed to the vLLM engine unchanged.")
