@@ -139,7 +139,8 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 lens[i] -= (resume - keep) * lay.block_size
             elif job is not None and context_start < job.prompt:
                 blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
-                tasks.append(_Task(rid, q0, q1, job, blocks))
+                # The prompt's rows only: a request recomputed after preemption prefills its output too.
+                tasks.append(_Task(rid, q0, min(q1, q0 + job.prompt - context_start), job, blocks))
         if table is not None:
             cm = dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens)
         md = super().build(common_prefix_len, cm, fast_build)
