@@ -176,19 +176,16 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
             STATE.stash.pop((task.request_id, index), None)
             return
         policy = kd.get_policy(task.job.policy)
-        q = query[task.q0:task.q1]
-        part = (key[task.q0:task.q1].clone(), value[task.q0:task.q1].clone(),
-                policy.queries_of(q).clone() if policy.query_window != 0 else None)
+        k, v = key[task.q0:task.q1], value[task.q0:task.q1]
+        q = policy.queries_of(query[task.q0:task.q1])
         parts = STATE.stash.pop((task.request_id, index), [])
-        parts.append(part)
-        if lay is None:  # not the last chunk: keep what the last one will need
-            if isinstance(policy.query_window, int) and policy.query_window > 0 and len(parts) > 1:
-                queries = policy.queries_of(torch.cat([p[2] for p in parts if p[2] is not None]))
-                parts = [(p[0], p[1], None) for p in parts[:-1]] + [(part[0], part[1], queries)]
-            STATE.stash[(task.request_id, index)] = parts
+        if lay is None:  # not the last chunk: keep copies of what the last one needs (q: at most the window
+            # of this chunk, whose union over chunks holds the prompt's last W queries)
+            STATE.stash[(task.request_id, index)] = parts + [(k.clone(), v.clone(), None if q is None else q.clone())]
             return
         if lay.kept == 0:  # the whole region goes: nothing to score or write
             return
+        parts.append((k, v, q))
         keys = torch.cat([p[0] for p in parts])
         values = torch.cat([p[1] for p in parts])
         queries = [p[2] for p in parts if p[2] is not None]

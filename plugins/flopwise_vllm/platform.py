@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
+from vllm.exceptions import VLLMValidationError
 from vllm.platforms.cpu import CpuPlatform
 
 from flopwise.budget import FIELD, BudgetError, parse_budget
@@ -72,22 +73,16 @@ class FlopwiseCpuPlatform(CpuPlatform):
         super().validate_request(processed_inputs, params)
         extra = getattr(params, "extra_args", None)
         if extra and FIELD in extra:
-            from vllm.exceptions import VLLMValidationError
-
             try:
                 parse_budget(extra[FIELD], max_budget())
             except BudgetError as e:
                 raise VLLMValidationError(str(e), parameter=FIELD, value=extra[FIELD]) from None
         if extra and any(name in extra for name in kd.FIELDS):
-            from vllm.exceptions import VLLMValidationError
-
             try:
                 kd.from_extra(extra)
             except kd.KVDropError as e:
                 raise VLLMValidationError(f"vllm_xargs: {e}", parameter=e.field, value=extra.get(e.field)) from None
         if extra and "early_rejection" in extra:
-            from vllm.exceptions import VLLMValidationError
-
             from flopwise.prm import resolve
             from flopwise_vllm.rejection import parse_config
 

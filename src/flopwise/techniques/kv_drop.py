@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from flopwise.techniques import OptionError
+from flopwise.techniques import OptionError, Registry
 
 POLICY_FIELD = "kv_policy"
 KEEP_FIELD = "kv_keep"
@@ -95,36 +95,21 @@ class KVPolicy(ABC):
         return 0
 
 
-POLICIES: dict[str, type[KVPolicy]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        POLICIES[name] = cls
-        return cls
-
-    return wrap
-
-
 def policy_names() -> list[str]:
-    _load()
-    return sorted(POLICIES)
+    return _POLICIES.names()
 
 
 def get_policy(name: str) -> KVPolicy:
-    _load()
-    if not isinstance(name, str) or name not in POLICIES:
-        raise KVDropError(f"unknown {POLICY_FIELD} {name!r}; choose one of {', '.join(sorted(POLICIES))}",
-                          POLICY_FIELD)
-    return POLICIES[name]()
-
-
-def _load() -> None:
-    from flopwise.techniques import h2o, knorm, random_kv, snapkv, streaming_llm, tova  # noqa: F401  (they register)
+    return _POLICIES.get(name)
 
 
 class KVDropError(OptionError):
     """A bad KV-dropping option; ``field`` names it (``kv_policy``, ``kv_keep``, ``kv_keep_tokens``)."""
+
+
+_POLICIES = Registry(POLICY_FIELD, POLICY_FIELD, KVDropError, tuple(
+    f"flopwise.techniques.{m}" for m in ("h2o", "knorm", "random_kv", "snapkv", "streaming_llm", "tova")))
+register = _POLICIES.register
 
 
 class KVDropConfig(BaseModel):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from flopwise.techniques import OptionError
+from flopwise.techniques import OptionError, Registry
 
 KEEP_FIELD = "visual_keep"
 METHOD_FIELD = "visual_drop"
@@ -42,32 +42,12 @@ class VisualScorer(ABC):
         """``tokens`` [N, D] features of one image (``query`` [D]: its CLS token, if the tower has one) -> [N]."""
 
 
-METHODS: dict[str, type[VisualScorer]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        METHODS[name] = cls
-        return cls
-
-    return wrap
-
-
 def method_names() -> list[str]:
-    _load()
-    return sorted(METHODS)
+    return _METHODS.names()
 
 
 def get_scorer(name: str) -> VisualScorer:
-    _load()
-    if not isinstance(name, str) or name not in METHODS:  # a JSON list or object is not hashable
-        raise VisualDropError(f"unknown {METHOD_FIELD} method {name!r}; choose one of {', '.join(sorted(METHODS))}",
-                              METHOD_FIELD)
-    return METHODS[name]()
-
-
-def _load() -> None:
-    from flopwise.techniques import cls_attention, uniform_drop, visiondrop  # noqa: F401  (they register)
+    return _METHODS.get(name)
 
 
 class VisualDropConfig(BaseModel):
@@ -97,6 +77,11 @@ class VisualDropConfig(BaseModel):
 
 class VisualDropError(OptionError):
     """A bad visual-dropping option; ``field`` names it (``visual_keep``, ``visual_drop``, ``visual_drop_layer``)."""
+
+
+_METHODS = Registry(f"{METHOD_FIELD} method", METHOD_FIELD, VisualDropError,
+                    tuple(f"flopwise.techniques.{m}" for m in ("cls_attention", "uniform_drop", "visiondrop")))
+register = _METHODS.register
 
 
 def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
