@@ -12,7 +12,7 @@ from prometheus_client import Counter
 
 _lock = threading.Lock()
 _metrics: dict[str, Counter] | None = None
-_engine_seen = 0
+_engine_seen: dict[int, int] = {}  # data-parallel rank -> the engine's running total already counted
 
 
 def _get() -> dict[str, Counter]:
@@ -36,9 +36,9 @@ def refused() -> None:
     _get()["refused"].inc()
 
 
-def observe(usage: dict[str, int], engine_total: int, capped: bool = False) -> None:
-    """Count one finished HTTP request's ``usage.flops`` and the engine's running total."""
-    global _engine_seen
+def observe(usage: dict[str, int], engine_totals: dict[int, int], capped: bool = False) -> None:
+    """Count one finished HTTP request's ``usage.flops`` and the running totals of the engines it ran on
+    (one per data-parallel rank: ``flopwise_engine_flops`` adds up what every engine computed)."""
     m = _get()
     if capped:
         m["capped"].inc()
@@ -50,5 +50,9 @@ def observe(usage: dict[str, int], engine_total: int, capped: bool = False) -> N
     if "kv" in usage:
         m["kv_dropped"].inc(usage["kv"]["dropped_tokens"])
     with _lock:
-        delta, _engine_seen = max(0, engine_total - _engine_seen), max(_engine_seen, engine_total)
+        delta = 0
+        for engine, total in engine_totals.items():
+            seen = _engine_seen.get(engine, 0)
+            delta += max(0, total - seen)
+            _engine_seen[engine] = max(seen, total)
     m["engine"].inc(delta)

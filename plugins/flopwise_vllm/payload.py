@@ -65,5 +65,10 @@ class FlopTotals:
     def capped(self) -> bool:
         return any(p.get("capped") for p in self.groups.values())
 
-    def engine_total(self) -> int:
-        return max((p.get("engine_total", 0) for p in self.groups.values()), default=0)
+    def engine_totals(self) -> dict[int, int]:
+        """The latest running total of FLOPs computed per engine (data-parallel rank) these groups ran on."""
+        totals: dict[int, int] = {}
+        for p in self.groups.values():
+            e = p.get("engine", 0)
+            totals[e] = max(totals.get(e, 0), p.get("engine_total", 0))
+        return totals

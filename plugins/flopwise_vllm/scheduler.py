@@ -117,7 +117,7 @@ class Group:
     members: set[str] = field(default_factory=set)  # live request ids
     rejection: Rejection | None = None
 
-    def payload(self, group_id: str, engine_total: int) -> dict:
+    def payload(self, group_id: str, engine: int, engine_total: int) -> dict:
         c = self.settled
         prm = self.rejection.prm_flops if self.rejection else 0
         out = {
@@ -128,6 +128,7 @@ class Group:
             "total": c.total + prm,
             "dense_baseline": c.dense_baseline,
             "components": (c.prompt + c.completion).as_dict(),
+            "engine": engine,  # data-parallel rank: one front end can serve several engines
             "engine_total": engine_total,
         }
         if c.kv:
@@ -152,6 +153,8 @@ class FlopwiseScheduler(Scheduler):
         self.group_ids: dict[str, str] = {}  # request id -> group id, for live requests
         self.budgeted_groups = 0  # live groups with a budget: the gate is skipped when there are none
         self.engine_flops = 0  # everything this engine computed, finished or not
+        # The engine's data-parallel rank; data_parallel_rank itself reads 0 in every engine of a dense model.
+        self.engine_rank = getattr(vllm_config.parallel_config, "data_parallel_index", 0)
         self._last_settled: tuple[str, dict | None] = ("", None)
         self._early_finishes: list[tuple[int, EngineCoreOutput]] = []
         self._tokenizer = None
@@ -542,7 +545,7 @@ class FlopwiseScheduler(Scheduler):
         group = self.groups[g]
         group.members.discard(request_id)
         group.settled.merge(charge)
-        payload = group.payload(g, self.engine_flops)
+        payload = group.payload(g, self.engine_rank, self.engine_flops)
         group.live -= 1
         if group.live <= 0:
             del self.groups[g]

@@ -11,9 +11,11 @@ candidates that were not rejected, best final PRM score first.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+from contextvars import ContextVar
 from http import HTTPStatus
 
 from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
@@ -35,6 +37,9 @@ DEFAULT_PRM_ENV = "FLOPWISE_PRM"  # the server's default early_rejection.prm
 # processor): per-request mm_processor_kwargs other than flopwise's stay refused, as stock vLLM refuses them.
 MM_KWARGS_GATE_ENV = "FLOPWISE_MM_KWARGS_GATE"
 _UNSET = object()
+# Set while one HTTP request is handled: it has n>1 candidates, which must all run on one engine.
+_ONE_ENGINE: ContextVar[bool] = ContextVar("flopwise_one_engine", default=False)
+_next_rank = itertools.count()
 
 
 class FlopTap:
@@ -71,7 +76,7 @@ class FlopTap:
         usage = self.totals.usage()
         if not self._reported:
             self._reported = True
-            metrics.observe(usage, self.totals.engine_total(), capped=self.totals.capped)
+            metrics.observe(usage, self.totals.engine_totals(), capped=self.totals.capped)
             logger.debug("flopwise: groups=%s budget=%s charged=%d saved=%d capped=%s", list(self.totals.groups),
                          usage.get("budget"), usage["total"], usage["dense_baseline"] - usage["total"], self.totals.capped)
         return usage
@@ -258,7 +263,18 @@ class BudgetMixin:
             return _bad_request(self, e.args[0], e.args[1])
         if config is not None:
             request.vllm_xargs = {**(request.vllm_xargs or {}), er.FIELD: config.model_dump_json()}
+        _ONE_ENGINE.set((getattr(request, "n", None) or 1) > 1)
         return self._apply_budget(request, engine_inputs)
+
+    def _get_data_parallel_rank(self, raw_request):
+        """With data parallelism, vLLM places each of a request's n candidates on any engine; flopwise pins
+        them to one (round robin over requests), whose scheduler holds their shared budget, ledger group and
+        early-rejection scores. A rank from the router's ``X-data-parallel-rank`` header is kept."""
+        rank = super()._get_data_parallel_rank(raw_request)
+        size = self.engine_client.vllm_config.parallel_config.data_parallel_size
+        if rank is None and size > 1 and _ONE_ENGINE.get():
+            rank = next(_next_rank) % size
+        return rank
 
     def _apply_budget(self, request, engine_inputs):
         xargs = dict(request.vllm_xargs or {})
