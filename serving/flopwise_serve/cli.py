@@ -26,6 +26,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -302,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
     bt.add_argument("--flop-budget", type=flop_amount, default=None, help="FLOP budget for lines that set none")
     bt.add_argument("--max-concurrency", type=positive_int, default=256, help="requests in flight at once")
+    r = bt.add_argument_group("Ray (pip install 'flopwise[ray]')")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: HOST:PORT of its head, 'auto', or nothing for a new local instance")
+    r.add_argument("--replicas", type=positive_int, default=None, help="vLLM engines on the cluster (default 1)")
+    r.add_argument("--cpus-per-replica", type=positive_float, default=None, help="CPUs each engine holds (default 1)")
+    r.add_argument("--batch-size", type=positive_int, default=None,
+                   help="lines per Ray task: a lost replica's unfinished tasks are redone (default 32)")
+    r.add_argument("--concurrent-batches", type=positive_int, default=None,
+                   help="tasks in flight per replica (default 4): batch size x this = requests its engine batches")
 
     d = sub.add_parser("demo", help="start the server on the default model, send chat requests, print FLOPs, stop")
     d.add_argument("--port", type=positive_int, default=8765)
@@ -344,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--decode-tokens", type=positive_int, default=128)
     bc.add_argument("--out", default="bench/results/convert.md")
 
+    bs = bsub.add_parser("scale", help="flopwise batch --ray: one vs several engine replicas on this machine, "
+                         "lines and FLOPs per second")
+    bs.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    bs.add_argument("--requests", type=positive_int, default=128)
+    bs.add_argument("--prompt-chars", type=positive_int, default=600, help="characters of local text per prompt")
+    bs.add_argument("--max-tokens", type=positive_int, default=64)
+    bs.add_argument("--replicas", type=positive_int, default=2, help="replicas of the multi-replica setting")
+    bs.add_argument("--batch-size", type=positive_int, default=32, help="lines per Ray task")
+    bs.add_argument("--concurrent-batches", type=positive_int, default=4, help="Ray tasks in flight per replica")
+    bs.add_argument("--out", default="bench/results/scale.md")
     bk = bsub.add_parser("kv", help="KV token dropping vs stock vLLM on SmolLM2-135M: attention FLOPs, KV blocks, "
                          "concurrency, wall time, retrieval and perplexity")
     bk.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
