@@ -104,6 +104,22 @@ def _result(rec: dict):
     return texts, body["usage"]
 
 
+def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
+    """`--ray` with no address: flopwise starts a Ray instance for the run, and nothing of it outlives the run.
+    First in the file, so that no cluster of the other tests is there to start processes meanwhile."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(_line(i)) + "\n" for i in range(3)))
+    before = {p.pid for p in psutil.process_iter()}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = _batch(inp, out, tiny_model("llama-gqa"), "--ray", "--replicas", "1", env=env)
+    assert r.returncode == 0 and "3 done, 0 errors" in r.stderr, r.stderr[-3000:]
+    assert len(_records(out)) == 3
+    time.sleep(2)
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+            and any(k in " ".join(p.info["cmdline"] or []) for k in ("raylet", "gcs_server", "ray::", "VLLM"))]
+    assert not left, [p.info["cmdline"][:2] for p in left]
+
+
 def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluster, tiny_model, tmp_path):
     address, env = cluster
     model = tiny_model("llama-gqa")
@@ -203,3 +219,4 @@ def test_ray_batch_errors_name_the_cause(cluster, tiny_model, tmp_path):
     r = _batch(inp, out, model, "--replicas", "2")
     assert r.returncode == 2 and "--replicas only apply with --ray" in r.stderr
     assert out.read_text() == ""  # nothing was served, nothing is marked done
+

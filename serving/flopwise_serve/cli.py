@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("-o", "--output", required=True, help="output .jsonl; rerunning with the same file resumes")
     bt.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
     bt.add_argument("--flop-budget", type=flop_amount, default=None, help="FLOP budget for lines that set none")
-    bt.add_argument("--max-concurrency", type=positive_int, default=256, help="requests in flight at once")
+    bt.add_argument("--max-concurrency", type=positive_int, default=256, help="requests in flight at once (without --ray)")
     r = bt.add_argument_group("Ray (pip install 'flopwise[ray]')")
     r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: HOST:PORT of its head, 'auto', or nothing for a new local instance")
