@@ -41,7 +41,6 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from flopwise.techniques import kv_drop as kd
 
-BACKEND_CLS = "flopwise_vllm.kv.FlopwiseCPUAttentionBackend"
 WORKER_CLS = "flopwise_vllm.kv.FlopwiseCPUWorker"
 STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 OUTPUT_ATTR = "flopwise_kv"  # SchedulerOutput attribute carrying {request id: KVJob}

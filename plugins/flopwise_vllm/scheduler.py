@@ -161,9 +161,9 @@ class FlopwiseScheduler(Scheduler):
         self._newlines: frozenset[int] | None = None
         self._image_drops: dict[str, list[tuple[int, int]]] = {}  # request id -> (offset, dropped) per image
         self._kv: dict[str, KVState] = {}
-        windowed = any(layer.window is not None for layer in self.flop_model.spec.layers)
         # KV dropping rewrites the CPU attention backend's block tables; a sliding window already limits reads.
-        self.kv_supported = not windowed and vllm_config.cache_config.cache_dtype in ("auto", None)
+        self.kv_supported = (not self.flop_model.spec.windowed
+                             and vllm_config.cache_config.cache_dtype in ("auto", None))
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -432,10 +432,10 @@ class FlopwiseScheduler(Scheduler):
         jobs: dict[str, KVJob] = {}
         for rid, n in out.num_scheduled_tokens.items():
             kv = self._kv.get(rid)
-            request = self.requests[rid]
-            prompt = request.num_prompt_tokens
             if kv is None:
                 continue
+            request = self.requests[rid]
+            prompt = request.num_prompt_tokens
             if request.num_computed_tokens - n >= prompt:  # decoding: evict under a token budget
                 if kv.applied and kv.config.tokens is not None:
                     self._evict(request, kv, request.num_computed_tokens - n, jobs)

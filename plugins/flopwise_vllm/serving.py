@@ -219,7 +219,7 @@ def kv_options(request, flop_model: FlopModel) -> kd.KVDropConfig | None:
     if not found:
         return None
     config = _parse(kd.parse_options, kd.FIELDS, found)
-    if config.active and any(layer.window is not None for layer in flop_model.spec.layers):
+    if config.active and flop_model.spec.windowed:
         where = found.get(kd.KEEP_FIELD, found.get(kd.TOKENS_FIELD, found.get(kd.POLICY_FIELD)))[0]
         raise ValueError(f"{where}: KV dropping needs full attention; {flop_model.spec.architecture} "
                          "uses a sliding window", where)

@@ -81,6 +81,11 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return any(layer.moe is not None for layer in self.layers)
 
+    @property
+    def windowed(self) -> bool:
+        """Does any layer attend through a sliding window?"""
+        return any(layer.window is not None for layer in self.layers)
+
 
 DENSE = {
     "LlamaForCausalLM",

@@ -14,6 +14,15 @@ class OptionError(ValueError):
         return self.message
 
 
+def fraction(value, field: str, error: type[OptionError]) -> float:
+    """A share of tokens to keep, a number in (0, 1]; anything else raises ``error`` naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{field} must be a number in (0, 1], got {value!r}", field)
+    if not (0 < value <= 1):  # NaN fails this too
+        raise error(f"{field} must be in (0, 1], got {value}", field)
+    return float(value)
+
+
 class Registry:
     """Names -> the classes of one technique's methods (kvpress-style explicit registry). Each method's file
     registers itself with :meth:`register`; ``modules`` are imported on first lookup so they have."""

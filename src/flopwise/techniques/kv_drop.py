@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from flopwise.techniques import OptionError, Registry
+from flopwise.techniques import OptionError, Registry, fraction
 
 POLICY_FIELD = "kv_policy"
 KEEP_FIELD = "kv_keep"
@@ -150,11 +150,7 @@ def parse_options(policy=None, keep=None, tokens=None) -> KVDropConfig:
         raise KVDropError(f"give {KEEP_FIELD} or {TOKENS_FIELD}, not both", TOKENS_FIELD)
     chosen = get_policy(policy)  # an unknown policy raises, naming the field
     if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise KVDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD)
-        if not (0 < keep <= 1):  # NaN fails this too
-            raise KVDropError(f"{KEEP_FIELD} must be in (0, 1], got {keep}", KEEP_FIELD)
-        return KVDropConfig(policy=policy, keep=float(keep))
+        return KVDropConfig(policy=policy, keep=fraction(keep, KEEP_FIELD, KVDropError))
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise KVDropError(f"{TOKENS_FIELD} must be a positive integer, got {tokens!r}", TOKENS_FIELD)
     if tokens < chosen.min_tokens:

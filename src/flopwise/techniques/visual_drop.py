@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from flopwise.techniques import OptionError, Registry
+from flopwise.techniques import OptionError, Registry, fraction
 
 KEEP_FIELD = "visual_keep"
 METHOD_FIELD = "visual_drop"
@@ -96,12 +96,9 @@ def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise VisualDropError(f"{LAYER_FIELD} must be a non-negative integer (a vision-tower layer), got {layer!r}",
                               LAYER_FIELD)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise VisualDropError(f"{KEEP_FIELD} must be a number in (0, 1], got {keep!r}", KEEP_FIELD)
-    if not (0 < keep <= 1):  # NaN fails this too
-        raise VisualDropError(f"{KEEP_FIELD} must be in (0, 1], got {keep}", KEEP_FIELD)
+    keep = fraction(keep, KEEP_FIELD, VisualDropError)
     get_scorer(method)  # an unknown method raises, naming the field
-    return VisualDropConfig(keep=float(keep), method=method, layer=layer)
+    return VisualDropConfig(keep=keep, method=method, layer=layer)
 
 
 def _rounded(tokens: int, keep: float) -> int:
