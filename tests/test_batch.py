@@ -56,8 +56,8 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     inp.write_text("\n".join(_lines()) + "\n\n")
 
     r = _run(inp, out, model, "--flop-budget", "5e7")  # the default for lines that set no budget
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "8 done, 8 errors" in r.stderr and "stopped by their FLOP budget" in r.stderr
+    assert r.returncode == 1, r.stderr[-3000:]  # lines failed: not a success, and it says how many
+    assert "8 done, 8 errors" in r.stderr and "8 of 16 lines failed" in r.stderr and "stopped by their FLOP budget" in r.stderr
     recs = _records(out)
     assert len(recs) == 16
     by_id = {rec["custom_id"]: rec for rec in recs if rec["custom_id"]}
@@ -91,7 +91,7 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     kept = [line for line in lines if json.loads(line)["custom_id"] != lost]
     out.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][:25])
     r = _run(inp, out, model)
-    assert r.returncode == 0 and "14 already" in r.stderr, r.stderr[-2000:]
+    assert "14 already" in r.stderr, r.stderr[-2000:]
     recs = _records(out)
     counts = collections.Counter(rec["custom_id"] or ("line", rec["error"]["line"]) for rec in recs)
     assert len(recs) == 16 and max(counts.values()) == 1
@@ -116,6 +116,47 @@ def test_resume_drops_torn_lines_and_server_failures(tmp_path):
     client_err = {"custom_id": "b", "response": None, "error": {"code": "x", "message": "m", "line": 2, "status_code": 400}}
     server_err = {"custom_id": "c", "response": None, "error": {"code": "internal_error", "message": "m", "line": 3, "status_code": 500}}
     bad_line = {"custom_id": None, "response": None, "error": {"code": "invalid_line", "message": "m", "line": 4}}
-    out.write_text("".join(json.dumps(r) + "\n" for r in (ok, client_err, server_err, bad_line)) + '{"custom_id": "d", "resp')
+    junk = '[1, 2]\n"text"\nnot json\n\xff\xfe\n'.encode("latin-1")  # not records: kept aside, not lost
+    out.write_bytes("".join(json.dumps(r) + "\n" for r in (ok, client_err)).encode() + junk
+                    + "".join(json.dumps(r) + "\n" for r in (server_err, bad_line)).encode() + b'{"custom_id": "d", "resp')
     assert already_done(out) == {("id", "a"), ("id", "b"), ("line", 4)}
     assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == ["a", "b", None]
+    assert (tmp_path / "out.jsonl.junk").read_bytes() == junk
+
+
+def test_undecodable_input_lines_become_error_records(tmp_path):
+    from flopwise_serve.batch import parse_input
+
+    inp = tmp_path / "in.jsonl"
+    good = json.dumps({"custom_id": "ok", "url": "/v1/completions", "body": {"prompt": "caf\u00e9"}})
+    inp.write_bytes(good.encode() + b"\n" + b'{"custom_id": "x\xff"}\n')
+    ok, bad = parse_input(inp)
+    assert ok.error is None and ok.body == {"prompt": "caf\u00e9"}
+    assert bad.number == 2 and "not valid UTF-8" in bad.error and "\ufffd" not in bad.error
+
+
+def test_atomic_directory_keeps_the_old_one_when_the_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    from flopwise.atomic import atomic_directory
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).startswith(str(tmp_path / ".model-")) and "-old-" not in str(src) and dst == out:
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_directory(out) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or aside dir left behind
+    monkeypatch.setattr(os, "replace", real)
+    with atomic_directory(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -8,6 +8,7 @@ import pytest
 
 from flopwise.hf.tiny import FAMILIES
 from flopwise.ledger import FlopModel
+from flopwise.options import Defaults
 
 
 def flopwise(*args, timeout=300):
@@ -99,14 +100,20 @@ def test_serve_checks_early_rejection_defaults_before_starting(tiny_model, args,
     assert r.returncode == 2 and needle in r.stderr, r.stderr
 
 
-def test_serve_passes_early_rejection_defaults_to_the_server():
-    from flopwise_serve.cli import rejection_default, serve_command
+def _defaults(*argv):
+    """The Defaults `flopwise serve ARGV` hands its engine, as the engine reads them back."""
+    from flopwise.options import defaults_from_json
+    from flopwise_serve.cli import build_parser
+    from flopwise_serve.serve import serve_command, server_defaults
 
-    text = rejection_default('{"every_tokens": 16}', "verifier:arithmetic")
-    _, env = serve_command("/m", [], early_rejection=text, prm="verifier:arithmetic")
-    assert json.loads(env["FLOPWISE_EARLY_REJECTION"]) == {"prm": "verifier:arithmetic", "every_tokens": 16, "every_steps": None, "keep": 0.5,
-                                                           "min_keep": 1, "mode": "reject"}
-    assert env["FLOPWISE_PRM"] == "verifier:arithmetic"
+    args, _ = build_parser().parse_known_args(["serve", *argv])
+    argv_out, env = serve_command("/m", [], defaults=server_defaults(args))
+    return argv_out, env, defaults_from_json(env["FLOPWISE_DEFAULTS"])
+
+
+def test_serve_passes_early_rejection_defaults_to_the_server():
+    _, _, d = _defaults("--early-rejection", '{"every_tokens": 16}', "--prm", "verifier:arithmetic")
+    assert d.early_rejection == {"every_tokens": 16} and d.prm == "verifier:arithmetic"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -121,15 +128,13 @@ def test_serve_checks_visual_defaults_before_starting(args, needle):
 
 
 def test_serve_trusts_only_flopwise_mm_kwargs_unless_told():
-    from flopwise_serve.cli import serve_command
+    from flopwise_serve.serve import serve_command
 
-    argv, env = serve_command("/m", [], visual_keep=0.25, visual_drop="uniform", visual_drop_layer=2)
-    assert "--trust-request-mm-kwargs" in argv and env["FLOPWISE_MM_KWARGS_GATE"] == "1"
-    assert env["FLOPWISE_VISUAL_KEEP"] == "0.25" and env["FLOPWISE_VISUAL_DROP"] == "uniform"
-    assert env["FLOPWISE_VISUAL_DROP_LAYER"] == "2"
+    argv, env, d = _defaults("--visual-keep", "0.25", "--visual-drop", "uniform", "--visual-drop-layer", "2")
+    assert "--trust-request-mm-kwargs" in argv and d.mm_kwargs_gate
+    assert (d.visual_keep, d.visual_drop, d.visual_drop_layer) == (0.25, "uniform", 2)
     argv, env = serve_command("/m", ["--trust-request-mm-kwargs"])
-    assert argv.count("--trust-request-mm-kwargs") == 1 and "FLOPWISE_MM_KWARGS_GATE" not in env
-    assert "FLOPWISE_VISUAL_KEEP" not in env and "FLOPWISE_VISUAL_DROP_LAYER" not in env
+    assert argv.count("--trust-request-mm-kwargs") == 1 and env["FLOPWISE_DEFAULTS"] == "{}"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -145,13 +150,10 @@ def test_serve_checks_kv_defaults_before_starting(tiny_model, args, needle):
 
 
 def test_serve_passes_kv_defaults_to_the_engine(monkeypatch):
-    from flopwise_serve.cli import kv_defaults, serve_command
-
-    monkeypatch.setenv("FLOPWISE_KV_KEEP_TOKENS", "999")  # a stale value in the caller's env does not leak
-    _, env = serve_command("/m", [], kv=kv_defaults(None, 0.25, None))
-    assert env["FLOPWISE_KV_POLICY"] == "snapkv" and env["FLOPWISE_KV_KEEP"] == "0.25"
-    assert "FLOPWISE_KV_KEEP_TOKENS" not in env
-    _, env = serve_command("/m", [], kv=kv_defaults("streaming_llm", None, 256))
-    assert env["FLOPWISE_KV_KEEP_TOKENS"] == "256" and "FLOPWISE_KV_KEEP" not in env
-    _, env = serve_command("/m", [])
-    assert not any(k.startswith("FLOPWISE_KV") for k in env)
+    monkeypatch.setenv("FLOPWISE_DEFAULTS", '{"kv_keep_tokens": 999}')  # a stale value in the caller's env
+    _, env, d = _defaults("--kv-keep", "0.25")
+    assert (d.kv_policy, d.kv_keep, d.kv_keep_tokens) == (None, 0.25, None)
+    _, _, d = _defaults("--kv-policy", "streaming_llm", "--kv-keep-tokens", "256")
+    assert (d.kv_policy, d.kv_keep, d.kv_keep_tokens) == ("streaming_llm", None, 256)
+    _, env, d = _defaults()
+    assert d == Defaults(mm_kwargs_gate=True) and "kv" not in env["FLOPWISE_DEFAULTS"]

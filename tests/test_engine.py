@@ -106,11 +106,18 @@ def test_charge_never_exceeds_budget_and_stops_as_late_as_possible(engine, extra
     assert total + ledger.forward(1, start=50 + n - 1, logits=1).total > budget  # the next one would not fit
 
 
-def test_budget_below_prefill_runs_nothing(engine):
+def test_budget_below_prefill_is_refused_before_anything_runs(engine):
+    from vllm.exceptions import VLLMValidationError
+
+    from flopwise.techniques import OptionError
+
     llm, ledger, _ = engine
-    out = llm.generate([PROMPT], _budgeted(10, ledger.request(50, 1).total - 1))[0]
-    assert len(out.outputs[0].token_ids) == 0
-    assert out.outputs[0].stop_reason == "flop_budget" and _charge(out)["total"] == 0
+    # extra_args straight into vLLM's own LLM: the platform's request validator refuses it, as the servers do.
+    with pytest.raises(VLLMValidationError, match="cannot cover this request's prefill of 50 tokens"):
+        llm.engine.generate([PROMPT], _budgeted(10, ledger.request(50, 1).total - 1))
+    with pytest.raises(OptionError, match="prefill of 50 tokens") as e:
+        llm.generate([PROMPT], _budgeted(10, ledger.request(50, 1).total - 1))
+    assert e.value.field == "flop_budget"
 
 
 def test_n_candidates_share_one_budget(engine):
@@ -134,7 +141,7 @@ def test_budget_holds_through_chunked_prefill(engine):
 
 
 def test_offline_api_budget_keyword_and_admission(engine):
-    from flopwise.budget import BudgetError
+    from flopwise.techniques import OptionError
     from flopwise_serve.offline import flops_of
 
     llm, ledger, _ = engine
@@ -143,5 +150,5 @@ def test_offline_api_budget_keyword_and_admission(engine):
     assert len(out.outputs[0].token_ids) == 6
     assert flops_of(out) == {"prompt": ledger.request(50, 1).total, "completion": ledger.request(50, 6).decode.total,
                              "total": budget, "dense_baseline": budget, "budget": budget}
-    with pytest.raises(BudgetError, match="prefill of 50 tokens"):
+    with pytest.raises(OptionError, match="prefill of 50 tokens"):
         llm.generate([PROMPT], max_tokens=5, flop_budget=ledger.request(50, 1).total - 1)

@@ -55,13 +55,14 @@ def test_bad_options_name_the_field(args, field):
     assert e.value.field == field and field in str(e.value)
 
 
-def test_server_defaults_come_from_env(monkeypatch):
-    assert kd.from_extra({}) is None
-    monkeypatch.setenv(kd.DEFAULT_KEEP_ENV, "0.25")
-    monkeypatch.setenv(kd.DEFAULT_POLICY_ENV, "knorm")
-    assert kd.from_extra({}) == kd.KVDropConfig(policy="knorm", keep=0.25)
-    assert kd.from_extra({"kv_keep_tokens": 128}).tokens == 128  # a request's own choice wins
-    assert kd.from_extra({"kv_keep": 1.0}) is None  # and can turn it off
+def test_server_defaults_apply_to_requests_that_set_none():
+    from flopwise.options import Defaults, parse
+
+    assert parse({}).kv is None
+    defaults = Defaults(kv_policy="knorm", kv_keep=0.25)
+    assert parse({}, defaults).kv == kd.KVDropConfig(policy="knorm", keep=0.25)
+    assert parse({"kv_keep_tokens": 128}, defaults).kv.tokens == 128  # a request's own choice wins
+    assert parse({"kv_keep": 1.0}, defaults).kv is None  # and can turn it off
 
 
 def _ctx(keys, queries=None, start=0, end=None, offset=0):
@@ -329,3 +330,21 @@ def test_long_chunked_prefill_scores_the_whole_prompt(engine, hf, policy):
     ref = hk.generate(hf, ids, kd.parse_options(policy, 0.25), 10, BS)
     assert ref.layout.dropped_blocks == 14
     assert list(out.outputs[0].token_ids) == ref.tokens
+
+
+@pytest.mark.slow
+def test_budget_gate_bounds_steps_with_the_kept_context(engine):
+    """Gate = charge: the gate costs a step on the kept KV context, as the charge does, so under the same budget
+    a request with KV dropping generates more tokens than without, and its charge still never crosses it."""
+    llm, ledger = engine
+    ids = _prompt(600, seed=23)
+    budget = ledger.request(600, 30).total + 8 * 2 * ledger.spec.hidden * ledger.spec.vocab  # + chunk logit rows
+    got = {}
+    for kv in ({}, {"kv_policy": "knorm", "kv_keep": 0.25}):
+        out = llm.generate([{"prompt_token_ids": ids}], _greedy(200, flop_budget=budget, **kv))[0]
+        charge = out.ec_transfer_params["flopwise"]
+        assert out.outputs[0].stop_reason == "flop_budget" and charge["total"] <= budget, charge
+        # The next step was refused only because it could have crossed the budget.
+        assert budget - charge["total"] < ledger.forward(1, start=600 + len(out.outputs[0].token_ids), logits=1).total
+        got[bool(kv)] = len(out.outputs[0].token_ids)
+    assert got[True] > got[False] >= 30, got

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import flopwise_vllm
-from flopwise_serve.cli import serve_command
+from flopwise_serve.serve import serve_command
 
 
 def test_entry_points_are_declared():
@@ -28,10 +28,22 @@ def test_vllm_loads_the_plugin_with_no_other_step():
     assert "registered True" in out.stdout
 
 
-def test_register_is_idempotent():
+def test_register_puts_flopwise_in_vllms_registries_once(monkeypatch):
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
     flopwise_vllm.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == flopwise_vllm.KV_BACKEND_CLS
+    for arch, target in flopwise_vllm.VISUAL_MODELS.items():
+        entry = ModelRegistry.models[arch]
+        assert f"{entry.module_name}:{entry.class_name}" == target
+    # A second call (vLLM runs it in every process, sometimes more than once) does no work again.
+    def boom():
+        raise AssertionError("register() re-ran its start-up checks")
+
+    monkeypatch.setattr(flopwise_vllm, "check_surfaces", boom)
     flopwise_vllm.register()
-    assert flopwise_vllm._registered
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == flopwise_vllm.KV_BACKEND_CLS
 
 
 def test_missing_surface_is_named(monkeypatch):
@@ -65,3 +77,40 @@ def test_serve_command_wires_flopwise_in_and_keeps_user_choices(monkeypatch):
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "9001"
     assert env["VLLM_PLUGINS"].split(",") == ["other", "flopwise", "flopwise_serving"]
     assert "--enforce-eager" in argv
+
+
+def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tiny_model):
+    """What a GPU platform would do (no flopwise KV worker there): charging and budgets on, KV dropping a 400."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from flopwise.techniques import OptionError
+    from flopwise_vllm import options
+    from flopwise_vllm.platform import activate
+
+    path = tiny_model("llama-gqa")
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=None),
+        model_config=SimpleNamespace(runner_type="generate", hf_config=AutoConfig.from_pretrained(path)),
+        parallel_config=SimpleNamespace(worker_cls="vllm.v1.worker.gpu_worker.Worker"),
+        cache_config=SimpleNamespace(cache_dtype="auto"))
+    try:
+        activate(config, kv_worker=None)
+        assert config.scheduler_config.scheduler_cls == flopwise_vllm.SCHEDULER_CLS
+        assert config.parallel_config.worker_cls == "vllm.v1.worker.gpu_worker.Worker"  # left as vLLM chose it
+        opts, extra = options.prepare({"flop_budget": 1e12}, 1, [{"prompt_token_ids": [1, 2, 3]}])
+        assert extra == {"flop_budget": 1e12}
+        with pytest.raises(OptionError, match="KV dropping is not available here") as e:
+            options.prepare({"kv_keep": 0.25}, 1, paths={"kv_keep": "vllm_xargs.kv_keep"})
+        assert e.value.field == "vllm_xargs.kv_keep"
+        # The CPU platform passes its worker: KV dropping is accepted there.
+        config.scheduler_config.scheduler_cls = None
+        config.parallel_config.worker_cls = "vllm.v1.worker.cpu_worker.CPUWorker"
+        from flopwise_vllm.kv_drop import WORKER_CLS
+
+        activate(config, kv_worker=WORKER_CLS)
+        assert config.parallel_config.worker_cls == WORKER_CLS
+        assert options.prepare({"kv_keep": 0.25}, 1)[0].kv.keep == 0.25
+    finally:
+        options.set_served(None, None)

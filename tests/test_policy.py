@@ -13,7 +13,7 @@ def test_admission_order_follows_the_policy(tiny_model, monkeypatch, policy, fir
 
     from flopwise_serve.offline import LLM
 
-    monkeypatch.setenv("FLOPWISE_BUDGET_POLICY", policy)  # read by the scheduler
+    monkeypatch.setenv("FLOPWISE_DEFAULTS", f'{{"budget_policy": "{policy}"}}')  # the server defaults
     # In-process engine: both requests are queued before the first step, so only the policy decides.
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     path = tiny_model("llama-gqa")

@@ -76,12 +76,15 @@ def test_bad_options_name_the_field(keep, method, field):
     assert e.value.field == field and field in str(e.value)
 
 
-def test_server_defaults_come_from_the_environment(monkeypatch):
+def test_server_defaults_apply_to_requests_that_set_none():
+    from flopwise.options import Defaults, parse
+
     assert vd.parse_options() == vd.VisualDropConfig(keep=1.0, method="visiondrop")
-    monkeypatch.setenv(vd.DEFAULT_KEEP_ENV, "0.25")
-    monkeypatch.setenv(vd.DEFAULT_METHOD_ENV, "uniform")
-    assert vd.parse_options() == vd.VisualDropConfig(keep=0.25, method="uniform")
-    assert vd.parse_options(0.5, "random") == vd.VisualDropConfig(keep=0.5, method="random")
+    defaults = Defaults(visual_keep=0.25, visual_drop="uniform")
+    assert parse({}, defaults).visual == vd.VisualDropConfig(keep=0.25, method="uniform")
+    assert parse({"visual_keep": 0.5, "visual_drop": "random"}, defaults).visual == vd.VisualDropConfig(
+        keep=0.5, method="random")
+    assert parse({"visual_keep": 1}, defaults).visual is None
 
 
 def test_mrope_positions_keep_each_token_at_its_grid_place():
@@ -198,6 +201,16 @@ def test_mixed_ratios_in_one_batch_and_prefix_cache(vlm):
         config = vd.VisualDropConfig(keep=keep)
         expected = visual.greedy(ref, visual.prepare(ref, processor, im, _prompt(processor.tokenizer, family), config), 6)
         assert list(out.outputs[0].token_ids) == expected, keep
+    # A prompt over one 128-token block, twice: the second run's first block comes from the prefix cache (its
+    # image tokens are the kept ones, keyed by the image and visual_keep) and still answers as the reference.
+    question = "what is it? describe the shapes, their colours and where they are. " * 12
+    long = _request(family, processor, image, 0.25, question=question)
+    first, again = (llm.generate([long], _greedy())[0] for _ in range(2))
+    assert len(again.prompt_token_ids) > 128 and again.num_cached_tokens >= 128 and not first.num_cached_tokens
+    config = vd.VisualDropConfig(keep=0.25)
+    prompt = _prompt(processor.tokenizer, family, question)
+    expected = visual.greedy(ref, visual.prepare(ref, processor, image, prompt, config), 6)
+    assert list(first.outputs[0].token_ids) == list(again.outputs[0].token_ids) == expected
 
 
 @pytest.mark.slow

@@ -15,12 +15,12 @@ logger = logging.getLogger("flopwise")
 
 SUPPORTED_VLLM = "0.32.0"
 SCHEDULER_CLS = "flopwise_vllm.scheduler.FlopwiseScheduler"
-# KV token dropping (flopwise_vllm.kv): the CPU attention backend and worker it replaces.
-KV_BACKEND_CLS = "flopwise_vllm.kv.FlopwiseCPUAttentionBackend"
-# Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual).
+# KV token dropping (flopwise_vllm.kv_drop): the CPU attention backend and worker it replaces.
+KV_BACKEND_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUAttentionBackend"
+# Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual_drop).
 VISUAL_MODELS = {
-    "LlavaForConditionalGeneration": "flopwise_vllm.visual:FlopwiseLlava",
-    "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual:FlopwiseQwen2VL",
+    "LlavaForConditionalGeneration": "flopwise_vllm.visual_drop:FlopwiseLlava",
+    "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual_drop:FlopwiseQwen2VL",
 }
 # Plugin names as declared in pyproject.toml; VLLM_PLUGINS must list them all once it is set.
 PLUGIN_NAMES = ("flopwise", "flopwise_serving")
@@ -43,14 +43,14 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.completion_stream_generator",
      ("request", "engine_inputs", "result_generator")),
     ("vllm.entrypoints.serve.engine.protocol", "UsageInfo", ()),
-    # visual token dropping (flopwise_vllm.visual)
+    # visual token dropping (flopwise_vllm.visual_drop)
     ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor._call_hf_processor", ("hf_data", "hf_kwargs")),
     ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor._get_prompt_updates",
      ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
     ("vllm.model_executor.models.llava", "LlavaForConditionalGeneration.embed_multimodal", ()),
     ("vllm.model_executor.models.qwen2_vl", "Qwen2VLForConditionalGeneration.get_mrope_input_positions",
      ("input_tokens", "mm_features")),
-    # KV token dropping (flopwise_vllm.kv)
+    # KV token dropping (flopwise_vllm.kv_drop)
     ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
      ("common_prefix_len", "common_attn_metadata")),

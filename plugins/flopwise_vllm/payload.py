@@ -1,13 +1,73 @@
-"""The FLOP charge a finished request carries from the engine to the front end.
+"""The FLOP charge a finished request carries from the engine to the front end: its format, defined once.
 
-The scheduler writes it under ``ec_transfer_params["flopwise"]``; the server reads it here, removes it
-(so it is not echoed back in responses) and sums it over the groups (n>1 parents) of one HTTP request.
+The scheduler's accountant writes :func:`make_payload` under ``ec_transfer_params["flopwise"]``; the
+server reads it here (:func:`take_payload`), removes it (so it is not echoed back in responses) and sums
+it over the groups (n>1 parents) of one HTTP request (:class:`FlopTotals`).
+
+A payload is a JSON-able dict: ``group``, ``requests`` (children settled so far), ``prompt``,
+``completion``, ``total`` (both + ``extra``), ``dense_baseline``, ``components`` (the ledger's breakdown
+of prompt + completion), ``engine`` / ``engine_total`` (data-parallel rank, all it computed), and when
+they apply: ``kv`` (KV dropping's token counts), each ``extra`` part (e.g. ``prm``), each technique's
+report (e.g. ``early_rejection``), ``budget`` and ``capped``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from flopwise.ledger import Breakdown
+
 PAYLOAD_KEY = "flopwise"
 USAGE_FIELDS = ("prompt", "completion", "total", "dense_baseline")
+
+
+@dataclass
+class Charge:
+    """FLOPs charged: ``prompt`` = prefill forwards (and vision), ``completion`` = decode forwards; ``extra``:
+    work outside the generator's forwards (e.g. ``prm``: reward-model passes), by name."""
+
+    prompt: Breakdown = field(default_factory=Breakdown)
+    completion: Breakdown = field(default_factory=Breakdown)
+    dense_baseline: int = 0  # the same work with no flopwise technique on
+    requests: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+    kv: dict[str, int] = field(default_factory=dict)  # KV dropping: prompt / kept / dropped tokens
+
+    @property
+    def total(self) -> int:
+        return self.prompt.total + self.completion.total + sum(self.extra.values())
+
+    def merge(self, other: Charge) -> None:
+        self.prompt += other.prompt
+        self.completion += other.completion
+        self.dense_baseline += other.dense_baseline
+        self.requests += other.requests
+        for k, v in other.extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+        for k, v in other.kv.items():
+            self.kv[k] = self.kv.get(k, 0) + v
+
+
+def make_payload(group: str, charge: Charge, engine: int, engine_total: int, reports: dict[str, dict],
+                 budget: float | None = None, capped: bool = False) -> dict:
+    out = {
+        "group": group,
+        "requests": charge.requests,
+        "prompt": charge.prompt.total,
+        "completion": charge.completion.total,
+        "total": charge.total,
+        "dense_baseline": charge.dense_baseline,
+        "components": (charge.prompt + charge.completion).as_dict(),
+        "engine": engine,
+        "engine_total": engine_total,
+        **charge.extra,
+        **reports,
+    }
+    if charge.kv:
+        out["kv"] = dict(charge.kv)
+    if budget is not None:
+        out.update(budget=budget, capped=capped)
+    return out
 
 
 def take_payload(output) -> dict | None:

@@ -23,15 +23,15 @@ import os
 from vllm.exceptions import VLLMValidationError
 from vllm.platforms.cpu import CpuPlatform
 
-from flopwise.budget import FIELD, BudgetError, parse_budget
 from flopwise.ledger import FlopModel, LedgerError
-from flopwise.techniques import kv_drop as kd
+from flopwise.options import FIELDS
+from flopwise.techniques import OptionError
+from flopwise_vllm import options
 
 logger = logging.getLogger("flopwise")
 PLATFORM_CLS = "flopwise_vllm.platform.FlopwiseCpuPlatform"
 STOCK_CPU = "vllm.platforms.cpu.CpuPlatform"
 OPT_OUT_ENV = "FLOPWISE_SCHEDULER"
-MAX_BUDGET_ENV = "FLOPWISE_MAX_FLOP_BUDGET"
 
 
 def cpu_platform() -> str | None:
@@ -43,51 +43,56 @@ def cpu_platform() -> str | None:
     return PLATFORM_CLS if cpu_platform_plugin() == STOCK_CPU else None
 
 
-def max_budget() -> float | None:
-    raw = os.environ.get(MAX_BUDGET_ENV)
-    return float(raw) if raw else None
+def validate(engine_input, params) -> None:
+    """Every request, whatever endpoint or API brought it: flopwise's options validated, the server defaults
+    applied, admission against its budget; written back to ``params.extra_args`` in canonical form."""
+    if params is None or not hasattr(params, "extra_args") or not hasattr(params, "n"):
+        return  # pooling requests: nothing flopwise charges
+    extra = params.extra_args or {}
+    try:
+        _, params.extra_args = options.prepare(extra, params.n, [engine_input], paths=_XARGS)
+    except OptionError as e:
+        raise VLLMValidationError(str(e), parameter=e.field, value=extra.get(e.field.split(".")[-1])) from None
+
+
+_XARGS = {name: f"vllm_xargs.{name}" for name in FIELDS}
+
+
+def activate(vllm_config, kv_worker: str | None = None) -> None:
+    """flopwise's scheduler where vLLM would run its own (a generator the ledger can cost, no --scheduler-cls),
+    and ``kv_worker`` (flopwise's CPU worker, which feeds its attention backend) where vLLM would run its
+    stock CPU worker; records the served model's ledger for admission in this process (the front end's).
+    The scheduler-side techniques need nothing platform-specific, so this runs on any platform; KV dropping
+    needs that worker, and requests asking for it elsewhere get a 400 (:func:`flopwise_vllm.options.prepare`)."""
+    from flopwise_vllm import SCHEDULER_CLS
+    from flopwise_vllm.kv_drop import STOCK_WORKER, WORKER_CLS, kv_supported
+
+    sched, model = vllm_config.scheduler_config, vllm_config.model_config
+    if model is None or getattr(model, "runner_type", "generate") != "generate":
+        return
+    try:
+        ledger = FlopModel.from_pretrained(model.hf_config.to_dict())
+    except LedgerError as e:
+        logger.warning("flopwise: %s; serving without FLOP charging or budgets", e)
+        return
+    if sched.scheduler_cls is None:
+        sched.scheduler_cls = SCHEDULER_CLS
+    if sched.scheduler_cls == SCHEDULER_CLS and kv_worker is not None:
+        parallel = vllm_config.parallel_config
+        if parallel.worker_cls in (STOCK_WORKER, "auto"):  # KV dropping: the worker tells attention each step's drops
+            parallel.worker_cls = kv_worker
+    options.set_served(ledger, kv_supported(vllm_config, ledger) and kv_worker == WORKER_CLS)
 
 
 class FlopwiseCpuPlatform(CpuPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         super().check_and_update_config(vllm_config)
-        from flopwise_vllm import SCHEDULER_CLS
+        from flopwise_vllm.kv_drop import WORKER_CLS
 
-        sched, model = vllm_config.scheduler_config, vllm_config.model_config
-        if sched.scheduler_cls is None and model is not None and getattr(model, "runner_type", "generate") == "generate":
-            try:
-                FlopModel.from_pretrained(model.hf_config.to_dict())
-                sched.scheduler_cls = SCHEDULER_CLS
-            except LedgerError as e:
-                logger.warning("flopwise: %s; serving without FLOP charging or budgets", e)
-        if sched.scheduler_cls == SCHEDULER_CLS:
-            from flopwise_vllm.kv import STOCK_WORKER, WORKER_CLS
-
-            parallel = vllm_config.parallel_config
-            if parallel.worker_cls == STOCK_WORKER:  # KV dropping: the worker tells attention each step's drops
-                parallel.worker_cls = WORKER_CLS
+        activate(vllm_config, WORKER_CLS)
 
     @classmethod
     def validate_request(cls, processed_inputs, params) -> None:
         super().validate_request(processed_inputs, params)
-        extra = getattr(params, "extra_args", None)
-        if extra and FIELD in extra:
-            try:
-                parse_budget(extra[FIELD], max_budget())
-            except BudgetError as e:
-                raise VLLMValidationError(str(e), parameter=FIELD, value=extra[FIELD]) from None
-        if extra and any(name in extra for name in kd.FIELDS):
-            try:
-                kd.from_extra(extra)
-            except kd.KVDropError as e:
-                raise VLLMValidationError(f"vllm_xargs: {e}", parameter=e.field, value=extra.get(e.field)) from None
-        if extra and "early_rejection" in extra:
-            from flopwise.prm import resolve
-            from flopwise_vllm.rejection import parse_config
-
-            try:
-                resolve(parse_config(extra["early_rejection"]).prm)
-            except ValueError as e:  # ConfigError and PRMError name the field; bad JSON is a ValueError too
-                raise VLLMValidationError(f"vllm_xargs: {e}", parameter="early_rejection",
-                                          value=extra["early_rejection"]) from None
+        validate(processed_inputs, params)

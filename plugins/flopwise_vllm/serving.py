@@ -14,29 +14,18 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 from contextvars import ContextVar
 from http import HTTPStatus
 
-from flopwise.budget import FIELD, BudgetError, check_admission, parse_budget
-from flopwise.ledger import FlopModel, LedgerError
-from flopwise.prm import PRMError
+from flopwise.budget import FIELD as BUDGET_FIELD
+from flopwise.options import FIELDS, parse
 from flopwise.techniques import OptionError
 from flopwise.techniques import early_rejection as er
-from flopwise.techniques import kv_drop as kd
 from flopwise.techniques import visual_drop as vd
-from flopwise_vllm import metrics
+from flopwise_vllm import metrics, options
 from flopwise_vllm.payload import FlopTotals, take_payload
-from flopwise_vllm.platform import max_budget
 
 logger = logging.getLogger("flopwise")
-DEFAULT_BUDGET_ENV = "FLOPWISE_DEFAULT_FLOP_BUDGET"
-DEFAULT_REJECTION_ENV = "FLOPWISE_EARLY_REJECTION"  # JSON object: the server's default early_rejection
-DEFAULT_PRM_ENV = "FLOPWISE_PRM"  # the server's default early_rejection.prm
-# Set by flopwise serve when it adds --trust-request-mm-kwargs itself (so that visual_keep reaches the
-# processor): per-request mm_processor_kwargs other than flopwise's stay refused, as stock vLLM refuses them.
-MM_KWARGS_GATE_ENV = "FLOPWISE_MM_KWARGS_GATE"
-_UNSET = object()
 # Set while one HTTP request is handled: it has n>1 candidates, which must all run on one engine.
 _ONE_ENGINE: ContextVar[bool] = ContextVar("flopwise_one_engine", default=False)
 _next_rank = itertools.count()
@@ -129,142 +118,69 @@ def _bad_request(handler, message: str, param: str):
     return handler.create_error_response(message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=param)
 
 
-def rejection_config(request) -> er.EarlyRejectionConfig | None:
-    """The request's early_rejection (else the server default for n>1 requests); raises ValueError naming the field."""
-    raw = (request.model_extra or {}).get(er.FIELD)
-    explicit = raw is not None
-    if not explicit:
-        default = os.environ.get(DEFAULT_REJECTION_ENV)
-        if not default or (request.n or 1) < 2:
-            return None
-        raw = json.loads(default)
-    if isinstance(raw, dict) and "prm" not in raw and os.environ.get(DEFAULT_PRM_ENV):
-        raw = {**raw, "prm": os.environ[DEFAULT_PRM_ENV]}
-    config = er.parse_config(raw)  # its ConfigError carries (message, field) like the errors below
-    if (request.n or 1) < 2:
-        raise ValueError(f"{er.FIELD} needs n > 1 candidates to choose from, got n={request.n or 1}", "n")
-    if config.mode == "beam":
-        raise ValueError(f"{er.FIELD}.mode='beam' (forking survivors) is not implemented in the engine yet; "
-                         "use 'reject'", f"{er.FIELD}.mode")
-    if getattr(request, "use_beam_search", False):
-        raise ValueError(f"{er.FIELD} cannot be combined with use_beam_search", er.FIELD)
-    from flopwise.prm import resolve
-
-    try:
-        resolve(config.prm)
-    except PRMError as e:
-        raise ValueError(str(e), f"{er.FIELD}.prm") from None
-    return config
-
-
-def image_tokens(engine_input, whole_grid: bool, keep: float) -> list[int]:
-    """LM tokens behind each image of a rendered request, for admission. LLaVA projects only the kept
-    tokens: its placeholders. Qwen2-VL's tower runs on the whole grid, which the front end no longer sees
-    (the pixels went to the processor cache): the fewest tokens that ``keep`` leaves at that many
-    placeholders, so admission never refuses what fits; the engine's per-step gate bounds the rest."""
-    if not isinstance(engine_input, dict) or engine_input.get("type") != "multimodal":
-        return []
-    places = engine_input.get("mm_placeholders", {}).get("image", [])
-    if not whole_grid:
-        return [p.length for p in places]
-    return [vd.tokens_before(p.length, keep) for p in places]
-
-
-def _find(fields, sources) -> dict[str, tuple[str, object]]:
-    """Where each of ``fields`` is first set among ``sources`` ((path prefix, dict), in order): (path, value)."""
-    found = {}
-    for name in fields:
+def collect(request) -> tuple[dict, dict[str, str]]:
+    """A request's flopwise options, flat, from where each is first set: the top level, then ``vllm_xargs``,
+    then (visual ones) ``mm_processor_kwargs``; and each one's path there, for errors."""
+    sources = (("", request.model_extra or {}), ("vllm_xargs.", request.vllm_xargs or {}),
+               ("mm_processor_kwargs.", getattr(request, "mm_processor_kwargs", None) or {}))
+    raw, paths = {}, {}
+    for name in FIELDS:
         for prefix, source in sources:
-            if source.get(name) is not None:
-                found.setdefault(name, (prefix + name, source[name]))
-    return found
+            if source.get(name) is not None and (prefix != "mm_processor_kwargs." or name in vd.FIELDS):
+                raw[name], paths[name] = source[name], prefix + name
+                break
+    return raw, paths
 
 
-def _parse(parse, fields, found):
-    """``parse`` the ``found`` values in ``fields`` order; its OptionError becomes ValueError(message, path)."""
-    try:
-        return parse(*(found.get(name, (None, None))[1] for name in fields))
-    except OptionError as e:
-        raise ValueError(str(e), found.get(e.field, (e.field,))[0]) from None
-
-
-def visual_options(request) -> vd.VisualDropConfig | None:
-    """Move ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (top level, or in ``vllm_xargs``) into
-    ``mm_processor_kwargs``, validated; raises ValueError(message, field)."""
-    xargs = dict(request.vllm_xargs or {})
-    mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
-    found = _find(vd.FIELDS, (("", request.model_extra or {}), ("vllm_xargs.", xargs), ("mm_processor_kwargs.", mm)))
-    others = sorted(set(mm) - set(vd.FIELDS))
-    if others and os.environ.get(MM_KWARGS_GATE_ENV):
-        raise ValueError(f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
-                         f"--trust-request-mm-kwargs to allow them); {', '.join(vd.FIELDS)} are accepted",
-                         "mm_processor_kwargs")
-    if not found:
-        return None
-    config = _parse(vd.parse_options, vd.FIELDS, found)
-    for name in vd.FIELDS:
-        xargs.pop(name, None)
-    request.vllm_xargs = xargs or None
-    request.mm_processor_kwargs = {**mm, vd.KEEP_FIELD: config.keep, vd.METHOD_FIELD: config.method}
-    if config.layer is not None:
-        request.mm_processor_kwargs[vd.LAYER_FIELD] = config.layer
-    return config
-
-
-def kv_options(request, flop_model: FlopModel) -> kd.KVDropConfig | None:
-    """Validate ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens`` (top level, or in ``vllm_xargs``) and forward
-    them in ``vllm_xargs``; raises ValueError(message, field). None: no KV dropping asked for."""
-    xargs = dict(request.vllm_xargs or {})
-    found = _find(kd.FIELDS, (("", request.model_extra or {}), ("vllm_xargs.", xargs)))
-    if not found:
-        return None
-    config = _parse(kd.parse_options, kd.FIELDS, found)
-    if config.active and flop_model.spec.windowed:
-        where = found.get(kd.KEEP_FIELD, found.get(kd.TOKENS_FIELD, found.get(kd.POLICY_FIELD)))[0]
-        raise ValueError(f"{where}: KV dropping needs full attention; {flop_model.spec.architecture} "
-                         "uses a sliding window", where)
-    for name in kd.FIELDS:
-        xargs.pop(name, None)
-    request.vllm_xargs = {**xargs, **config.as_extra()}
-    return config
-
-
-class BudgetMixin:
-    """Validates ``flop_budget`` and refuses what cannot fit, before any response (or stream) starts.
-
-    The budget comes from the top-level ``flop_budget`` field, else ``vllm_xargs["flop_budget"]``, else
-    the server's ``--default-flop-budget``; it is forwarded to the engine in ``vllm_xargs``.
-    """
-
-    def _flop_model(self) -> FlopModel:
-        model = self.__dict__.get("_flopwise_model")
-        if model is None:
-            model = self.__dict__["_flopwise_model"] = FlopModel.from_pretrained(self.model_config.hf_config.to_dict())
-        return model
+class OptionsMixin:
+    """Validates the flopwise options of a chat or completion request and refuses what cannot fit its budget,
+    before any response (or stream) starts, with :func:`flopwise_vllm.options.prepare`: the function the
+    platform's request validator applies to every request of every endpoint. Options move to where the
+    engine reads them: visual ones into ``mm_processor_kwargs`` (before rendering: the processor needs
+    them), the others into ``vllm_xargs``."""
 
     def _apply_visual(self, request):
-        """Before rendering: ``visual_keep`` / ``visual_drop`` into ``mm_processor_kwargs``; an error or None."""
+        """Before rendering: ``visual_*`` into ``mm_processor_kwargs``; an error or None."""
+        mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
+        others = sorted(set(mm) - set(vd.FIELDS))
+        if others and options.server_defaults().mm_kwargs_gate:
+            return _bad_request(self, f"per-request mm_processor_kwargs {others} are disabled on this server (start "
+                                f"it with --trust-request-mm-kwargs to allow them); {', '.join(vd.FIELDS)} are "
+                                "accepted", "mm_processor_kwargs")
+        raw, paths = collect(request)
+        visual = {k: v for k, v in raw.items() if k in vd.FIELDS}
+        if not visual:
+            return None
         try:
-            config = visual_options(request)
-        except ValueError as e:
-            return _bad_request(self, e.args[0], e.args[1])
-        if config is not None and self._flop_model().spec.vision is None:
-            return _bad_request(self, f"{vd.KEEP_FIELD}: {self._flop_model().spec.architecture} takes no images",
-                                vd.KEEP_FIELD)
+            opts = parse(visual, options.server_defaults(), paths=paths)
+        except OptionError as e:
+            return _bad_request(self, str(e), e.field)
+        model = options.ledger()
+        if model is not None and model.spec.vision is None:
+            return _bad_request(self, f"{vd.KEEP_FIELD}: {model.spec.architecture} takes no images", vd.KEEP_FIELD)
+        xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if k not in vd.FIELDS}
+        request.vllm_xargs = xargs or None
+        request.mm_processor_kwargs = {**{k: v for k, v in mm.items() if k not in vd.FIELDS}, **opts.mm_kwargs()}
+        if opts.visual is None:  # keep 1 asked for explicitly: say so, or the processor applies the default
+            request.mm_processor_kwargs[vd.KEEP_FIELD] = 1.0
         return None
 
     def _apply_options(self, request, engine_inputs):
-        """Validate ``flop_budget``, ``early_rejection`` and the KV options and forward them in ``vllm_xargs``;
-        an error or None."""
+        """After rendering: validate, apply the defaults, check admission, forward in ``vllm_xargs``; an error
+        or None."""
+        raw, paths = collect(request)
+        n = getattr(request, "n", None) or 1
         try:
-            config = rejection_config(request)
-            kv_options(request, self._flop_model())
-        except ValueError as e:
-            return _bad_request(self, e.args[0], e.args[1])
-        if config is not None:
-            request.vllm_xargs = {**(request.vllm_xargs or {}), er.FIELD: config.model_dump_json()}
-        _ONE_ENGINE.set((getattr(request, "n", None) or 1) > 1)
-        return self._apply_budget(request, engine_inputs)
+            if raw.get(er.FIELD) is not None and getattr(request, "use_beam_search", False):
+                raise OptionError(f"{er.FIELD} cannot be combined with use_beam_search", er.FIELD)
+            opts, extra = options.prepare({**(request.vllm_xargs or {}), **raw}, n, engine_inputs, paths)
+        except OptionError as e:
+            if e.field.endswith(BUDGET_FIELD):
+                metrics.refused()
+            return _bad_request(self, str(e), e.field)
+        request.vllm_xargs = extra
+        _ONE_ENGINE.set(n > 1)
+        return None
 
     def _get_data_parallel_rank(self, raw_request):
         """With data parallelism, vLLM places each of a request's n candidates on any engine; flopwise pins
@@ -276,35 +192,8 @@ class BudgetMixin:
             rank = next(_next_rank) % size
         return rank
 
-    def _apply_budget(self, request, engine_inputs):
-        xargs = dict(request.vllm_xargs or {})
-        raw = (request.model_extra or {}).get(FIELD, _UNSET)
-        if raw is _UNSET or raw is None:
-            raw = xargs.get(FIELD, _UNSET)
-        if raw is _UNSET:
-            default = os.environ.get(DEFAULT_BUDGET_ENV)
-            if not default:
-                return None
-            raw = float(default)
-        try:
-            budget = parse_budget(raw, max_budget())
-            model = self._flop_model()
-            whole_grid = model.spec.vision is not None and model.spec.vision.kind == "qwen2_vl"
-            mm = getattr(request, "mm_processor_kwargs", None) or {}
-            visual = vd.parse_options(mm.get(vd.KEEP_FIELD), layer=mm.get(vd.LAYER_FIELD))
-            after = visual.layer if visual.active else None
-            for engine_input in engine_inputs:
-                images = image_tokens(engine_input, whole_grid, visual.keep)
-                check_admission(model, budget, self._extract_prompt_len(engine_input), images, after)
-        except (BudgetError, LedgerError) as e:
-            metrics.refused()
-            return _bad_request(self, str(e), FIELD)
-        xargs[FIELD] = budget
-        request.vllm_xargs = xargs
-        return None
 
-
-class FlopChatMixin(BudgetMixin):
+class FlopChatMixin(OptionsMixin):
     """Mixed in front of ``OpenAIServingChat``."""
 
     async def render_chat_request(self, request):
@@ -330,7 +219,7 @@ class FlopChatMixin(BudgetMixin):
         tap.usage()  # count the request in the metrics even when the client asked for no usage
 
 
-class FlopCompletionMixin(BudgetMixin):
+class FlopCompletionMixin(OptionsMixin):
     """Mixed in front of ``OpenAIServingCompletion``."""
 
     async def render_completion_request(self, request):

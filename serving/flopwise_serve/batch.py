@@ -12,285 +12,60 @@ interrupted batch resumes without duplicates. Bad lines become error records and
 a line the server failed on (status 5xx) is recorded too, and redone by the next run.
 """
 
-from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-URLS = ("/v1/chat/completions", "/v1/completions")
+from flopwise_serve.batch_records import already_done, parse_input  # noqa: F401 (the command's own API)
 
 
-@dataclass
-class Line:
-    number: int  # 1-based line number in the input
-    custom_id: str | None = None  # set for the first line with a given id only
-    url: str | None = None
-    body: dict | None = None
-    error: str | None = None
-    code: str = "invalid_line"
+def add_parser(sub) -> None:
+    from flopwise_serve.common import flop_amount, positive_float, positive_int
 
-    @property
-    def key(self) -> tuple[str, object]:
-        """What marks this line done in the output: its custom_id, else its line number."""
-        return ("id", self.custom_id) if self.custom_id is not None else ("line", self.number)
-
-
-@dataclass
-class Summary:
-    done: int = 0
-    errors: int = 0
-    skipped: int = 0
-    capped: int = 0
-    charged: float = 0
-    baseline: float = 0
-    error_codes: dict[str, int] = field(default_factory=dict)
-    replicas: dict[str, tuple[int, float]] = field(default_factory=dict)  # --ray: lines and FLOPs per replica
-    up: float = 0.0  # when every engine was up and lines started to flow (epoch s)
-    last_record: float = 0.0  # when the last served record was written (epoch s)
-    served: int = 0  # lines that reached an engine (not the invalid ones)
-    served_flops: float = 0
-
-    def rate(self) -> tuple[float, float, float] | None:
-        """(seconds, lines/s, FLOP/s) from the engines being up to the last served line; None if none was."""
-        span = self.last_record - self.up
-        if not (self.served and self.up and span > 0):
-            return None
-        return span, self.served / span, self.served_flops / span
+    parser = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
+                        usage="flopwise batch INPUT -o OUTPUT [options] [vLLM engine options]",
+                        description="INPUT: a .jsonl of custom_id, method, url (/v1/chat/completions or "
+                        "/v1/completions), body. Any option not listed here is passed to the vLLM engine unchanged.")
+    parser.add_argument("-o", "--output", required=True, help="output .jsonl; rerunning with the same file resumes")
+    parser.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--flop-budget", type=flop_amount, default=None, help="FLOP budget for lines that set none")
+    parser.add_argument("--max-concurrency", type=positive_int, default=256, help="requests in flight at once (without --ray)")
+    ray = parser.add_argument_group("Ray (pip install 'flopwise[ray]')")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: HOST:PORT of its head, 'auto', or nothing for a new local instance")
+    ray.add_argument("--replicas", type=positive_int, default=None, help="vLLM engines on the cluster (default 1)")
+    ray.add_argument("--cpus-per-replica", type=positive_float, default=None, help="CPUs each engine holds (default 1)")
+    ray.add_argument("--batch-size", type=positive_int, default=None,
+                   help="lines per Ray task: a lost replica's unfinished tasks are redone (default 32)")
+    ray.add_argument("--concurrent-batches", type=positive_int, default=None,
+                   help="tasks in flight per replica (default 4): batch size x this = requests its engine batches")
+    parser.set_defaults(run=cmd_batch, passes_through=True)
 
 
-def parse_input(path: Path) -> list[Line]:
-    """Every non-blank input line, each either ready to run or carrying the reason it cannot be."""
-    lines: list[Line] = []
-    seen: set[str] = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            line = Line(number)
-            lines.append(line)
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                line.error = f"line {number} is not valid JSON: {e.msg}"
-                continue
-            if not isinstance(obj, dict):
-                line.error = f"line {number} is not a JSON object"
-                continue
-            cid = obj.get("custom_id")
-            if not (isinstance(cid, str) and cid):
-                line.error = f"line {number}: custom_id must be a non-empty string"
-                continue
-            if cid in seen:
-                line.error, line.code = f"line {number}: duplicate custom_id {cid!r} (only its first line is run)", "duplicate_custom_id"
-                continue
-            seen.add(cid)
-            line.custom_id = cid
-            if obj.get("method", "POST") != "POST":
-                line.error = f"line {number}: method must be POST, got {obj.get('method')!r}"
-            elif obj.get("url") not in URLS:
-                line.error = f"line {number}: url must be one of {', '.join(URLS)}, got {obj.get('url')!r}"
-            elif not isinstance(obj.get("body"), dict):
-                line.error = f"line {number}: body must be a JSON object"
-            elif obj["body"].get("stream"):
-                line.error = f"line {number}: body.stream is not supported in a batch"
-            else:
-                line.url, line.body = obj["url"], obj["body"]
-    return lines
+def cmd_batch(args, rest: list[str]) -> int:
+    """Find INPUT among the arguments by vLLM's own option table, then run the batch."""
+    from flopwise_serve.common import fail
+    from flopwise_serve.vllm_args import VllmArgsError, split_positional
 
-
-def already_done(output: Path) -> set[tuple[str, object]]:
-    """Keys (see :attr:`Line.key`) of the records already in the output.
-
-    A torn last line (a run killed mid-write) and records of server-side failures (status 5xx: the line
-    was never served) are removed from the file first, so that those lines are redone, not duplicated.
-    """
-    keys: set[tuple[str, object]] = set()
-    if not output.exists():
-        return keys
-    kept, dropped = [], False
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data, dropped = data[: data.rfind(b"\n") + 1], True
-    for raw in data.splitlines(keepends=True):
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            dropped = True
-            continue
-        err = rec.get("error")
-        if isinstance(err, dict) and (err.get("status_code") or 0) >= 500:
-            dropped = True
-            continue
-        kept.append(raw)
-        if rec.get("custom_id") is not None:
-            keys.add(("id", rec["custom_id"]))
-        elif isinstance(err, dict) and isinstance(err.get("line"), int):
-            keys.add(("line", err["line"]))
-    if dropped:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, output)
-    return keys
-
-
-def error_record(line: Line, code: str, message: str, status: int | None = None) -> dict:
-    err = {"code": code, "message": message, "line": line.number}
-    if status is not None:
-        err["status_code"] = status
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None, "error": err}
-
-
-class Writer:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-
-
-async def serve_line(line: Line, handlers: dict, model_name: str) -> dict:
-    from pydantic import ValidationError
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-    body = dict(line.body)
-    body.setdefault("model", model_name)
-    chat = line.url == "/v1/chat/completions"
     try:
-        request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_record(line, "invalid_request", f"body.{where}: {first.get('msg')}", 400)
-    handler = handlers["chat" if chat else "completion"]
-    try:
-        if chat:
-            response = await handler.create_chat_completion(request, None)
-        else:
-            response = await handler.create_completion(request, None)
-    except Exception as e:  # one failing line never stops the batch
-        return error_record(line, "internal_error", f"{type(e).__name__}: {e}", 500)
-    if isinstance(response, ErrorResponse):
-        err = response.error
-        return error_record(line, err.type or "error", err.message, int(err.code))
-    return {
-        "id": f"batch_req_{uuid.uuid4().hex}",
-        "custom_id": line.custom_id,
-        "response": {"status_code": 200, "request_id": response.id, "body": response.model_dump(mode="json")},
-        "error": None,
-    }
-
-
-def _count(summary: Summary, record: dict, replica: str | None = None, served: bool = False) -> None:
-    flops = (((record.get("response") or {}).get("body") or {}).get("usage") or {}).get("flops") or {}
-    if served:
-        summary.served += 1
-        summary.served_flops += flops.get("total", 0)
-        summary.last_record = time.time()
-    if replica is not None:
-        n, total = summary.replicas.get(replica, (0, 0.0))
-        summary.replicas[replica] = (n + 1, total + flops.get("total", 0))
-    if record.get("error"):
-        summary.errors += 1
-        code = record["error"].get("code", "error")
-        summary.error_codes[code] = summary.error_codes.get(code, 0) + 1
-        return
-    summary.done += 1
-    summary.charged += flops.get("total", 0)
-    summary.baseline += flops.get("dense_baseline", 0)
-    if any(c.get("stop_reason") == "flop_budget" for c in record["response"]["body"].get("choices", [])):
-        summary.capped += 1
-
-
-async def open_handlers(engine_client, args) -> tuple[dict, str]:
-    """vLLM's chat and completion handlers over ``engine_client``, extended by flopwise as in ``flopwise serve``;
-    and the served model name."""
-    from starlette.datastructures import State
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-
-    from flopwise_vllm.serving import FlopChatMixin, FlopCompletionMixin, extend
-
-    state = State()
-    await init_app_state(engine_client, state, args, await engine_client.get_supported_tasks())
-    handlers = {"chat": state.openai_serving_chat, "completion": state.openai_serving_completion}
-    extend(handlers["chat"], FlopChatMixin)  # no-ops when the endpoint plugin already did it
-    extend(handlers["completion"], FlopCompletionMixin)
-    return handlers, state.openai_serving_models.model_name()
-
-
-def engine_args(engine_argv: list[str]):
-    """The argparse namespace vLLM's server builds from ``engine_argv``."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser()).parse_args(engine_argv)
-
-
-def start(lines: list[Line], output: Path) -> tuple[Summary, Writer, list[Line]]:
-    """Skip what the output already holds, write the invalid lines' error records; return the lines to run."""
-    summary = Summary()
-    done = already_done(output)
-    todo = [line for line in lines if line.key not in done]
-    summary.skipped = len(lines) - len(todo)
-    writer = Writer(output)
-    runnable = []
-    for line in todo:
-        if line.error:
-            record = error_record(line, line.code, line.error)
-            writer.write(record)
-            _count(summary, record)
-        else:
-            runnable.append(line)
-    return summary, writer, runnable
-
-
-async def run_lines(lines: list[Line], output: Path, engine_argv: list[str], concurrency: int) -> Summary:
-    from tqdm import tqdm
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-
-    summary, writer, runnable = start(lines, output)
-    bar = tqdm(total=len(runnable), desc="flopwise batch", unit="req", file=sys.stderr)
-    try:
-        if not runnable:
-            return summary
-        args = engine_args(engine_argv)
-        async with build_async_engine_client(args) as engine_client:
-            handlers, model_name = await open_handlers(engine_client, args)
-            gate = asyncio.Semaphore(concurrency)
-            summary.up = time.time()
-
-            async def one(line: Line) -> None:
-                async with gate:
-                    record = await serve_line(line, handlers, model_name)
-                writer.write(record)
-                _count(summary, record, served=True)
-                bar.update(1)
-
-            await asyncio.gather(*(one(line) for line in runnable))
-    finally:
-        bar.close()
-        writer.close()
-    return summary
+        positional, rest = split_positional(rest, "engine")
+    except VllmArgsError as e:
+        return fail("batch", str(e))
+    if len(positional) != 1:
+        return fail("batch", "give one INPUT file" if not positional else
+                    f"unrecognized arguments: {' '.join(positional[1:])}")
+    args.input = positional[0]
+    return run_batch(args, rest)
 
 
 def run_batch(args, vllm_args: list[str]) -> int:
     from flopwise import hw
     from flopwise.models import ModelNotFound, resolve_model
-    from flopwise_serve.cli import fail, serve_command
+    from flopwise_serve.common import fail
+    from flopwise_serve.serve import serve_command
 
     src, out = Path(args.input), Path(args.output)
     if not src.is_file():
@@ -303,7 +78,9 @@ def run_batch(args, vllm_args: list[str]) -> int:
         return fail("batch", str(e))
 
     # Same engine, plugins and environment as `flopwise serve`, in this process.
-    argv, env = serve_command(model, vllm_args, default_budget=args.flop_budget)
+    from flopwise.options import Defaults
+
+    argv, env = serve_command(model, vllm_args, defaults=Defaults(flop_budget=args.flop_budget))
     os.environ.update(env)
     engine_argv = _drop_flag_values(argv[3:], ("--host", "--port"))
 
@@ -320,6 +97,8 @@ def run_batch(args, vllm_args: list[str]) -> int:
     lines = parse_input(src)
     t0, started = time.monotonic(), time.time()
     if args.ray is None:
+        from flopwise_serve.batch_engine import run_lines
+
         summary = asyncio.run(run_lines(lines, out, engine_argv, args.max_concurrency))
     else:
         if not args.ray:  # a Ray instance of this run's own: its servers listen on 127.0.0.1 only
@@ -344,6 +123,10 @@ def run_batch(args, vllm_args: list[str]) -> int:
     print(f"  FLOPs charged {summary.charged:.4g}{' (all replicas)' if summary.replicas else ''}, dense baseline "
           f"{summary.baseline:.4g}, saved {summary.baseline - summary.charged:.4g}; {summary.capped} requests "
           "stopped by their FLOP budget", file=sys.stderr)
+    if summary.errors:  # the records say why; a rerun redoes only the lines the server failed on
+        print(f"flopwise batch: {summary.errors} of {summary.errors + summary.done} lines failed (see their error "
+              f"records in {out})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,7 +9,40 @@ from __future__ import annotations
 import sys
 import time
 
-from flopwise.convert.io import ConvertError, check_output, ledger_summary, load, param_summary, save_atomically, source_dtype
+from flopwise.convert.io import (
+    ConvertError,
+    check_output,
+    ledger_summary,
+    load,
+    param_summary,
+    save_atomically,
+    source_dtype,
+)
+
+
+def add_parser(sub) -> None:
+    from flopwise_serve.common import non_negative_int, positive_int
+
+    parser = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")
+    cvsub = parser.add_subparsers(dest="transform", required=True)
+    sq = cvsub.add_parser("sqa", help="fewer query heads (Sparse Query Attention) for Llama/Mistral/Qwen2/Qwen3")
+    mm = cvsub.add_parser("moe-merge", help="fewer experts / lower top-k for Mixtral, Qwen2-MoE, Qwen3-MoE")
+    for c in (sq, mm):
+        c.add_argument("model", help="local HF model directory")
+        c.add_argument("out", help="output directory (written atomically)")
+        c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        c.add_argument("--calib-blocks", type=positive_int, default=16, help="256-token blocks of local text for calibration")
+        c.add_argument("--eval-blocks", type=positive_int, default=16, help="256-token blocks for perplexity before/after")
+    sq.add_argument("--query-heads", type=positive_int, required=True, help="query heads to keep (a multiple of the KV heads)")
+    sq.add_argument("--kv-heads", type=positive_int, default=None, help="KV heads to keep (divides the model's; default: all)")
+    sq.add_argument("--method", choices=["select", "merge"], default="select")
+    sq.add_argument("--distill-steps", type=non_negative_int, default=0, help="self-distillation steps (batch 4 x 256 tokens)")
+    sq.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    mm.add_argument("--experts", type=positive_int, required=True,
+                    help="experts to keep per MoE layer (all of them with a lower --top-k reduces top-k only)")
+    mm.add_argument("--method", choices=["mc-smoe", "reap", "hc-smoe", "frequency", "uniform"], default="mc-smoe")
+    mm.add_argument("--top-k", type=positive_int, default=None, help="experts per token after the merge (default: unchanged)")
+    parser.set_defaults(run=lambda args, rest: run_convert(args))
 
 
 def _say(msg: str) -> None:
@@ -23,7 +56,7 @@ def _calibration_rows(tokenizer, count: int, block: int = 256):
 
 
 def run_convert(args) -> int:
-    from flopwise_serve.cli import fail
+    from flopwise_serve.common import fail
 
     try:
         return _run(args)

@@ -17,6 +17,15 @@ PROMPTS = [
 ]
 
 
+def add_parser(sub) -> None:
+    from flopwise_serve.common import positive_int
+
+    parser = sub.add_parser("demo", help="start the server on the default model, send chat requests, print FLOPs, stop")
+    parser.add_argument("--port", type=positive_int, default=8765)
+    parser.add_argument("--max-tokens", type=positive_int, default=48)
+    parser.set_defaults(run=lambda args, rest: run_demo(port=args.port, max_tokens=args.max_tokens))
+
+
 def _short(text: str, n: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -25,7 +34,7 @@ def _short(text: str, n: int) -> str:
 def run_demo(port: int = 8765, max_tokens: int = 48) -> int:
     from openai import OpenAI
 
-    from flopwise_serve.cli import human
+    from flopwise_serve.common import human
     from flopwise_serve.launch import flopwise_server, free_port
 
     model = default_model_path()

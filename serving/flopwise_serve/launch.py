@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"  # vLLM's OpenAI server
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -89,8 +91,6 @@ def flopwise_server(model: str, port: int, log_path, vllm_args: list[str] = ()) 
 def stock_server(model: str, port: int, log_path, vllm_args: list[str] = ()) -> Server:
     """Stock vLLM's OpenAI server with the same engine settings and no flopwise plugin loaded at all."""
     from flopwise import hw
-    from flopwise_serve.cli import VLLM_ENTRY
-
     env = hw.engine_env()
     env["VLLM_PLUGINS"] = ""  # an allow-list naming nothing: no general, endpoint or stat-logger plugin loads
     argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", "127.0.0.1", "--port", str(port),

@@ -6,8 +6,10 @@
     out = llm.generate(["def fib(n):"], max_tokens=64, flop_budget=5e10)
     flops_of(out[0])                              # {"prompt", "completion", "total", "dense_baseline", "budget"}
 
-Plain ``SamplingParams(extra_args={"flop_budget": ...})`` works too; this wrapper adds the admission check
-(a prompt whose prefill cannot fit raises :class:`flopwise.budget.BudgetError` before anything runs).
+Plain ``SamplingParams(extra_args={"flop_budget": ...})`` works too: every request is checked by
+:func:`flopwise_vllm.options.prepare`, the function the servers use, so a bad option or a prompt whose prefill
+cannot fit raises :class:`flopwise.techniques.OptionError` (naming the field) before anything runs. Other
+flopwise options go in ``options`` (e.g. ``{"kv_policy": "snapkv", "kv_keep": 0.25}``).
 Scripts that build an ``LLM`` need an ``if __name__ == "__main__":`` guard: vLLM's workers re-import them.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 
 from flopwise import hw
-from flopwise.budget import FIELD, check_admission, parse_budget
+from flopwise.budget import FIELD
 from flopwise.ledger import FlopModel
 from flopwise.models import resolve_model
 
@@ -55,23 +57,29 @@ class LLM:
         engine_kwargs.setdefault("enforce_eager", True)
         self.engine = VllmLLM(self.model, **engine_kwargs)
 
-    def generate(self, prompts, sampling_params=None, *, flop_budget: float | None = None, **sampling_kwargs):
-        """``vllm.LLM.generate`` with an optional per-request ``flop_budget`` (shared by n candidates)."""
+    def generate(self, prompts, sampling_params=None, *, flop_budget: float | None = None,
+                 options: dict | None = None, **sampling_kwargs):
+        """``vllm.LLM.generate`` with an optional per-request ``flop_budget`` (shared by n candidates) and
+        other flopwise ``options``, checked for every prompt before any runs."""
         from vllm import SamplingParams
+
+        from flopwise_vllm.options import prepare
 
         if sampling_params is None:
             sampling_params = SamplingParams(**sampling_kwargs)
         elif sampling_kwargs:
             raise TypeError("pass either sampling_params or sampling keyword arguments, not both")
+        raw = {**(sampling_params.extra_args or {}), **(options or {})}
         if flop_budget is not None:
-            budget = parse_budget(flop_budget)
+            raw[FIELD] = flop_budget
+        if raw:
             prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
             tokenizer = self.engine.get_tokenizer()
-            for p in prompts:
-                ids = p["prompt_token_ids"] if isinstance(p, dict) else tokenizer.encode(p)
-                check_admission(self.ledger, budget, len(ids))
+            inputs = [{"prompt_token_ids": p["prompt_token_ids"] if isinstance(p, dict) else tokenizer.encode(p)}
+                      for p in prompts]
+            _, extra = prepare(raw, sampling_params.n, inputs, model=self.ledger)
             sampling_params = sampling_params.clone()
-            sampling_params.extra_args = {**(sampling_params.extra_args or {}), FIELD: budget}
+            sampling_params.extra_args = extra
         return self.engine.generate(prompts, sampling_params)
 
     def __getattr__(self, name):

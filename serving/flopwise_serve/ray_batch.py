@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from flopwise_serve.batch import Line, Summary, _count, engine_args, open_handlers, serve_line, start
+from flopwise_serve.batch_engine import engine_args, open_handlers, serve_line
+from flopwise_serve.batch_records import Line, Summary, count, start
 
 # Environment the engines need on every node; the rest of the driver's environment stays on the driver.
 ENV_PREFIXES = ("VLLM_", "FLOPWISE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
@@ -190,7 +191,7 @@ def run_on_ray(lines: list[Line], output: Path, engine_argv: list[str], env: dic
                     continue
                 written.add(record["custom_id"])
                 writer.write(record)
-                _count(summary, record, row["replica"], served=True)
+                count(summary, record, row["replica"], served=True)
                 first = first or summary.last_record
                 if row["ready"] <= first:  # lines flow once the first replicas are all up (not a restarted one)
                     summary.up = max(summary.up, row["ready"])

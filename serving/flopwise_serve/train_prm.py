@@ -16,19 +16,27 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
-from flopwise.prm.hf import CONFIG, HeadPRM, save_head
-from flopwise.prm.train import auroc, fit_head, step_labels
-from flopwise.reasoning import chain_sum, generator_dir
-
 TRACE_SEED = 2000
+
+
+def add_parser(sub) -> None:
+    from flopwise_serve.common import positive_int
+
+    parser = sub.add_parser("train-prm", help="fit a head PRM on SmolLM2 hidden states, labelled by the arithmetic verifier")
+    parser.add_argument("--generator", default=None, help="model that samples the traces (default: the chain_sum fine-tune)")
+    parser.add_argument("--base", default="default", help="model whose hidden states the head reads (default: embedded SmolLM2)")
+    parser.add_argument("--problems", type=positive_int, default=200)
+    parser.add_argument("--samples", type=positive_int, default=4, help="candidates sampled per problem")
+    parser.add_argument("--max-tokens", type=positive_int, default=96)
+    parser.add_argument("--out", default="src/flopwise/prm/heads/chain-sum")
+    parser.set_defaults(run=lambda args, rest: run_train_prm(args))
 
 
 def sample_traces(generator: str, problems: int, n: int, max_tokens: int) -> list[tuple[str, str, int]]:
     """(prompt text, answer text, problem index) for ``n`` sampled candidates per problem."""
     from vllm import SamplingParams
 
+    from flopwise.reasoning import chain_sum
     from flopwise_serve.offline import LLM
 
     llm = LLM(generator, max_model_len=512, block_size=32, seed=0)
@@ -41,6 +49,12 @@ def sample_traces(generator: str, problems: int, n: int, max_tokens: int) -> lis
 
 
 def run_train_prm(args) -> int:
+    import torch
+
+    from flopwise.prm.hf import CONFIG, HeadPRM, save_head
+    from flopwise.prm.train import auroc, fit_head, step_labels
+    from flopwise.reasoning import generator_dir
+
     generator = args.generator or str(generator_dir())
     if not (Path(generator) / "config.json").is_file():
         raise SystemExit(f"flopwise train-prm: no generator at {generator}; run bench/scripts/finetune_chain_sum.py "

@@ -62,9 +62,8 @@ class HeadPRM(_CausalLMPRM):
     def __init__(self, name: str, path: Path | None, cfg: dict):
         from safetensors.torch import load_file
 
-        from flopwise.models import resolve_model
-
         from flopwise import hw
+        from flopwise.models import resolve_model
 
         base = resolve_model(None if cfg.get("base", "default") == "default" else cfg["base"])
         # bf16 where the CPU has it (3-7x faster); the head reads the hidden states in fp32

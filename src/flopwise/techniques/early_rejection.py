@@ -5,7 +5,7 @@ candidates generated together, score the partial answers every ``every_tokens`` 
 stop the weak ones, so compute goes to the promising ones. Defaults follow the paper's partial beam
 search (check every 64 tokens, keep half).
 
-The rule, shared by the vLLM scheduler (:mod:`flopwise_vllm.rejection`) and the plain-HF reference
+The rule, shared by the vLLM scheduler (:mod:`flopwise_vllm.early_rejection`) and the plain-HF reference
 below: candidates advance in lock-step; a checkpoint happens when every live candidate (not finished,
 not rejected) has reached checkpoint ``c``: ``c * every_tokens`` tokens, or, with ``every_steps``, ``c *
 every_steps`` complete steps (lines; ``every_tokens`` then caps the wait for a candidate that writes no

@@ -19,14 +19,13 @@ tokens; three regions:
 
 Kept keys keep the RoPE rotation of their original position (keys are cached rotated), and new tokens
 keep their original positions, so nothing is re-indexed. Both the vLLM adapter
-(:mod:`flopwise_vllm.kv`) and the transformers reference (:mod:`flopwise.hf.kv`) call :func:`layout` and
+(:mod:`flopwise_vllm.kv_drop`) and the transformers reference (:mod:`flopwise.hf.kv`) call :func:`layout` and
 :func:`keep_indices`, so the two paths keep the same tokens.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -39,9 +38,6 @@ POLICY_FIELD = "kv_policy"
 KEEP_FIELD = "kv_keep"
 TOKENS_FIELD = "kv_keep_tokens"
 FIELDS = (POLICY_FIELD, KEEP_FIELD, TOKENS_FIELD)
-DEFAULT_POLICY_ENV = "FLOPWISE_KV_POLICY"  # the server's defaults
-DEFAULT_KEEP_ENV = "FLOPWISE_KV_KEEP"
-DEFAULT_TOKENS_ENV = "FLOPWISE_KV_KEEP_TOKENS"
 DEFAULT_POLICY = "snapkv"
 
 
@@ -139,13 +135,13 @@ class KVDropConfig(BaseModel):
 
 
 def parse_options(policy=None, keep=None, tokens=None) -> KVDropConfig:
-    """Validate a request's ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens``, falling back on the server
-    defaults (env). Raises :class:`KVDropError` naming the field."""
+    """Validate a request's ``kv_policy`` / ``kv_keep`` / ``kv_keep_tokens`` (unset: snapkv, keep all; the
+    server's defaults are applied by :func:`flopwise.options.parse`). Raises :class:`KVDropError` naming
+    the field."""
     if policy is None:
-        policy = os.environ.get(DEFAULT_POLICY_ENV) or DEFAULT_POLICY
+        policy = DEFAULT_POLICY
     if keep is None and tokens is None:
-        keep = float(os.environ.get(DEFAULT_KEEP_ENV) or 1.0)
-        tokens = int(os.environ[DEFAULT_TOKENS_ENV]) if os.environ.get(DEFAULT_TOKENS_ENV) else None
+        keep = 1.0
     if keep is not None and tokens is not None:
         raise KVDropError(f"give {KEEP_FIELD} or {TOKENS_FIELD}, not both", TOKENS_FIELD)
     chosen = get_policy(policy)  # an unknown policy raises, naming the field
@@ -157,13 +153,6 @@ def parse_options(policy=None, keep=None, tokens=None) -> KVDropConfig:
         raise KVDropError(f"{TOKENS_FIELD}={tokens} is below the {chosen.min_tokens} tokens {policy} needs "
                           f"(its sinks + window)", TOKENS_FIELD)
     return KVDropConfig(policy=policy, tokens=tokens)
-
-
-def from_extra(extra: dict | None) -> KVDropConfig | None:
-    """The options a request carries in ``extra_args`` (server defaults otherwise); None when inactive."""
-    extra = extra or {}
-    config = parse_options(extra.get(POLICY_FIELD), extra.get(KEEP_FIELD), extra.get(TOKENS_FIELD))
-    return config if config.active else None
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,13 @@ ratio leaves, top-k selection in the original order, and Qwen2-VL's M-RoPE posit
 kept. Kept tokens keep their original positions (their place in the image grid), so dropping changes
 which tokens the language model attends to, never where they are.
 
-Both the vLLM models (:mod:`flopwise_vllm.visual`) and the transformers reference
+Both the vLLM models (:mod:`flopwise_vllm.visual_drop`) and the transformers reference
 (:mod:`flopwise.hf.visual`) call :func:`keep_indices`, so the two paths keep the same tokens.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -27,9 +26,6 @@ KEEP_FIELD = "visual_keep"
 METHOD_FIELD = "visual_drop"
 LAYER_FIELD = "visual_drop_layer"
 FIELDS = (KEEP_FIELD, METHOD_FIELD, LAYER_FIELD)  # a request's options, in parse_options' order
-DEFAULT_KEEP_ENV = "FLOPWISE_VISUAL_KEEP"  # the server's default keep ratio
-DEFAULT_METHOD_ENV = "FLOPWISE_VISUAL_DROP"  # the server's default method
-DEFAULT_LAYER_ENV = "FLOPWISE_VISUAL_DROP_LAYER"  # the server's default tower layer to drop at
 DEFAULT_METHOD = "visiondrop"
 
 
@@ -85,14 +81,12 @@ register = _METHODS.register
 
 
 def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
-    """Validate a request's ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer``, falling back on the
-    server defaults (env)."""
+    """Validate a request's ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (unset: keep all,
+    visiondrop, after the tower; the server's defaults are applied by :func:`flopwise.options.parse`)."""
     if keep is None:
-        keep = float(os.environ.get(DEFAULT_KEEP_ENV) or 1.0)
+        keep = 1.0
     if method is None:
-        method = os.environ.get(DEFAULT_METHOD_ENV) or DEFAULT_METHOD
-    if layer is None and os.environ.get(DEFAULT_LAYER_ENV):
-        layer = int(os.environ[DEFAULT_LAYER_ENV])
+        method = DEFAULT_METHOD
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise VisualDropError(f"{LAYER_FIELD} must be a non-negative integer (a vision-tower layer), got {layer!r}",
                               LAYER_FIELD)

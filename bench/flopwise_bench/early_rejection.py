@@ -100,7 +100,7 @@ def run_stock(model: str, prompts, problems, n: int, max_tokens: int, block_size
 
 
 def bench_early_rejection(args) -> int:
-    from flopwise_serve.bench import _versions
+    from flopwise_bench.common import versions
     from flopwise_serve.offline import LLM
 
     model = args.model or str(generator_dir())
@@ -122,7 +122,7 @@ def bench_early_rejection(args) -> int:
             print(f"  {prm:20s} {row['name']:28s} acc {row['accuracy']:.2f}  {row['flops'] / 1e12:7.2f} TFLOP "
                   f"({row['prm_flops'] / 1e12:.2f} PRM)  {row['wall_s']:6.1f}s  rejected {row['rejected']}", flush=True)
     llm.shutdown()
-    write_report(args, model, problems, rows, stock, _versions())
+    write_report(args, model, problems, rows, stock, versions())
     return 0
 
 

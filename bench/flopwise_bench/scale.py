@@ -25,7 +25,7 @@ RATE = re.compile(r"engines up after ([\d.]+)s; then (\d+) lines in ([\d.]+)s: (
 
 
 def _input(path: Path, requests: int, prompt_chars: int, max_tokens: int) -> None:
-    from flopwise_serve.bench import corpus_text
+    from flopwise_bench.common import corpus_text
 
     with open(path, "w") as f:
         for i in range(requests):
@@ -79,7 +79,7 @@ def bench_scale(args) -> int:
 
 
 def write_scale_report(args, model: str, rows: list[dict], cpus: int, per: int) -> None:
-    from flopwise_serve.bench import _versions, version
+    from flopwise_bench.common import version, versions
 
     one, many = rows[1], rows[2]
     ref = rows[0]["texts"]
@@ -94,7 +94,7 @@ def write_scale_report(args, model: str, rows: list[dict], cpus: int, per: int) 
         "",
         f"- Hardware: {hw.describe()}; one machine, so the replicas share its {cpus} cores "
         f"(ray-1x: 1 replica x {cpus} CPUs; ray-{args.replicas}x: {args.replicas} replicas x {per} CPU).",
-        f"- Software: {_versions()}, ray {version('ray')}",
+        f"- Software: {versions()}, ray {version('ray')}",
         f"- Model: `{Path(model).name}`, `--enforce-eager`; {args.requests} completions of about "
         f"{args.prompt_chars} characters each, {args.max_tokens} output tokens (greedy, `ignore_eos`).",
         "- local = `flopwise batch` with its engine in-process, no Ray. ray-* = `flopwise batch --ray`, a Ray instance "

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from flopwise import hw
 from flopwise.ledger import FlopModel
+from flopwise_bench.common import run_worker
 
 POLICIES = ["snapkv", "tova", "h2o", "streaming_llm", "knorm", "random"]
 KEEPS = [0.5, 0.25, 0.1]
@@ -148,20 +148,7 @@ def speed(spec: dict) -> dict:
 
 
 def _run_worker(kind: str, spec: dict, stock: bool, log: Path) -> dict:
-    env = {**os.environ, **hw.engine_env({})}
-    if stock:
-        env["VLLM_PLUGINS"] = ""  # no flopwise plugin in that process at all
-    result = log.with_name(f"{log.stem}-worker.json")
-    result.unlink(missing_ok=True)
-    spec = {**spec, "kind": kind, "stock": stock, "result": str(result)}
-    with open(log, "ab") as err:
-        proc = subprocess.run([sys.executable, "-m", "flopwise_serve.bench_kv", json.dumps(spec)], env=env,
-                              stdout=err, stderr=err, timeout=7200)
-    if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"bench worker failed (exit {proc.returncode}); see {log}")
-    data = json.loads(result.read_text())
-    result.unlink()
-    return data
+    return run_worker("flopwise_bench.kv_drop", {**spec, "kind": kind}, stock, log, timeout=7200)
 
 
 def _reference_ppl(model: str, spec: dict, policies: list[str]) -> dict:
@@ -259,7 +246,7 @@ def _decode_attention(ledger: FlopModel, row: dict) -> int:
 
 
 def write_report(result: dict, model: str, out: Path) -> None:
-    from flopwise_serve.bench import _versions
+    from flopwise_bench.common import versions
 
     args, quality, sp = result["args"], result["quality"], result["speed"]
     ledger = FlopModel.from_pretrained(model)
@@ -270,7 +257,7 @@ def write_report(result: dict, model: str, out: Path) -> None:
     lines = [
         "# KV token dropping vs stock vLLM",
         "",
-        f"Hardware: {hw.describe()}. {_versions()}. Model: SmolLM2-135M-Instruct ({hw.default_dtype()}), "
+        f"Hardware: {hw.describe()}. {versions()}. Model: SmolLM2-135M-Instruct ({hw.default_dtype()}), "
         f"block size {BLOCK}, prefix caching off (a dropping request computes its own prompt). "
         "Made by `flopwise bench kv` (`make bench-kv`); raw numbers in kv.json.",
         "",
@@ -388,7 +375,7 @@ def _plot(result: dict, ledger: FlopModel, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-if __name__ == "__main__":  # a worker: python -m flopwise_serve.bench_kv SPEC_JSON
+if __name__ == "__main__":  # a worker: python -m flopwise_bench.kv_drop SPEC_JSON
     spec = json.loads(sys.argv[1])
     from flopwise_serve.offline import set_engine_env
 

@@ -41,9 +41,16 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from flopwise.techniques import kv_drop as kd
 
-WORKER_CLS = "flopwise_vllm.kv.FlopwiseCPUWorker"
+WORKER_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUWorker"
 STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 OUTPUT_ATTR = "flopwise_kv"  # SchedulerOutput attribute carrying {request id: KVJob}
+
+
+def kv_supported(vllm_config, flop_model) -> bool:
+    """KV dropping frees blocks that only flopwise's KV worker + attention backend compact: it needs them
+    running, full attention (a sliding window already limits reads) and an unquantized KV cache."""
+    return (vllm_config.parallel_config.worker_cls == WORKER_CLS and not flop_model.spec.windowed
+            and vllm_config.cache_config.cache_dtype in ("auto", None))
 
 
 @dataclass(frozen=True)

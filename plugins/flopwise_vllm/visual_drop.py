@@ -42,13 +42,23 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
+from flopwise.options import parse
+from flopwise.techniques import OptionError
 from flopwise.techniques import visual_drop as vd
+from flopwise_vllm.options import server_defaults
 
 
 def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropConfig:
-    """The request's options merged over ``--mm-processor-kwargs`` and the env defaults; errors name the field."""
+    """The request's options merged over ``--mm-processor-kwargs`` and the server defaults; errors name the
+    field. With flopwise serve's gate on, other per-request keys are refused here, whatever the endpoint."""
+    server = processor.info.ctx.model_config.mm_processor_kwargs or {}
+    others = sorted(k for k in hf_kwargs if k not in vd.FIELDS and k not in server)
+    if others and server_defaults().mm_kwargs_gate:
+        raise OptionError(f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
+                          "--trust-request-mm-kwargs to allow them)", "mm_processor_kwargs")
     merged = processor.info.ctx.get_merged_mm_kwargs(hf_kwargs)
-    config = vd.parse_options(*(merged.get(f) for f in vd.FIELDS))
+    opts = parse({f: merged.get(f) for f in vd.FIELDS}, server_defaults())
+    config = opts.visual or vd.VisualDropConfig()
     if config.layer is not None:
         layers = processor.tower_layers()
         if layers is None:

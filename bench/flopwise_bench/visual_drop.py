@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from flopwise import hw, shapes
 from flopwise.ledger import FlopModel
+from flopwise_bench.common import run_worker
 
 DEFAULT_MODEL = "bench/models/tiny-llava-shapes"
 MAX_TOKENS = 4
@@ -118,20 +118,7 @@ def worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict, stock: bool, log: Path) -> list[dict]:
-    env = {**os.environ, **hw.engine_env({})}
-    if stock:
-        env["VLLM_PLUGINS"] = ""  # no flopwise plugin in that process at all
-    result = log.with_name(log.stem + "-worker.json")  # vLLM logs to stdout too: results go to a file
-    result.unlink(missing_ok=True)
-    spec = {**spec, "stock": stock, "result": str(result)}
-    with open(log, "ab") as err:
-        proc = subprocess.run([sys.executable, "-m", "flopwise_serve.bench_visual", json.dumps(spec)], env=env,
-                              stdout=err, stderr=err, timeout=3600)
-    if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"bench worker failed (exit {proc.returncode}); see {log}")
-    rows = json.loads(result.read_text())["rows"]
-    result.unlink()
-    return rows
+    return run_worker("flopwise_bench.visual_drop", spec, stock, log, timeout=3600)["rows"]
 
 
 def bench_visual(args) -> int:
@@ -196,7 +183,7 @@ def rewrite_report(out: Path = Path("bench/results/visual.md"), **arg_values) ->
 
 def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -> None:
     from flopwise.techniques.visual_drop import keep_count
-    from flopwise_serve.bench import _versions
+    from flopwise_bench.common import versions
 
     cfg = json.loads((Path(model) / "config.json").read_text())
     v = cfg["vision_config"]
@@ -205,7 +192,7 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
     lines = [
         "# Visual token dropping: prefill FLOPs, wall time and accuracy vs stock vLLM",
         "",
-        f"- Hardware: {hw.describe()}; {_versions()}.",
+        f"- Hardware: {hw.describe()}; {versions()}.",
         f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x {v['hidden_size']}, "
         f"{tokens} image tokens per image; Llama LM {cfg['text_config']['num_hidden_layers']} layers x "
         f"{cfg['text_config']['hidden_size']}), trained by `bench/scripts/train_tiny_vlm.py` on `flopwise.shapes` "
