@@ -123,3 +123,27 @@ def test_prm_failing_at_run_time_serves_without_rejection(setup, tmp_path):
     assert [len(c.token_ids) for c in out.outputs] == [8, 8, 8, 8]
     # the engine is fine afterwards
     assert len(llm.generate(["y"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+
+
+def test_prm_pass_that_would_cross_the_budget_is_skipped(setup):
+    """The PRM's passes are charged like any other work: one that would cross the group's flop_budget is not
+    run, rejection stays off for that request, and the charge never crosses the budget. Here the budget
+    covers the generation exactly, so the first candidate's final score (a head pass over prompt + answer) is
+    the pass that does not fit."""
+    from vllm import SamplingParams
+
+    llm, base, head = setup
+    ledger = FlopModel.from_pretrained(base)
+    tok = llm.get_tokenizer()
+    prompt_ids = tok.encode("def add(a, b):\n    return a + b\n")
+    n, tokens = 4, 6
+    budget = n * ledger.request(len(prompt_ids), tokens).total
+    config = EarlyRejectionConfig(prm=head, every_tokens=64, keep=0.5)
+    params = SamplingParams(n=n, temperature=1.0, seed=5, max_tokens=tokens, ignore_eos=True,
+                            extra_args={"early_rejection": config.model_dump_json(), "flop_budget": budget})
+    out = llm.generate([{"prompt_token_ids": prompt_ids}], params)[0]
+    payload = out.ec_transfer_params["flopwise"]
+    stats = payload["early_rejection"]
+    assert stats["error"].startswith("skipped") and "flop_budget" in stats["error"], stats
+    assert stats["scores"] == {} and payload["prm"] == 0 and payload["total"] == budget
+    assert [len(c.token_ids) for c in out.outputs] == [tokens] * n  # every candidate served in full

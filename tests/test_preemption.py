@@ -22,9 +22,9 @@ def engine(tiny_model):
     path = tiny_model("llama-gqa")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process, to watch it preempt
     try:
-        # 14 blocks of 32 tokens: two 200-token requests fit, four do not. No prefix cache: a preempted
+        # 14 blocks of 32 tokens: two 190-token requests fit, four do not. No prefix cache: a preempted
         # request recomputes everything, so its extra cost is exact.
-        llm = LLM(path, dtype="float32", max_model_len=448, block_size=BS, num_gpu_blocks_override=14,
+        llm = LLM(path, dtype="float32", max_model_len=384, block_size=BS, num_gpu_blocks_override=14,
                   max_num_seqs=8, max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
     finally:
         os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -69,10 +69,10 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
     by_id = {o.request_id: o for o in together}
     for a, t in zip(alone, together):
         assert t.outputs[0].token_ids == a.outputs[0].token_ids  # recompute changes no token
+        charge = t.ec_transfer_params["flopwise"]
         extra = sum(ledger.forward(total, start=0, logits=1).total
                     - ledger.forward(total - done, start=done, logits=1).total
-                    for rid, done, total in preempted if rid == t.request_id)
-        charge = t.ec_transfer_params["flopwise"]
+                    for rid, done, total in preempted if rid == charge["group"])  # the engine's own id
         assert charge["total"] == a.ec_transfer_params["flopwise"]["total"] + extra
         assert charge["dense_baseline"] == charge["total"]  # no technique on: recompute is real work, not saved
     assert len(by_id) == 4 and _free(scheduler) == start
@@ -94,7 +94,7 @@ def test_kv_dropping_starts_over_after_preemption(engine):
     others = [{"prompt_token_ids": _prompt(60, seed)} for seed in (40, 41, 42)]
     params = [_greedy(150, kv_policy="knorm", kv_keep=0.25)] + [_greedy(150)] * 3
     outs = llm.generate([{"prompt_token_ids": ids}, *others], params)
-    kv_req = outs[0].request_id
+    kv_req = outs[0].ec_transfer_params["flopwise"]["group"]
     hits = [(done, total) for rid, done, total in preempted if rid == kv_req]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ref = hk.generate(hf, ids, kd.parse_options("knorm", 0.25), 150, BS)

@@ -87,3 +87,15 @@ def test_opt_out_leaves_stock_vllm(tmp_path):
     env.pop("FLOPWISE_SCHEDULER")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "flopwise_vllm.platform", out.stderr[-1500:]
+
+
+def test_early_rejection_in_vllm_xargs_rejects_in_plain_vllm_serve(vllm_server):
+    s, _, path = vllm_server
+    config = '{"prm": "verifier:arithmetic", "every_tokens": 3, "keep": 0.25}'
+    r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
+        "model": path, "prompt": "1 + 2 =", "max_tokens": 12, "n": 4, "temperature": 1.0, "seed": 3,
+        "ignore_eos": True, "vllm_xargs": {"early_rejection": config}}).json()
+    stats = r["ec_transfer_params"]["flopwise"]["early_rejection"]
+    assert stats["started"] == 4 and stats["rejected"] == 3 and stats["checkpoints"] == 1
+    stopped = [c for c in r["choices"] if c["stop_reason"] == "early_rejection"]
+    assert len(stopped) == 3 and all(c["finish_reason"] == "abort" for c in stopped)

@@ -69,17 +69,24 @@ class LLM:
             sampling_params = SamplingParams(**sampling_kwargs)
         elif sampling_kwargs:
             raise TypeError("pass either sampling_params or sampling keyword arguments, not both")
-        raw = {**(sampling_params.extra_args or {}), **(options or {})}
-        if flop_budget is not None:
-            raw[FIELD] = flop_budget
-        if raw:
-            prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-            tokenizer = self.engine.get_tokenizer()
-            inputs = [{"prompt_token_ids": p["prompt_token_ids"] if isinstance(p, dict) else tokenizer.encode(p)}
-                      for p in prompts]
-            _, extra = prepare(raw, sampling_params.n, inputs, model=self.ledger)
-            sampling_params = sampling_params.clone()
-            sampling_params.extra_args = extra
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        several = isinstance(sampling_params, (list, tuple))
+        params = list(sampling_params) if several else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        tokenizer = self.engine.get_tokenizer()
+        checked = []
+        for prompt, sp in zip(prompts, params):
+            raw = {**(sp.extra_args or {}), **(options or {})}
+            if flop_budget is not None:
+                raw[FIELD] = flop_budget
+            if raw:
+                ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else tokenizer.encode(prompt)
+                _, extra = prepare(raw, sp.n, [{"prompt_token_ids": ids}], model=self.ledger)
+                sp = sp.clone()
+                sp.extra_args = extra
+            checked.append(sp)
+        sampling_params = checked  # vLLM takes one SamplingParams per prompt
         return self.engine.generate(prompts, sampling_params)
 
     def __getattr__(self, name):
