@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-scale clean
+.PHONY: setup model demo test lint test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-scale clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,13 @@ model: setup
 demo: model
 	$(BIN)/flopwise demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml: line length 110) lints and checks the formatting of every Python file.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -22,3 +22,33 @@ def tiny_model(tmp_path_factory):
         return built[family]
 
     return get
+
+
+MAX_BUDGET = 10**12  # the shared flopwise server's --max-flop-budget
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    """``flopwise serve`` on the tiny Llama, shared by the modules that talk to one (each server start costs
+    half a minute here)."""
+    from flopwise.ledger import FlopModel
+    from flopwise_serve.launch import flopwise_server, free_port
+
+    path = tiny_model("llama-gqa")
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with flopwise_server(
+        path, free_port(), log, ["--max-model-len", "1024", "--max-flop-budget", str(MAX_BUDGET)]
+    ) as s:
+        yield s, FlopModel.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model, tmp_path_factory):
+    """Plain ``vllm serve`` on the tiny Llama with flopwise installed and no other step, shared likewise."""
+    from flopwise.ledger import FlopModel
+    from flopwise_serve.launch import free_port, vllm_serve
+
+    path = tiny_model("llama-gqa")
+    log = tmp_path_factory.mktemp("vllm") / "vllm-serve.log"
+    with vllm_serve(path, free_port(), log, ["--max-model-len", "1024"]) as s:
+        yield s, FlopModel.from_pretrained(path), path

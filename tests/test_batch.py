@@ -1,4 +1,5 @@
-"""`flopwise batch`: good lines served with usage.flops, bad lines as error records, resume without duplicates."""
+"""`flopwise batch`: good lines served with usage.flops, bad lines as error records, resume without
+duplicates."""
 
 import collections
 import json
@@ -21,28 +22,94 @@ def _lines():
         else:
             body = {"prompt": f"def f{i}(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
             good.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body})
-    er = {"custom_id": "er", "method": "POST", "url": "/v1/completions",
-          "body": {"prompt": "x =", "max_tokens": 8, "n": 4, "temperature": 1.0, "ignore_eos": True,
-                   "early_rejection": {"every_tokens": 2, "keep": 0.5}}}
-    capped = {"custom_id": "capped", "method": "POST", "url": "/v1/completions",
-              "body": {"prompt": "def g(x):", "max_tokens": 40, "ignore_eos": True, "flop_budget": 1.2e7}}
+    er = {
+        "custom_id": "er",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {
+            "prompt": "x =",
+            "max_tokens": 8,
+            "n": 4,
+            "temperature": 1.0,
+            "ignore_eos": True,
+            "early_rejection": {"every_tokens": 2, "keep": 0.5},
+        },
+    }
+    capped = {
+        "custom_id": "capped",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"prompt": "def g(x):", "max_tokens": 40, "ignore_eos": True, "flop_budget": 1.2e7},
+    }
     bad = [
         "{not json",
-        json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "dup"}}),
+        json.dumps(
+            {"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "dup"}}
+        ),
         json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
-        json.dumps({"custom_id": "bad-budget", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "flop_budget": -3}}),
+        json.dumps(
+            {
+                "custom_id": "bad-budget",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"prompt": "x", "flop_budget": -3},
+            }
+        ),
         json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "no id"}}),
-        json.dumps({"custom_id": "bad-body", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": "many"}}),
-        json.dumps({"custom_id": "stream", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "stream": True}}),
-        json.dumps({"custom_id": "bad-er", "method": "POST", "url": "/v1/completions",
-                    "body": {"prompt": "x", "n": 2, "early_rejection": {"keep": 0}}}),
+        json.dumps(
+            {
+                "custom_id": "bad-body",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"prompt": "x", "max_tokens": "many"},
+            }
+        ),
+        json.dumps(
+            {
+                "custom_id": "stream",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"prompt": "x", "stream": True},
+            }
+        ),
+        json.dumps(
+            {
+                "custom_id": "bad-er",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"prompt": "x", "n": 2, "early_rejection": {"keep": 0}},
+            }
+        ),
     ]
-    return [json.dumps(x) for x in good[:3]] + bad[:3] + [json.dumps(x) for x in good[3:]] + bad[3:] + [json.dumps(capped), json.dumps(er)]
+    return (
+        [json.dumps(x) for x in good[:3]]
+        + bad[:3]
+        + [json.dumps(x) for x in good[3:]]
+        + bad[3:]
+        + [json.dumps(capped), json.dumps(er)]
+    )
 
 
 def _run(inp, out, model, *extra):
-    return subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(inp), "-o", str(out), "--model", model,
-                           "--max-model-len", "1024", *extra], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flopwise_serve.cli",
+            "batch",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            model,
+            "--max-model-len",
+            "1024",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _records(out):
@@ -57,7 +124,11 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
 
     r = _run(inp, out, model, "--flop-budget", "5e7")  # the default for lines that set no budget
     assert r.returncode == 1, r.stderr[-3000:]  # lines failed: not a success, and it says how many
-    assert "8 done, 8 errors" in r.stderr and "8 of 16 lines failed" in r.stderr and "stopped by their FLOP budget" in r.stderr
+    assert (
+        "8 done, 8 errors" in r.stderr
+        and "8 of 16 lines failed" in r.stderr
+        and "stopped by their FLOP budget" in r.stderr
+    )
     recs = _records(out)
     assert len(recs) == 16
     by_id = {rec["custom_id"]: rec for rec in recs if rec["custom_id"]}
@@ -70,13 +141,23 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     cap = by_id["capped"]["response"]["body"]
     assert cap["choices"][0]["stop_reason"] == "flop_budget" and cap["usage"]["flops"]["total"] <= 1.2e7
     assert cap["usage"]["flops"]["budget"] == 1.2e7  # a line's own budget wins over the default
-    assert by_id["bad-budget"]["error"]["status_code"] == 400 and "flop_budget" in by_id["bad-budget"]["error"]["message"]
+    assert (
+        by_id["bad-budget"]["error"]["status_code"] == 400
+        and "flop_budget" in by_id["bad-budget"]["error"]["message"]
+    )
     assert "url must be" in by_id["bad-url"]["error"]["message"]
     assert "max_tokens" in by_id["bad-body"]["error"]["message"]
     assert "stream" in by_id["stream"]["error"]["message"]
     er = by_id["er"]["response"]["body"]
-    assert er["early_rejection"]["rejected"] == 3 and len(er["choices"]) == 1 and er["usage"]["flops"]["total"] > 0
-    assert by_id["bad-er"]["error"]["status_code"] == 400 and "early_rejection.keep" in by_id["bad-er"]["error"]["message"]
+    assert (
+        er["early_rejection"]["rejected"] == 3
+        and len(er["choices"]) == 1
+        and er["usage"]["flops"]["total"] > 0
+    )
+    assert (
+        by_id["bad-er"]["error"]["status_code"] == 400
+        and "early_rejection.keep" in by_id["bad-er"]["error"]["message"]
+    )
     anonymous = sorted(rec["error"]["code"] for rec in recs if rec["custom_id"] is None)
     assert anonymous == ["duplicate_custom_id", "invalid_line", "invalid_line"]
 
@@ -98,12 +179,38 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
 
 
 def test_batch_cli_errors_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "missing.jsonl"), "-o",
-                        str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flopwise_serve.cli",
+            "batch",
+            str(tmp_path / "missing.jsonl"),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "missing.jsonl" in r.stderr.strip().splitlines()[-1]
     (tmp_path / "in.jsonl").write_text("{}\n")
-    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "in.jsonl"), "-o",
-                        str(tmp_path / "o.jsonl"), "--flop-budget", "-1"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flopwise_serve.cli",
+            "batch",
+            str(tmp_path / "in.jsonl"),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--flop-budget",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--flop-budget" in r.stderr.strip().splitlines()[-1]
 
 
@@ -113,12 +220,28 @@ def test_resume_drops_torn_lines_and_server_failures(tmp_path):
 
     out = tmp_path / "out.jsonl"
     ok = {"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None}
-    client_err = {"custom_id": "b", "response": None, "error": {"code": "x", "message": "m", "line": 2, "status_code": 400}}
-    server_err = {"custom_id": "c", "response": None, "error": {"code": "internal_error", "message": "m", "line": 3, "status_code": 500}}
-    bad_line = {"custom_id": None, "response": None, "error": {"code": "invalid_line", "message": "m", "line": 4}}
+    client_err = {
+        "custom_id": "b",
+        "response": None,
+        "error": {"code": "x", "message": "m", "line": 2, "status_code": 400},
+    }
+    server_err = {
+        "custom_id": "c",
+        "response": None,
+        "error": {"code": "internal_error", "message": "m", "line": 3, "status_code": 500},
+    }
+    bad_line = {
+        "custom_id": None,
+        "response": None,
+        "error": {"code": "invalid_line", "message": "m", "line": 4},
+    }
     junk = '[1, 2]\n"text"\nnot json\n\xff\xfe\n'.encode("latin-1")  # not records: kept aside, not lost
-    out.write_bytes("".join(json.dumps(r) + "\n" for r in (ok, client_err)).encode() + junk
-                    + "".join(json.dumps(r) + "\n" for r in (server_err, bad_line)).encode() + b'{"custom_id": "d", "resp')
+    out.write_bytes(
+        "".join(json.dumps(r) + "\n" for r in (ok, client_err)).encode()
+        + junk
+        + "".join(json.dumps(r) + "\n" for r in (server_err, bad_line)).encode()
+        + b'{"custom_id": "d", "resp'
+    )
     assert already_done(out) == {("id", "a"), ("id", "b"), ("line", 4)}
     assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == ["a", "b", None]
     assert (tmp_path / "out.jsonl.junk").read_bytes() == junk

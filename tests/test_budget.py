@@ -14,7 +14,9 @@ def model():
     return FlopModel.from_pretrained(FAMILIES["llama-gqa"])
 
 
-@pytest.mark.parametrize("value", [-1, 0, -0.0, math.nan, math.inf, -math.inf, "1e9", True, False, {"a": 1}, [1], None])
+@pytest.mark.parametrize(
+    "value", [-1, 0, -0.0, math.nan, math.inf, -math.inf, "1e9", True, False, {"a": 1}, [1], None]
+)
 def test_bad_budgets_name_the_field(value):
     with pytest.raises(BudgetError, match="flop_budget"):
         parse_budget(value)

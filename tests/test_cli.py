@@ -12,8 +12,9 @@ from flopwise.options import Defaults
 
 
 def flopwise(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "flopwise_serve.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flopwise_serve.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -27,7 +28,11 @@ def test_flops_json_from_a_dir_holding_only_config(config_only):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     expected = FlopModel.from_pretrained(FAMILIES["qwen2-moe"]).request(100, 20)
-    assert (out["prefill"], out["decode"], out["total"]) == (expected.prefill.total, expected.decode.total, expected.total)
+    assert (out["prefill"], out["decode"], out["total"]) == (
+        expected.prefill.total,
+        expected.decode.total,
+        expected.total,
+    )
     assert out["components"] == (expected.prefill + expected.decode).as_dict()
     assert {"experts", "router", "shared_experts", "attention"} <= set(out["components"])
 
@@ -40,7 +45,9 @@ def test_flops_table(config_only):
 
 def test_flops_images_for_a_vlm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(FAMILIES["llava"]))
-    r = flopwise("flops", str(tmp_path), "--prompt-tokens", "8", "--output-tokens", "2", "--images", "2", "--json")
+    r = flopwise(
+        "flops", str(tmp_path), "--prompt-tokens", "8", "--output-tokens", "2", "--images", "2", "--json"
+    )
     out = json.loads(r.stdout)
     assert out["prompt_tokens"] == 8 + 2 * 16 and out["components"]["vision"] > 0
 
@@ -50,29 +57,37 @@ def test_flops_default_model_is_smollm2():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["architecture"] == "LlamaForCausalLM"
-    # 30 layers x (qkv 576x(9+6)x64 + o 576x576 + mlp 3x576x1536) x 2 FLOPs x 10 tokens, + causal attention + 1 logit row
+    # 30 layers x (qkv 576x(9+6)x64 + o 576x576 + mlp 3x576x1536) x 2 FLOPs x 10 tokens, + causal attention +
+    # 1 logit row
     linear = 2 * 10 * 30 * (576 * 15 * 64 + 576 * 576 + 3 * 576 * 1536)
     attention = 30 * 4 * 9 * 64 * (10 * 11 // 2)
     assert out["total"] == linear + attention + 2 * 576 * 49152
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["/no/such/model"], "/no/such/model"),
-    (["CFG", "--prompt-tokens", "0"], "--prompt-tokens"),
-    (["CFG", "--prompt-tokens", "abc"], "--prompt-tokens"),
-    (["CFG", "--output-tokens", "-3"], "--output-tokens"),
-    (["CFG", "--output-tokens", "2.5"], "--output-tokens"),
-    (["BAD_ARCH"], "GPT2LMHeadModel"),
-    (["NO_FIELD"], "num_attention_heads"),
-    (["CFG", "--images", "1"], "vision tower"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["/no/such/model"], "/no/such/model"),
+        (["CFG", "--prompt-tokens", "0"], "--prompt-tokens"),
+        (["CFG", "--prompt-tokens", "abc"], "--prompt-tokens"),
+        (["CFG", "--output-tokens", "-3"], "--output-tokens"),
+        (["CFG", "--output-tokens", "2.5"], "--output-tokens"),
+        (["BAD_ARCH"], "GPT2LMHeadModel"),
+        (["NO_FIELD"], "num_attention_heads"),
+        (["CFG", "--images", "1"], "vision tower"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, config_only, args, needle):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "nofield").mkdir()
     cfg = {k: v for k, v in FAMILIES["llama-gqa"].items() if k != "num_attention_heads"}
     (tmp_path / "nofield" / "config.json").write_text(json.dumps(cfg))
-    subst = {"CFG": str(config_only), "BAD_ARCH": str(tmp_path / "bad"), "NO_FIELD": str(tmp_path / "nofield")}
+    subst = {
+        "CFG": str(config_only),
+        "BAD_ARCH": str(tmp_path / "bad"),
+        "NO_FIELD": str(tmp_path / "nofield"),
+    }
     argv = [subst.get(a, a) for a in args]
     defaults = [a for a in ("--prompt-tokens", "--output-tokens") if a not in argv]
     for flag in defaults:
@@ -88,13 +103,16 @@ def test_serve_refuses_an_unknown_model_before_starting():
     assert r.returncode == 2 and "/no/such/model" in r.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--early-rejection", '{"keep": 2}'], "--early-rejection: keep"),
-    (["--early-rejection", '{"every_tokens": 0}'], "--early-rejection: every_tokens"),
-    (["--early-rejection", "[1]"], "--early-rejection"),
-    (["--early-rejection", "{nope"], "--early-rejection"),
-    (["--prm", "verifier:nope"], "--prm"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--early-rejection", '{"keep": 2}'], "--early-rejection: keep"),
+        (["--early-rejection", '{"every_tokens": 0}'], "--early-rejection: every_tokens"),
+        (["--early-rejection", "[1]"], "--early-rejection"),
+        (["--early-rejection", "{nope"], "--early-rejection"),
+        (["--prm", "verifier:nope"], "--prm"),
+    ],
+)
 def test_serve_checks_early_rejection_defaults_before_starting(tiny_model, args, needle):
     r = flopwise("serve", tiny_model("llama-gqa"), *args, timeout=60)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
@@ -116,12 +134,15 @@ def test_serve_passes_early_rejection_defaults_to_the_server():
     assert d.early_rejection == {"every_tokens": 16} and d.prm == "verifier:arithmetic"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--visual-keep", "0"], "--visual-keep: visual_keep must be in (0, 1]"),
-    (["--visual-keep", "x"], "--visual-keep: visual_keep must be a number"),
-    (["--visual-drop", "nope"], "--visual-drop: invalid choice"),
-    (["--visual-drop-layer", "-1"], "--visual-drop-layer: must be a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--visual-keep", "0"], "--visual-keep: visual_keep must be in (0, 1]"),
+        (["--visual-keep", "x"], "--visual-keep: visual_keep must be a number"),
+        (["--visual-drop", "nope"], "--visual-drop: invalid choice"),
+        (["--visual-drop-layer", "-1"], "--visual-drop-layer: must be a non-negative integer"),
+    ],
+)
 def test_serve_checks_visual_defaults_before_starting(args, needle):
     r = flopwise("serve", "/no/such/model", *args, timeout=60)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
@@ -137,13 +158,19 @@ def test_serve_trusts_only_flopwise_mm_kwargs_unless_told():
     assert argv.count("--trust-request-mm-kwargs") == 1 and env["FLOPWISE_DEFAULTS"] == "{}"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--kv-keep", "0"], "--kv-keep: kv_keep must be in (0, 1]"),
-    (["--kv-keep", "x"], "--kv-keep: invalid float value"),
-    (["--kv-policy", "lru"], "--kv-policy: unknown kv_policy 'lru'"),
-    (["--kv-policy", "snapkv", "--kv-keep-tokens", "16"], "--kv-keep-tokens: kv_keep_tokens=16 is below the 64"),
-    (["--kv-keep", "0.5", "--kv-keep-tokens", "100"], "--kv-keep-tokens: give kv_keep or kv_keep_tokens"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--kv-keep", "0"], "--kv-keep: kv_keep must be in (0, 1]"),
+        (["--kv-keep", "x"], "--kv-keep: invalid float value"),
+        (["--kv-policy", "lru"], "--kv-policy: unknown kv_policy 'lru'"),
+        (
+            ["--kv-policy", "snapkv", "--kv-keep-tokens", "16"],
+            "--kv-keep-tokens: kv_keep_tokens=16 is below the 64",
+        ),
+        (["--kv-keep", "0.5", "--kv-keep-tokens", "100"], "--kv-keep-tokens: give kv_keep or kv_keep_tokens"),
+    ],
+)
 def test_serve_checks_kv_defaults_before_starting(tiny_model, args, needle):
     r = flopwise("serve", tiny_model("llama-gqa"), *args, timeout=60)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
@@ -157,3 +184,55 @@ def test_serve_passes_kv_defaults_to_the_engine(monkeypatch):
     assert (d.kv_policy, d.kv_keep, d.kv_keep_tokens) == ("streaming_llm", None, 256)
     _, env, d = _defaults()
     assert d == Defaults(mm_kwargs_gate=True) and "kv" not in env["FLOPWISE_DEFAULTS"]
+
+
+@pytest.mark.parametrize(
+    "args,positional,rest",
+    [
+        (["--max-model-len", "2048"], [], ["--max-model-len", "2048"]),  # was read as the model "2048"
+        (["--max-model-len=2048"], [], ["--max-model-len=2048"]),
+        (["M", "--max-model-len", "2048"], ["M"], ["--max-model-len", "2048"]),
+        (["--max-model-len", "2048", "M"], ["M"], ["--max-model-len", "2048"]),
+        (
+            ["--dtype", "float32", "M", "--enforce-eager", "--max-num-seqs", "4"],
+            ["M"],
+            ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4"],
+        ),
+        (["--no-enable-prefix-caching", "M"], ["M"], ["--no-enable-prefix-caching"]),
+        (["--block-size=32", "--seed", "-1", "M"], ["M"], ["--block-size=32", "--seed", "-1"]),
+        (["--hf-overrides", '{"a": 1}', "M"], ["M"], ["--hf-overrides", '{"a": 1}']),
+        (
+            ["--data-parallel-size", "2", "--scheduling-policy", "priority"],
+            [],
+            ["--data-parallel-size", "2", "--scheduling-policy", "priority"],
+        ),
+    ],
+)
+@pytest.mark.parametrize("kind", ["serve", "engine"])
+def test_vllm_options_are_told_from_the_model_by_vllms_own_table(args, positional, rest, kind):
+    from flopwise_serve.vllm_args import split_positional
+
+    assert split_positional(args, kind) == (positional, rest)
+
+
+def test_unknown_or_incomplete_vllm_options_are_one_line_errors(tmp_path):
+    r = flopwise("serve", "--max-model-len", timeout=120)
+    assert r.returncode == 2 and "--max-model-len: expected a value" in r.stderr.strip().splitlines()[-1]
+    r = flopwise("serve", "--no-such-option", "3", timeout=120)
+    assert r.returncode == 2 and "'--no-such-option'" in r.stderr.strip().splitlines()[-1]
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    r = flopwise("batch", "--max-model-len", "512", "-o", str(tmp_path / "o.jsonl"), timeout=120)
+    assert r.returncode == 2 and "give one INPUT file" in r.stderr, r.stderr[-500:]
+    # INPUT after an option with a value is found as INPUT (the run then fails on the model, naming it).
+    r = flopwise(
+        "batch",
+        "--max-model-len",
+        "512",
+        str(tmp_path / "in.jsonl"),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+        "--model",
+        "/no/such/model",
+        timeout=120,
+    )
+    assert r.returncode == 2 and "/no/such/model" in r.stderr.strip().splitlines()[-1], r.stderr[-500:]

@@ -1,4 +1,5 @@
-"""Checkpoint transforms: exact where the math says so, loadable by transformers and vLLM, charged their reduced cost."""
+"""Checkpoint transforms: exact where the math says so, loadable by transformers and vLLM, charged their
+reduced cost."""
 
 import json
 import subprocess
@@ -43,7 +44,8 @@ def _logits(model):
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa"])
 def test_merging_duplicate_heads_is_exact(family):
-    """Two heads with the same query projection attend alike: one head with both o_proj slices is the same layer."""
+    """Two heads with the same query projection attend alike: one head with both o_proj slices is the same
+    layer."""
     model = _model(family)
     for layer in model.model.layers:
         att = layer.self_attn
@@ -119,31 +121,44 @@ def test_top_k_only_cuts_active_flops():
     new = moe_convert(model, MoEMergeConfig(4, "frequency", top_k=1), calibrate(model, ROWS))
     assert new.config.num_local_experts == 4 and new.config.num_experts_per_tok == 1
     before = FlopModel.from_pretrained(FAMILIES["mixtral"]).forward(1, start=100).as_dict()
-    after = FlopModel.from_pretrained({**new.config.to_dict(), "architectures": ["MixtralForCausalLM"]}).forward(1, start=100).as_dict()
+    after = (
+        FlopModel.from_pretrained({**new.config.to_dict(), "architectures": ["MixtralForCausalLM"]})
+        .forward(1, start=100)
+        .as_dict()
+    )
     assert after["experts"] * 2 == before["experts"]
 
 
 # -- the CLI end to end ------------------------------------------------------------------------------
 def flopwise(*args):
-    return subprocess.run([sys.executable, "-m", "flopwise_serve.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flopwise_serve.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["sqa", "LLAMA", "OUT", "--query-heads", "3"], "--query-heads 3"),
-    (["sqa", "LLAMA", "OUT", "--query-heads", "4"], "nothing to reduce"),
-    (["sqa", "LLAMA", "OUT", "--query-heads", "2", "--kv-heads", "3"], "--kv-heads 3"),
-    (["sqa", "MIXTRAL", "OUT", "--query-heads", "2"], "MixtralForCausalLM"),
-    (["moe-merge", "LLAMA", "OUT", "--experts", "2"], "not a MoE model"),
-    (["moe-merge", "MIXTRAL", "OUT", "--experts", "4"], "--experts 4"),
-    (["moe-merge", "MIXTRAL", "OUT", "--experts", "1"], "fewer than top-k 2"),
-    (["moe-merge", "MIXTRAL", "OUT", "--experts", "3", "--top-k", "3"], "--top-k 3"),
-    (["moe-merge", "/no/such/dir", "OUT", "--experts", "1"], "/no/such/dir"),
-    (["sqa", "LLAMA", "EXISTING", "--query-heads", "2"], "--force"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sqa", "LLAMA", "OUT", "--query-heads", "3"], "--query-heads 3"),
+        (["sqa", "LLAMA", "OUT", "--query-heads", "4"], "nothing to reduce"),
+        (["sqa", "LLAMA", "OUT", "--query-heads", "2", "--kv-heads", "3"], "--kv-heads 3"),
+        (["sqa", "MIXTRAL", "OUT", "--query-heads", "2"], "MixtralForCausalLM"),
+        (["moe-merge", "LLAMA", "OUT", "--experts", "2"], "not a MoE model"),
+        (["moe-merge", "MIXTRAL", "OUT", "--experts", "4"], "--experts 4"),
+        (["moe-merge", "MIXTRAL", "OUT", "--experts", "1"], "fewer than top-k 2"),
+        (["moe-merge", "MIXTRAL", "OUT", "--experts", "3", "--top-k", "3"], "--top-k 3"),
+        (["moe-merge", "/no/such/dir", "OUT", "--experts", "1"], "/no/such/dir"),
+        (["sqa", "LLAMA", "EXISTING", "--query-heads", "2"], "--force"),
+    ],
+)
 def test_bad_arguments_are_one_line_exit_2_nothing_written(tiny_model, tmp_path, args, needle):
     (tmp_path / "existing").mkdir()
-    subst = {"LLAMA": tiny_model("llama-gqa"), "MIXTRAL": tiny_model("mixtral"), "OUT": str(tmp_path / "out"),
-             "EXISTING": str(tmp_path / "existing")}
+    subst = {
+        "LLAMA": tiny_model("llama-gqa"),
+        "MIXTRAL": tiny_model("mixtral"),
+        "OUT": str(tmp_path / "out"),
+        "EXISTING": str(tmp_path / "existing"),
+    }
     r = flopwise("convert", *[subst.get(a, a) for a in args])
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
@@ -156,11 +171,39 @@ def converted(tiny_model, tmp_path_factory):
     """An SQA (4 -> 2 query heads, merged, distilled 2 steps) and a MoE (4 -> 2 experts, top-1) checkpoint."""
     root = tmp_path_factory.mktemp("converted")
     sqa_out, moe_out = root / "sqa", root / "moe"
-    r = flopwise("convert", "sqa", tiny_model("llama-gqa"), str(sqa_out), "--query-heads", "2", "--method", "merge",
-                 "--distill-steps", "2", "--calib-blocks", "4", "--eval-blocks", "4")
+    r = flopwise(
+        "convert",
+        "sqa",
+        tiny_model("llama-gqa"),
+        str(sqa_out),
+        "--query-heads",
+        "2",
+        "--method",
+        "merge",
+        "--distill-steps",
+        "2",
+        "--calib-blocks",
+        "4",
+        "--eval-blocks",
+        "4",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = flopwise("convert", "moe-merge", tiny_model("mixtral"), str(moe_out), "--experts", "2", "--top-k", "1",
-                 "--method", "mc-smoe", "--calib-blocks", "4", "--eval-blocks", "4")
+    r = flopwise(
+        "convert",
+        "moe-merge",
+        tiny_model("mixtral"),
+        str(moe_out),
+        "--experts",
+        "2",
+        "--top-k",
+        "1",
+        "--method",
+        "mc-smoe",
+        "--calib-blocks",
+        "4",
+        "--eval-blocks",
+        "4",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return {"sqa": str(sqa_out), "moe": str(moe_out)}
 
@@ -169,7 +212,10 @@ def converted(tiny_model, tmp_path_factory):
 def test_reports_and_transformers_loading(converted):
     for out in converted.values():
         report = json.loads((Path(out) / "flopwise_report.json").read_text())
-        assert report["after"]["decode_flops_per_token_at_512"] < report["before"]["decode_flops_per_token_at_512"]
+        assert (
+            report["after"]["decode_flops_per_token_at_512"]
+            < report["before"]["decode_flops_per_token_at_512"]
+        )
         assert report["perplexity_before"] > 0 and report["perplexity_after"] > 0
         transformers.AutoModelForCausalLM.from_pretrained(out)  # stock transformers loads it as it is
 
@@ -178,27 +224,34 @@ def test_reports_and_transformers_loading(converted):
 @pytest.mark.parametrize("server", ["vllm serve", "flopwise serve"])
 @pytest.mark.parametrize("which", ["sqa", "moe"])
 def test_converted_checkpoints_are_served_and_charged_their_reduced_cost(converted, tmp_path, server, which):
-    import shutil
 
     import httpx
 
-    from flopwise import hw
-    from flopwise_serve.launch import Server, flopwise_server, free_port
+    from flopwise_serve.launch import flopwise_server, free_port, vllm_serve
 
     path, port = converted[which], free_port()
     if server == "vllm serve":
-        env = hw.engine_env()
-        env.pop("VLLM_PLUGINS", None)
-        vllm_cli = shutil.which("vllm", path=str(Path(sys.executable).parent))
-        srv = Server([vllm_cli, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                      "--enforce-eager", "--max-model-len", "512"], env, port, tmp_path / "server.log")
+        srv = vllm_serve(path, port, tmp_path / "server.log", ["--max-model-len", "512"])
     else:
-        srv = flopwise_server(path, port, tmp_path / "server.log", ["--max-model-len", "512", "--dtype", "float32"])
+        srv = flopwise_server(
+            path, port, tmp_path / "server.log", ["--max-model-len", "512", "--dtype", "float32"]
+        )
     with srv:
-        r = httpx.post(f"{srv.url}/v1/completions", timeout=60, json={
-            "model": path, "prompt": "def f(x):", "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
+        r = httpx.post(
+            f"{srv.url}/v1/completions",
+            timeout=60,
+            json={
+                "model": path,
+                "prompt": "def f(x):",
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        ).json()
     u = r["usage"]
     expected = FlopModel.from_pretrained(path).request(u["prompt_tokens"], u["completion_tokens"]).total
     # Plain vllm serve returns the engine's charge in ec_transfer_params; flopwise serve in usage.flops.
-    charged = u["flops"]["total"] if server == "flopwise serve" else r["ec_transfer_params"]["flopwise"]["total"]
+    charged = (
+        u["flops"]["total"] if server == "flopwise serve" else r["ec_transfer_params"]["flopwise"]["total"]
+    )
     assert u["completion_tokens"] == 8 and charged == expected

@@ -1,4 +1,5 @@
-"""Several engines behind one endpoint: ``flopwise serve … --data-parallel-size 2`` (vLLM's data parallelism, which
+"""Several engines behind one endpoint: ``flopwise serve … --data-parallel-size 2`` (vLLM's data parallelism,
+which
 the CPU build supports). Budgets hold per request, a request's n candidates share one engine (one budget, one
 ledger group), and the flopwise counters on /metrics add up over both engines."""
 
@@ -19,27 +20,42 @@ pytestmark = pytest.mark.slow
 def server(tiny_model, tmp_path_factory):
     path = tiny_model("llama-gqa")
     log = tmp_path_factory.mktemp("dp") / "server.log"
-    with flopwise_server(path, free_port(), log, ["--max-model-len", "1024", "--data-parallel-size", "2"]) as s:
+    with flopwise_server(
+        path, free_port(), log, ["--max-model-len", "1024", "--data-parallel-size", "2"]
+    ) as s:
         yield s, FlopModel.from_pretrained(path)
 
 
 def _metrics(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^((?:flopwise_|vllm:)\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^((?:flopwise_|vllm:)\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)
+    }
 
 
 def test_two_engines_one_endpoint_budgets_and_counters(server):
     s, ledger = server
-    plain = [{"prompt": f"def f{i}(x):", "max_tokens": 8, "temperature": 0, "ignore_eos": True} for i in range(8)]
+    plain = [
+        {"prompt": f"def f{i}(x):", "max_tokens": 8, "temperature": 0, "ignore_eos": True} for i in range(8)
+    ]
     one = ledger.request(6, 16).total
     capped = {"prompt": "def g(x):", "max_tokens": 64, "ignore_eos": True, "flop_budget": one}
     # Four candidates that could spend 4 x 24 tokens, under a budget that fits about two of them.
-    group = {"prompt": "x =", "n": 4, "max_tokens": 24, "temperature": 1.0, "ignore_eos": True,
-             "flop_budget": 2 * ledger.request(4, 24).total}
+    group = {
+        "prompt": "x =",
+        "n": 4,
+        "max_tokens": 24,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "flop_budget": 2 * ledger.request(4, 24).total,
+    }
     bodies = plain + [capped, group]
     with httpx.Client(base_url=s.url, timeout=120) as http, ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: http.post("/v1/completions", json=b), bodies))
-    assert all(r.status_code == 200 for r in responses), [r.text[:300] for r in responses if r.status_code != 200]
+    assert all(r.status_code == 200 for r in responses), [
+        r.text[:300] for r in responses if r.status_code != 200
+    ]
     out = [r.json() for r in responses]
 
     for body in out[: len(plain)]:
@@ -55,8 +71,10 @@ def test_two_engines_one_endpoint_budgets_and_counters(server):
     assert any(c["stop_reason"] == "flop_budget" for c in grp["choices"])
 
     m = _metrics(s.url)
-    per_engine = {e: sum(v for k, v in m.items() if k.startswith("vllm:request_success_total") and f'engine="{e}"' in k)
-                  for e in ("0", "1")}
+    per_engine = {
+        e: sum(v for k, v in m.items() if k.startswith("vllm:request_success_total") and f'engine="{e}"' in k)
+        for e in ("0", "1")
+    }
     assert per_engine["0"] > 0 and per_engine["1"] > 0, per_engine  # both engines served requests
     charged = sum(b["usage"]["flops"]["total"] for b in out)
     assert m["flopwise_requests_total"] == len(bodies)

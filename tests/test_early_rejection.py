@@ -1,6 +1,7 @@
 """Early rejection in a real vLLM engine against the plain-HF oracle, on a tiny model with a neural PRM."""
 
 import gc
+import json
 
 import pytest
 import torch
@@ -21,8 +22,13 @@ def setup(tiny_model, tmp_path_factory):
     base = tiny_model("llama-gqa")
     d = FlopModel.from_pretrained(base).spec.hidden
     # A random head: scores differ from candidate to candidate, so which ones survive depends on their tokens.
-    head = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=torch.Generator().manual_seed(1)),
-                     torch.zeros(1), dtype="float32")
+    head = save_head(
+        tmp_path_factory.mktemp("prm") / "head",
+        base,
+        torch.randn(d, generator=torch.Generator().manual_seed(1)),
+        torch.zeros(1),
+        dtype="float32",
+    )
     llm = LLM(base, dtype="float32", max_model_len=512, max_num_seqs=16, seed=0)
     yield llm, base, str(head)
     llm.shutdown()
@@ -51,20 +57,38 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
     from vllm import SamplingParams
 
     llm, base, head = setup
-    config = EarlyRejectionConfig(prm=head, every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep)
+    config = EarlyRejectionConfig(
+        prm=head, every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep
+    )
     tok = llm.get_tokenizer()
     prompt_ids = tok.encode("def add(a, b):\n    return")
     n = 6
-    params = SamplingParams(n=n, temperature=TEMPERATURE, seed=SEED, max_tokens=MAX_TOKENS, ignore_eos=True,
-                            extra_args={"early_rejection": config.model_dump_json()})
+    params = SamplingParams(
+        n=n,
+        temperature=TEMPERATURE,
+        seed=SEED,
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+        extra_args={"early_rejection": config.model_dump_json()},
+    )
     out = llm.generate([{"prompt_token_ids": prompt_ids}], params)[0]
     payload = out.ec_transfer_params["flopwise"]
     stats = payload["early_rejection"]
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    ref = reference_generate(model, prompt_ids, tok.decode(prompt_ids), n, config, load_prm(head),
-                             decode=lambda ids: tok.decode(ids, skip_special_tokens=True), max_tokens=MAX_TOKENS,
-                             eos_ids=set(), sample=vllm_cpu_sampler(SEED, TEMPERATURE), newlines=newline_ids(tok))
+    ref = reference_generate(
+        model,
+        prompt_ids,
+        tok.decode(prompt_ids),
+        n,
+        config,
+        load_prm(head),
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        max_tokens=MAX_TOKENS,
+        eos_ids=set(),
+        sample=vllm_cpu_sampler(SEED, TEMPERATURE),
+        newlines=newline_ids(tok),
+    )
     if steps:  # the random model does write newlines, so some checkpoints come from steps, not the token cap
         assert any(t in newline_ids(tok) for c in ref.candidates for t in c.tokens)
 
@@ -74,7 +98,8 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
         assert list(engine[i].token_ids) == cand.tokens, f"candidate {i}"
         assert (engine[i].stop_reason == "early_rejection") == (cand.rejected_at is not None)
     assert {int(k): v for k, v in stats["rejected_at"].items()} == {
-        i: c.rejected_at for i, c in enumerate(ref.candidates) if c.rejected_at is not None}
+        i: c.rejected_at for i, c in enumerate(ref.candidates) if c.rejected_at is not None
+    }
     assert len(ref.rejected) > 0 and stats["rejected"] == len(ref.rejected)
     assert stats["checkpoints"] == ref.checkpoints
     for i, c in enumerate(ref.candidates):
@@ -87,8 +112,11 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
     generated = sum(len(c.tokens) for c in ref.candidates)
     # each candidate prefills the prompt (the prompt is shorter than a KV block, so nothing is shared) and
     # decodes all but its last token
-    expected = sum(ledger.forward(P, 0, logits=1).total + sum(ledger.forward(1, P + t, logits=1).total
-                   for t in range(len(c.tokens) - 1)) for c in ref.candidates)
+    expected = sum(
+        ledger.forward(P, 0, logits=1).total
+        + sum(ledger.forward(1, P + t, logits=1).total for t in range(len(c.tokens) - 1))
+        for c in ref.candidates
+    )
     assert payload["prompt"] + payload["completion"] == expected
     assert sum(len(c.token_ids) for c in out.outputs) == generated < n * MAX_TOKENS
 
@@ -98,8 +126,13 @@ def test_keep_one_is_best_of_n_with_final_scores(setup):
 
     llm, _, head = setup
     config = EarlyRejectionConfig(prm=head, every_tokens=2, keep=1.0)
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=10, ignore_eos=True,
-                            extra_args={"early_rejection": config.model_dump_json()})
+    params = SamplingParams(
+        n=4,
+        temperature=1.0,
+        max_tokens=10,
+        ignore_eos=True,
+        extra_args={"early_rejection": config.model_dump_json()},
+    )
     out = llm.generate(["x = 1\n"], params)[0]
     stats = out.ec_transfer_params["flopwise"]["early_rejection"]
     assert stats["rejected"] == 0 and stats["checkpoints"] == 0
@@ -113,16 +146,25 @@ def test_prm_failing_at_run_time_serves_without_rejection(setup, tmp_path):
     llm, base, head = setup
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "flopwise_prm.json").write_text('{"type": "head", "base": "%s"}' % base)  # no head.safetensors
+    (broken / "flopwise_prm.json").write_text(
+        json.dumps({"type": "head", "base": base})
+    )  # no head.safetensors
     config = EarlyRejectionConfig(prm=str(broken), every_tokens=2, keep=0.5)
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True,
-                            extra_args={"early_rejection": config.model_dump_json()})
+    params = SamplingParams(
+        n=4,
+        temperature=1.0,
+        max_tokens=8,
+        ignore_eos=True,
+        extra_args={"early_rejection": config.model_dump_json()},
+    )
     out = llm.generate(["x = 1\n"], params)[0]
     stats = out.ec_transfer_params["flopwise"]["early_rejection"]
     assert "PRM failed" in stats["error"] and stats["rejected"] == 0
     assert [len(c.token_ids) for c in out.outputs] == [8, 8, 8, 8]
     # the engine is fine afterwards
-    assert len(llm.generate(["y"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+    assert (
+        len(llm.generate(["y"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+    )
 
 
 def test_prm_pass_that_would_cross_the_budget_is_skipped(setup):
@@ -139,8 +181,14 @@ def test_prm_pass_that_would_cross_the_budget_is_skipped(setup):
     n, tokens = 4, 6
     budget = n * ledger.request(len(prompt_ids), tokens).total
     config = EarlyRejectionConfig(prm=head, every_tokens=64, keep=0.5)
-    params = SamplingParams(n=n, temperature=1.0, seed=5, max_tokens=tokens, ignore_eos=True,
-                            extra_args={"early_rejection": config.model_dump_json(), "flop_budget": budget})
+    params = SamplingParams(
+        n=n,
+        temperature=1.0,
+        seed=5,
+        max_tokens=tokens,
+        ignore_eos=True,
+        extra_args={"early_rejection": config.model_dump_json(), "flop_budget": budget},
+    )
     out = llm.generate([{"prompt_token_ids": prompt_ids}], params)[0]
     payload = out.ec_transfer_params["flopwise"]
     stats = payload["early_rejection"]

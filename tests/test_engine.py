@@ -75,8 +75,13 @@ def test_n_candidates_sum_into_one_request(engine):
 def _budgeted(n_tokens, budget, **kw):
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=n_tokens, temperature=kw.pop("temperature", 0), ignore_eos=True,
-                          extra_args={"flop_budget": budget}, **kw)
+    return SamplingParams(
+        max_tokens=n_tokens,
+        temperature=kw.pop("temperature", 0),
+        ignore_eos=True,
+        extra_args={"flop_budget": budget},
+        **kw,
+    )
 
 
 PROMPT = {"prompt_token_ids": list(range(20, 70))}
@@ -98,7 +103,11 @@ def test_budget_of_prefill_plus_ten_decode_steps_gives_eleven_tokens(engine):
 @pytest.mark.parametrize("extra_tokens", [0, 3, 17])
 def test_charge_never_exceeds_budget_and_stops_as_late_as_possible(engine, extra_tokens):
     llm, ledger, _ = engine
-    budget = ledger.request(50, 1).total + ledger.forward(extra_tokens, start=50, logits=extra_tokens).total + 12345
+    budget = (
+        ledger.request(50, 1).total
+        + ledger.forward(extra_tokens, start=50, logits=extra_tokens).total
+        + 12345
+    )
     out = llm.generate([PROMPT], _budgeted(40, budget))[0]
     n, total = len(out.outputs[0].token_ids), _charge(out)["total"]
     assert total <= budget
@@ -126,7 +135,10 @@ def test_n_candidates_share_one_budget(engine):
     out = llm.generate([PROMPT], _budgeted(30, budget, n=4, temperature=1.0, seed=1))[0]
     charge = _charge(out)
     assert charge["requests"] == 4 and charge["total"] <= budget
-    assert sum(ledger.request(50, max(1, len(c.token_ids))).total for c in out.outputs if c.token_ids) == charge["total"]
+    assert (
+        sum(ledger.request(50, max(1, len(c.token_ids))).total for c in out.outputs if c.token_ids)
+        == charge["total"]
+    )
     assert all(c.stop_reason == "flop_budget" for c in out.outputs)
 
 
@@ -148,7 +160,12 @@ def test_offline_api_budget_keyword_and_admission(engine):
     budget = ledger.request(50, 6).total
     out = llm.generate([PROMPT], max_tokens=30, temperature=0, ignore_eos=True, flop_budget=budget)[0]
     assert len(out.outputs[0].token_ids) == 6
-    assert flops_of(out) == {"prompt": ledger.request(50, 1).total, "completion": ledger.request(50, 6).decode.total,
-                             "total": budget, "dense_baseline": budget, "budget": budget}
+    assert flops_of(out) == {
+        "prompt": ledger.request(50, 1).total,
+        "completion": ledger.request(50, 6).decode.total,
+        "total": budget,
+        "dense_baseline": budget,
+        "budget": budget,
+    }
     with pytest.raises(OptionError, match="prefill of 50 tokens"):
         llm.generate([PROMPT], max_tokens=5, flop_budget=ledger.request(50, 1).total - 1)

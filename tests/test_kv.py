@@ -17,15 +17,23 @@ def _prompt(n: int, seed: int = 7) -> list[int]:
 
 
 # -- core ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prompt,keep,protected,expect", [
-    # 300 tokens = 9 full blocks + 12 in the tail; 25% = 75 tokens: 63 from the region -> 2 blocks (64)
-    (300, 0.25, 0, dict(full=9, kept=2, dropped_tokens=224, kept_tokens=76)),
-    (300, 0.5, 0, dict(full=9, kept=5, dropped_tokens=128, kept_tokens=172)),
-    # 8 protected blocks hold more than 25% already: the whole region [8, 9) goes
-    (300, 0.25, 8, dict(full=9, kept=0, dropped_tokens=32, kept_tokens=268)),
-    (300, 1.0, 0, dict(full=9, kept=9, dropped_tokens=0, kept_tokens=300)),
-    (40, 0.1, 0, dict(full=1, kept=1, dropped_tokens=0, kept_tokens=40)),  # snapkv keeps its 64-token window
-])
+@pytest.mark.parametrize(
+    "prompt,keep,protected,expect",
+    [
+        # 300 tokens = 9 full blocks + 12 in the tail; 25% = 75 tokens: 63 from the region -> 2 blocks (64)
+        (300, 0.25, 0, dict(full=9, kept=2, dropped_tokens=224, kept_tokens=76)),
+        (300, 0.5, 0, dict(full=9, kept=5, dropped_tokens=128, kept_tokens=172)),
+        # 8 protected blocks hold more than 25% already: the whole region [8, 9) goes
+        (300, 0.25, 8, dict(full=9, kept=0, dropped_tokens=32, kept_tokens=268)),
+        (300, 1.0, 0, dict(full=9, kept=9, dropped_tokens=0, kept_tokens=300)),
+        (
+            40,
+            0.1,
+            0,
+            dict(full=1, kept=1, dropped_tokens=0, kept_tokens=40),
+        ),  # snapkv keeps its 64-token window
+    ],
+)
 def test_layout(prompt, keep, protected, expect):
     lay = kd.layout(kd.parse_options("snapkv", keep), prompt, BS, protected)
     assert {k: getattr(lay, k) for k in expect} == expect
@@ -40,15 +48,23 @@ def test_token_budget_layout_and_policy_minimum():
     assert kd.layout(kd.parse_options("snapkv", 0.01), 1000, BS).kept_tokens >= 64
 
 
-@pytest.mark.parametrize("args,field", [
-    (dict(policy="lru"), "kv_policy"), (dict(policy=["snapkv"]), "kv_policy"),
-    (dict(keep=0), "kv_keep"), (dict(keep=1.5), "kv_keep"), (dict(keep="0.5"), "kv_keep"),
-    (dict(keep=True), "kv_keep"), (dict(keep=float("nan")), "kv_keep"),
-    (dict(tokens=0), "kv_keep_tokens"), (dict(tokens=2.5), "kv_keep_tokens"),
-    (dict(policy="snapkv", tokens=32), "kv_keep_tokens"),  # below its 64-token window
-    (dict(policy="streaming_llm", tokens=4), "kv_keep_tokens"),  # only its sinks
-    (dict(keep=0.5, tokens=100), "kv_keep_tokens"),
-])
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (dict(policy="lru"), "kv_policy"),
+        (dict(policy=["snapkv"]), "kv_policy"),
+        (dict(keep=0), "kv_keep"),
+        (dict(keep=1.5), "kv_keep"),
+        (dict(keep="0.5"), "kv_keep"),
+        (dict(keep=True), "kv_keep"),
+        (dict(keep=float("nan")), "kv_keep"),
+        (dict(tokens=0), "kv_keep_tokens"),
+        (dict(tokens=2.5), "kv_keep_tokens"),
+        (dict(policy="snapkv", tokens=32), "kv_keep_tokens"),  # below its 64-token window
+        (dict(policy="streaming_llm", tokens=4), "kv_keep_tokens"),  # only its sinks
+        (dict(keep=0.5, tokens=100), "kv_keep_tokens"),
+    ],
+)
 def test_bad_options_name_the_field(args, field):
     with pytest.raises(kd.KVDropError) as e:
         kd.parse_options(**args)
@@ -66,8 +82,13 @@ def test_server_defaults_apply_to_requests_that_set_none():
 
 
 def _ctx(keys, queries=None, start=0, end=None, offset=0):
-    return kd.KVContext(keys=keys, queries=queries, start=start, end=keys.shape[0] + offset if end is None else end,
-                        offset=offset)
+    return kd.KVContext(
+        keys=keys,
+        queries=queries,
+        start=start,
+        end=keys.shape[0] + offset if end is None else end,
+        offset=offset,
+    )
 
 
 def test_streaming_llm_keeps_sinks_and_recent():
@@ -124,8 +145,9 @@ def test_ledger_charges_decode_on_the_kept_context(tiny_model):
     assert full.prefill.total == cut.prefill.total
     attn = 4 * sum(layer.q_heads * layer.head_dim for layer in ledger.spec.layers)
     assert full.decode.flops["attention"] - cut.decode.flops["attention"] == attn * 9 * 224
-    assert {k: v for k, v in full.decode.flops.items() if k != "attention"} == \
-        {k: v for k, v in cut.decode.flops.items() if k != "attention"}
+    assert {k: v for k, v in full.decode.flops.items() if k != "attention"} == {
+        k: v for k, v in cut.decode.flops.items() if k != "attention"
+    }
 
 
 # -- the HF reference ------------------------------------------------------------------------------
@@ -156,9 +178,18 @@ def engine(tiny_model):
     path = tiny_model("llama-gqa")
     # 128-token steps: a 300-token prompt prefills in three chunks (the worker stashes the first two).
     # 33 blocks of 32 = one 1024-token request: the pool is tight enough that freed blocks must be reused.
-    llm = LLM(path, dtype="float32", max_model_len=1024, block_size=BS, max_num_batched_tokens=128,
-              max_num_seqs=8, num_gpu_blocks_override=33, seed=0, enforce_eager=True,
-              logits_processors=[ForcedContinuation])
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=1024,
+        block_size=BS,
+        max_num_batched_tokens=128,
+        max_num_seqs=8,
+        num_gpu_blocks_override=33,
+        seed=0,
+        enforce_eager=True,
+        logits_processors=[ForcedContinuation],
+    )
     yield llm, FlopModel.from_pretrained(path)
     llm.shutdown()
     del llm
@@ -191,12 +222,20 @@ def test_engine_keeps_what_the_reference_keeps(engine, hf, keep):
         assert list(out.outputs[0].token_ids) == ref.tokens, policy
         tokens.append(ref.tokens)
         lay, charge = ref.layout, out.ec_transfer_params["flopwise"]
-        assert charge["kv"] == {"prompt_tokens": 300, "kept_tokens": lay.kept_tokens,
-                                "dropped_tokens": lay.dropped_tokens, "dropped_blocks": lay.dropped_blocks}
-        scoring = sum(kd.get_policy(policy).scoring_flops(300, layer.q_heads, layer.head_dim)
-                      for layer in ledger.spec.layers)
-        assert charge["total"] == ledger.request(300, 12, kv_dropped=lay.dropped_tokens).total + 2 * one_logit_row \
-            + scoring
+        assert charge["kv"] == {
+            "prompt_tokens": 300,
+            "kept_tokens": lay.kept_tokens,
+            "dropped_tokens": lay.dropped_tokens,
+            "dropped_blocks": lay.dropped_blocks,
+        }
+        scoring = sum(
+            kd.get_policy(policy).scoring_flops(300, layer.q_heads, layer.head_dim)
+            for layer in ledger.spec.layers
+        )
+        assert (
+            charge["total"]
+            == ledger.request(300, 12, kv_dropped=lay.dropped_tokens).total + 2 * one_logit_row + scoring
+        )
         assert charge["dense_baseline"] == ledger.request(300, 12).total + 2 * one_logit_row
         assert charge["components"].get("kv_scoring", 0) == scoring
     full = llm.generate([{"prompt_token_ids": ids}], _greedy(12))[0]
@@ -272,8 +311,13 @@ def test_token_budget_evicts_while_decoding(engine, hf):
     assert ref.evicted == 2
     assert list(out.outputs[0].token_ids) == ref.tokens
     charge = out.ec_transfer_params["flopwise"]
-    assert charge["kv"] == {"prompt_tokens": 300, "kept_tokens": 140, "dropped_tokens": 160, "dropped_blocks": 5,
-                            "evicted_tokens": 64}
+    assert charge["kv"] == {
+        "prompt_tokens": 300,
+        "kept_tokens": 140,
+        "dropped_tokens": 160,
+        "dropped_blocks": 5,
+        "evicted_tokens": 64,
+    }
     one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab
     expected = ledger.request(300, 1).total + 2 * one_logit_row
     for n in range(300, 399):  # decode steps: n tokens cached, the new one at position n
@@ -291,8 +335,12 @@ def test_forced_continuation_logprobs_match_the_reference(engine, hf):
 
     llm, _ = engine
     ids, forced = _prompt(300, seed=37), _prompt(20, seed=41)
-    params = SamplingParams(max_tokens=20, temperature=0, logprobs=0,
-                            extra_args={"kv_policy": "snapkv", "kv_keep": 0.25, "force_tokens": forced})
+    params = SamplingParams(
+        max_tokens=20,
+        temperature=0,
+        logprobs=0,
+        extra_args={"kv_policy": "snapkv", "kv_keep": 0.25, "force_tokens": forced},
+    )
     out = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0]
     assert list(out.token_ids) == forced
     got = [lp[t].logprob for lp, t in zip(out.logprobs, forced)]
@@ -310,8 +358,10 @@ def test_a_flop_budget_buys_more_tokens_with_kv_dropping(engine):
     budget = ledger.request(900, 60).total + 7 * one_logit_row  # 900 tokens prefill in 8 chunks
     got = {}
     for keep, seed in ((1.0, 43), (0.1, 47)):  # two prompts of one length: no prefix-cache hit between them
-        out = llm.generate([{"prompt_token_ids": _prompt(900, seed)}],
-                           _greedy(120, flop_budget=budget, kv_policy="streaming_llm", kv_keep=keep))[0]
+        out = llm.generate(
+            [{"prompt_token_ids": _prompt(900, seed)}],
+            _greedy(120, flop_budget=budget, kv_policy="streaming_llm", kv_keep=keep),
+        )[0]
         assert out.outputs[0].stop_reason == "flop_budget"
         assert out.ec_transfer_params["flopwise"]["total"] <= budget
         got[keep] = len(out.outputs[0].token_ids)
@@ -334,17 +384,28 @@ def test_long_chunked_prefill_scores_the_whole_prompt(engine, hf, policy):
 
 @pytest.mark.slow
 def test_budget_gate_bounds_steps_with_the_kept_context(engine):
-    """Gate = charge: the gate costs a step on the kept KV context, as the charge does, so under the same budget
+    """Gate = charge: the gate costs a step on the kept KV context, as the charge does, so under the same
+    budget
     a request with KV dropping generates more tokens than without, and its charge still never crosses it."""
     llm, ledger = engine
-    budget = ledger.request(600, 30).total + 4 * 2 * ledger.spec.hidden * ledger.spec.vocab  # + chunk logit rows
+    budget = (
+        ledger.request(600, 30).total + 4 * 2 * ledger.spec.hidden * ledger.spec.vocab
+    )  # + chunk logit rows
     got = {}
-    for seed, kv in ((1001, {}), (1002, {"kv_policy": "knorm", "kv_keep": 0.25})):  # two fresh prompts, one length
-        out = llm.generate([{"prompt_token_ids": _prompt(600, seed=seed)}], _greedy(200, flop_budget=budget, **kv))[0]
+    for seed, kv in (
+        (1001, {}),
+        (1002, {"kv_policy": "knorm", "kv_keep": 0.25}),
+    ):  # two fresh prompts, one length
+        out = llm.generate(
+            [{"prompt_token_ids": _prompt(600, seed=seed)}], _greedy(200, flop_budget=budget, **kv)
+        )[0]
         assert not out.num_cached_tokens
         charge = out.ec_transfer_params["flopwise"]
         assert out.outputs[0].stop_reason == "flop_budget" and charge["total"] <= budget, charge
         # The next step was refused only because it could have crossed the budget.
-        assert budget - charge["total"] < ledger.forward(1, start=600 + len(out.outputs[0].token_ids), logits=1).total
+        assert (
+            budget - charge["total"]
+            < ledger.forward(1, start=600 + len(out.outputs[0].token_ids), logits=1).total
+        )
         got[bool(kv)] = len(out.outputs[0].token_ids)
     assert got[True] > got[False] >= 30, got

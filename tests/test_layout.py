@@ -1,6 +1,7 @@
 """The layers stay visible: imports only point downward, and no module imports itself back through others.
 
-core ``flopwise`` (no vLLM) <- adapter ``flopwise_vllm`` <- user surfaces ``flopwise_serve`` <- ``flopwise_bench``.
+core ``flopwise`` (no vLLM) <- adapter ``flopwise_vllm`` <- user surfaces ``flopwise_serve`` <-
+``flopwise_bench``.
 Every import counts, module-level or inside a function.
 """
 
@@ -8,8 +9,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"flopwise": ROOT / "src", "flopwise_vllm": ROOT / "plugins", "flopwise_serve": ROOT / "serving",
-            "flopwise_bench": ROOT / "bench"}
+PACKAGES = {
+    "flopwise": ROOT / "src",
+    "flopwise_vllm": ROOT / "plugins",
+    "flopwise_serve": ROOT / "serving",
+    "flopwise_bench": ROOT / "bench",
+}
 LAYER = {"flopwise": 0, "flopwise_vllm": 1, "flopwise_serve": 2, "flopwise_bench": 3}
 
 
@@ -31,7 +36,9 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
@@ -53,8 +60,13 @@ def test_imports_point_downward_and_the_core_never_imports_vllm():
     for name, path in _modules().items():
         top = name.split(".")[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             for m in mods:
                 other = m.split(".")[0]
                 if other in LAYER and LAYER[other] > LAYER[top]:
@@ -74,7 +86,7 @@ def test_no_import_circle():
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -84,8 +96,12 @@ def test_no_import_circle():
         if node not in state:
             visit(node, [])
     # A package importing its own submodules (its __init__ re-exporting them) is not a circle of modules.
-    cycles = [c for c in cycles if not all(c[0] == m or m.startswith(c[0] + ".") for m in c)
-              and not all(c[-2] == m or m.startswith(c[-2] + ".") for m in c)]
+    cycles = [
+        c
+        for c in cycles
+        if not all(c[0] == m or m.startswith(c[0] + ".") for m in c)
+        and not all(c[-2] == m or m.startswith(c[-2] + ".") for m in c)
+    ]
     assert not cycles, [" -> ".join(c) for c in cycles]
 
 

@@ -27,18 +27,24 @@ def _hf_model(cfg: dict):
 
 
 def _inputs(family: str, ledger: FlopModel):
-    """Token ids (and pixels for VLMs) for a prompt of PROMPT text tokens plus one image if the model takes one."""
+    """Token ids (and pixels for VLMs) for a prompt of PROMPT text tokens plus one image if the model takes
+    one."""
     ids = torch.randint(10, 2000, (1, PROMPT))
     if family == "llava":
         n = ledger.tokens_per_image
-        ids = torch.cat([ids[:, :2], torch.full((1, n), FAMILIES["llava"]["image_token_index"]), ids[:, 2:]], 1)
+        ids = torch.cat(
+            [ids[:, :2], torch.full((1, n), FAMILIES["llava"]["image_token_index"]), ids[:, 2:]], 1
+        )
         return ids, {"pixel_values": torch.randn(1, 3, 64, 64)}
     if family == "qwen2-vl":
         n = ledger.tokens_per_image  # 56x56 pixels -> 4x4 patches of 14 -> 2x2 merged tokens
         img = torch.full((1, n), FAMILIES["qwen2-vl"]["image_token_id"])
         ids = torch.cat([ids[:, :2], torch.tensor([[4]]), img, torch.tensor([[5]]), ids[:, 2:]], 1)
-        extra = {"pixel_values": torch.randn(16, 3 * 2 * 14 * 14), "image_grid_thw": torch.tensor([[1, 4, 4]]),
-                 "mm_token_type_ids": (ids == FAMILIES["qwen2-vl"]["image_token_id"]).long()}
+        extra = {
+            "pixel_values": torch.randn(16, 3 * 2 * 14 * 14),
+            "image_grid_thw": torch.tensor([[1, 4, 4]]),
+            "mm_token_type_ids": (ids == FAMILIES["qwen2-vl"]["image_token_id"]).long(),
+        }
         return ids, extra
     return ids, {}
 
@@ -61,7 +67,11 @@ def test_ledger_matches_flop_counter(family):
         prefill, out = _counted(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra))
         cache, token, decode = out.past_key_values, out.logits[:, -1:].argmax(-1), 0
         for _ in range(DECODE_STEPS):
-            flops, out = _counted(lambda: model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1))
+            flops, out = _counted(
+                lambda token=token, cache=cache: model(
+                    input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+            )
             cache, token, decode = out.past_key_values, out.logits[:, -1:].argmax(-1), decode + flops
 
     P = ids.shape[1]
@@ -72,7 +82,9 @@ def test_ledger_matches_flop_counter(family):
     # Conventions differ in two places, both written out here:
     # 1. eager prefill attention computes the full P x P score and value products; the ledger counts the
     #    causal triangle the engine computes: 2 products x 2 FLOPs x q_heads x head_dim x (P^2 - P(P+1)/2).
-    square = sum(4 * layer.q_heads * layer.head_dim * (P * P - P * (P + 1) // 2) for layer in ledger.spec.layers)
+    square = sum(
+        4 * layer.q_heads * layer.head_dim * (P * P - P * (P + 1) // 2) for layer in ledger.spec.layers
+    )
     # 2. HF's LLaVA runs the whole CLIP tower; vLLM stops at the feature layer (-2), one layer earlier.
     extra_vision = 0
     if family == "llava":
@@ -101,7 +113,9 @@ def test_request_is_sum_of_engine_steps():
     assert m.request(P, O).total - cost.total == m.forward(cached, start=0, logits=0).total
 
 
-@pytest.mark.parametrize("start,tokens,window", [(0, 10, None), (5, 7, None), (0, 10, 4), (3, 9, 6), (20, 5, 8), (0, 1, 1)])
+@pytest.mark.parametrize(
+    "start,tokens,window", [(0, 10, None), (5, 7, None), (0, 10, 4), (3, 9, 6), (20, 5, 8), (0, 1, 1)]
+)
 def test_context_sum_matches_brute_force(start, tokens, window):
     brute = sum(min(i + 1, window) if window else i + 1 for i in range(start, start + tokens))
     assert context_sum(start, tokens, window) == brute
@@ -125,9 +139,16 @@ def test_moe_charges_active_experts_only():
 
 def test_smollm2_shapes():
     """SmolLM2-135M: 30 layers, hidden 576, 9 query / 3 KV heads of 64, FFN 1536, vocab 49152."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
-           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
-           "vocab_size": 49152}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+    }
     f = FlopModel.from_pretrained(cfg).forward(1, start=0, logits=1).as_dict()
     non_embedding_params = 30 * (576 * 64 * (9 + 2 * 3) + 9 * 64 * 576 + 3 * 576 * 1536)
     assert f["qkv"] + f["o_proj"] + f["mlp"] == 2 * non_embedding_params
@@ -155,14 +176,17 @@ def test_unsupported_is_its_own_error():
         FlopModel.from_pretrained({"architectures": ["FalconForCausalLM"]})
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(prompt_tokens=0, output_tokens=1), "prompt_tokens"),
-    (dict(prompt_tokens=5, output_tokens=0), "output_tokens"),
-    (dict(prompt_tokens=5.5, output_tokens=1), "prompt_tokens"),
-    (dict(prompt_tokens=True, output_tokens=1), "prompt_tokens"),
-    (dict(prompt_tokens=5, output_tokens=1, cached_tokens=5), "cached_tokens"),
-    (dict(prompt_tokens=5, output_tokens=1, images=1), "vision tower"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt_tokens=0, output_tokens=1), "prompt_tokens"),
+        (dict(prompt_tokens=5, output_tokens=0), "output_tokens"),
+        (dict(prompt_tokens=5.5, output_tokens=1), "prompt_tokens"),
+        (dict(prompt_tokens=True, output_tokens=1), "prompt_tokens"),
+        (dict(prompt_tokens=5, output_tokens=1, cached_tokens=5), "cached_tokens"),
+        (dict(prompt_tokens=5, output_tokens=1, images=1), "vision tower"),
+    ],
+)
 def test_bad_token_counts(kwargs, match):
     with pytest.raises(LedgerError, match=match):
         FlopModel.from_pretrained(FAMILIES["llama-gqa"]).request(**kwargs)

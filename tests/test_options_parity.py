@@ -1,19 +1,13 @@
 """One options path: the same request gets the same answer (200, or a 400 with the same message) through
-`flopwise serve`, plain `vllm serve` + vllm_xargs, `flopwise batch` and the offline API; and an operator's
-default budget holds on every endpoint, /v1/responses and /v1/messages included."""
+`flopwise serve`, plain `vllm serve` + vllm_xargs, `flopwise batch` and the offline API (the default budget on
+every endpoint, /v1/responses and /v1/messages included, is tested in test_policy.py, on its server)."""
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
-
-from flopwise import hw
-from flopwise.ledger import FlopModel
-from flopwise_serve.launch import Server, flopwise_server, free_port
 
 pytestmark = pytest.mark.slow
 PROMPT = "def add(a, b):\n    return a + b\n"
@@ -37,27 +31,28 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, tmp_path_factory):
-    path = tiny_model("llama-gqa")
-    ledger = FlopModel.from_pretrained(path)
-    default = ledger.request(200, 20).total  # covers a short request, not a long prompt
-    tmp = tmp_path_factory.mktemp("parity")
-    env = hw.engine_env()
-    env.pop("VLLM_PLUGINS", None)
-    env["FLOPWISE_DEFAULTS"] = json.dumps({"flop_budget": default})  # plain vllm serve: the operator set it
-    vllm_cli = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    port = free_port()
-    plain = Server([vllm_cli, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                    "--enforce-eager", "--max-model-len", "1024"], env, port, tmp / "vllm.log")
-    ours = flopwise_server(path, free_port(), tmp / "flopwise.log",
-                           ["--max-model-len", "1024", "--default-flop-budget", str(default)])
-    with ours, plain:
-        yield {"path": path, "ledger": ledger, "default": default, "ours": ours, "plain": plain, "tmp": tmp}
+def setup(server, vllm_server, tmp_path_factory):
+    """The shared servers (conftest.py): neither sets a default budget, nor do the batch and offline runs."""
+    plain, ledger, path = vllm_server
+    return {
+        "path": path,
+        "ledger": ledger,
+        "ours": server[0],
+        "plain": plain,
+        "tmp": tmp_path_factory.mktemp("p"),
+    }
 
 
 def _body(path, opts, n, xargs: bool):
-    body = {"model": path, "prompt": PROMPT, "max_tokens": 6, "n": n, "temperature": 0.8 if n > 1 else 0,
-            "seed": 0, "ignore_eos": True}
+    body = {
+        "model": path,
+        "prompt": PROMPT,
+        "max_tokens": 6,
+        "n": n,
+        "temperature": 0.8 if n > 1 else 0,
+        "seed": 0,
+        "ignore_eos": True,
+    }
     if not xargs:
         return {**body, **opts}
     # vllm_xargs values are str/int/float/list: the early_rejection object travels as JSON text
@@ -71,12 +66,37 @@ def _http(url, body) -> tuple[int, str]:
 
 def _batch(setup) -> dict[str, tuple[int, str]]:
     inp, out = setup["tmp"] / "in.jsonl", setup["tmp"] / "out.jsonl"
-    inp.write_text("".join(json.dumps({"custom_id": name, "url": "/v1/completions",
-                                       "body": _body(setup["path"], opts, n, xargs=False)}) + "\n"
-                           for name, opts, n in CASES))
-    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(inp), "-o", str(out), "--model",
-                        setup["path"], "--max-model-len", "1024", "--flop-budget", str(setup["default"])],
-                       capture_output=True, text=True, timeout=600)
+    inp.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": name,
+                    "url": "/v1/completions",
+                    "body": _body(setup["path"], opts, n, xargs=False),
+                }
+            )
+            + "\n"
+            for name, opts, n in CASES
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flopwise_serve.cli",
+            "batch",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            setup["path"],
+            "--max-model-len",
+            "1024",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode in (0, 1), r.stderr[-3000:]
     got = {}
     for line in out.read_text().splitlines():
@@ -92,12 +112,14 @@ def _offline(setup, monkeypatch) -> dict[str, tuple[int, str]]:
     from flopwise.techniques import OptionError
     from flopwise_serve.offline import LLM
 
-    monkeypatch.setenv("FLOPWISE_DEFAULTS", json.dumps({"flop_budget": setup["default"]}))
+    monkeypatch.delenv("FLOPWISE_DEFAULTS", raising=False)
     llm = LLM(setup["path"], dtype="float32", max_model_len=1024)
     got = {}
     try:
         for name, opts, n in CASES:
-            params = SamplingParams(max_tokens=6, n=n, temperature=0.8 if n > 1 else 0, seed=0, ignore_eos=True)
+            params = SamplingParams(
+                max_tokens=6, n=n, temperature=0.8 if n > 1 else 0, seed=0, ignore_eos=True
+            )
             try:
                 llm.generate([PROMPT], params, options=opts)
                 got[name] = (200, "")
@@ -117,31 +139,9 @@ def test_the_same_request_gets_the_same_answer_on_every_path(setup, monkeypatch)
         status, message = ours[name]
         assert status == (200 if name.endswith("ok") else 400), (name, ours[name])
         for other, answers in (("vllm serve", plain), ("batch", batch), ("offline", offline)):
-            assert answers[name][0] == status and message in answers[name][1], (name, other, ours[name], answers[name])
-
-
-def test_default_budget_holds_on_responses_and_messages(setup):
-    """/v1/responses and /v1/messages bypass the chat/completion handlers; the platform's request validator
-    does not: the default budget refuses what cannot fit and caps what runs."""
-    from openai import BadRequestError, OpenAI
-
-    s, ledger = setup["ours"], setup["ledger"]
-    client = OpenAI(base_url=f"{s.url}/v1", api_key="none", timeout=120, max_retries=0)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(setup["path"])
-    long_text = "tell me about this:"
-    while len(tok(long_text)["input_ids"]) < 400:  # twice the prefill the default budget covers
-        long_text += " the quick brown fox jumps over the lazy dog"
-    with pytest.raises(BadRequestError, match="cannot cover this request's prefill"):
-        client.responses.create(model=setup["path"], input=long_text, max_output_tokens=8)
-    r = client.responses.create(model=setup["path"], input="hi", max_output_tokens=400, temperature=0)
-    # The default budget (a 200-token prefill + 20 decode steps' worth) stops a short prompt's generation early.
-    assert r.usage.output_tokens < 400 and ledger.request(r.usage.input_tokens, r.usage.output_tokens).total <= \
-        setup["default"]
-    m = httpx.post(f"{s.url}/v1/messages", timeout=120, json={
-        "model": setup["path"], "max_tokens": 8, "messages": [{"role": "user", "content": long_text}]})
-    assert m.status_code == 400 and "cannot cover this request's prefill" in m.text
-    m = httpx.post(f"{s.url}/v1/messages", timeout=120, json={
-        "model": setup["path"], "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]})
-    assert m.status_code == 200 and m.json()["usage"]["output_tokens"] < 400
+            assert answers[name][0] == status and message in answers[name][1], (
+                name,
+                other,
+                ours[name],
+                answers[name],
+            )

@@ -21,8 +21,10 @@ def test_entry_points_are_declared():
 
 def test_vllm_loads_the_plugin_with_no_other_step():
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
-            "import flopwise_vllm; print('registered', flopwise_vllm._registered)")
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "import flopwise_vllm; print('registered', flopwise_vllm._registered)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "registered True" in out.stdout
@@ -37,6 +39,7 @@ def test_register_puts_flopwise_in_vllms_registries_once(monkeypatch):
     for arch, target in flopwise_vllm.VISUAL_MODELS.items():
         entry = ModelRegistry.models[arch]
         assert f"{entry.module_name}:{entry.class_name}" == target
+
     # A second call (vLLM runs it in every process, sometimes more than once) does no work again.
     def boom():
         raise AssertionError("register() re-ran its start-up checks")
@@ -48,16 +51,22 @@ def test_register_puts_flopwise_in_vllms_registries_once(monkeypatch):
 
 def test_missing_surface_is_named(monkeypatch):
     monkeypatch.setattr(flopwise_vllm, "_checked", False)
-    monkeypatch.setattr(flopwise_vllm, "SURFACES", flopwise_vllm.SURFACES + (
-        ("vllm.v1.core.sched.scheduler", "Scheduler.flopwise_missing_hook", ()),))
+    monkeypatch.setattr(
+        flopwise_vllm,
+        "SURFACES",
+        flopwise_vllm.SURFACES + (("vllm.v1.core.sched.scheduler", "Scheduler.flopwise_missing_hook", ()),),
+    )
     with pytest.raises(flopwise_vllm.SurfaceError, match=r"Scheduler\.flopwise_missing_hook"):
         flopwise_vllm.check_surfaces()
 
 
 def test_changed_signature_is_named(monkeypatch):
     monkeypatch.setattr(flopwise_vllm, "_checked", False)
-    monkeypatch.setattr(flopwise_vllm, "SURFACES", (
-        ("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("request", "no_such_param")),))
+    monkeypatch.setattr(
+        flopwise_vllm,
+        "SURFACES",
+        (("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("request", "no_such_param")),),
+    )
     with pytest.raises(flopwise_vllm.SurfaceError, match="no_such_param"):
         flopwise_vllm.check_surfaces()
 
@@ -80,7 +89,8 @@ def test_serve_command_wires_flopwise_in_and_keeps_user_choices(monkeypatch):
 
 
 def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tiny_model):
-    """What a GPU platform would do (no flopwise KV worker there): charging and budgets on, KV dropping a 400."""
+    """What a GPU platform would do (no flopwise KV worker there): charging and budgets on, KV dropping a
+    400."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig
@@ -94,11 +104,14 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
         scheduler_config=SimpleNamespace(scheduler_cls=None),
         model_config=SimpleNamespace(runner_type="generate", hf_config=AutoConfig.from_pretrained(path)),
         parallel_config=SimpleNamespace(worker_cls="vllm.v1.worker.gpu_worker.Worker"),
-        cache_config=SimpleNamespace(cache_dtype="auto"))
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+    )
     try:
         activate(config, kv_worker=None)
         assert config.scheduler_config.scheduler_cls == flopwise_vllm.SCHEDULER_CLS
-        assert config.parallel_config.worker_cls == "vllm.v1.worker.gpu_worker.Worker"  # left as vLLM chose it
+        assert (
+            config.parallel_config.worker_cls == "vllm.v1.worker.gpu_worker.Worker"
+        )  # left as vLLM chose it
         opts, extra = options.prepare({"flop_budget": 1e12}, 1, [{"prompt_token_ids": [1, 2, 3]}])
         assert extra == {"flop_budget": 1e12}
         with pytest.raises(OptionError, match="KV dropping is not available here") as e:
@@ -114,3 +127,13 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
         assert options.prepare({"kv_keep": 0.25}, 1)[0].kv.keep == 0.25
     finally:
         options.set_served(None, None)
+
+
+def test_malformed_server_defaults_stop_vllm_at_start_up():
+    env = {**os.environ, "FLOPWISE_DEFAULTS": '{"kv_keep": 2}'}
+    env.pop("VLLM_PLUGINS", None)
+    code = "from vllm.plugins import load_general_plugins; load_general_plugins()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "FLOPWISE_DEFAULTS: " in out.stderr and "kv_keep" in out.stderr, (
+        out.stderr[-2000:]
+    )

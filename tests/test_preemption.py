@@ -24,8 +24,17 @@ def engine(tiny_model):
     try:
         # 14 blocks of 32 tokens: two 190-token requests fit, four do not. No prefix cache: a preempted
         # request recomputes everything, so its extra cost is exact.
-        llm = LLM(path, dtype="float32", max_model_len=384, block_size=BS, num_gpu_blocks_override=14,
-                  max_num_seqs=8, max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
+        llm = LLM(
+            path,
+            dtype="float32",
+            max_model_len=384,
+            block_size=BS,
+            num_gpu_blocks_override=14,
+            max_num_seqs=8,
+            max_num_batched_tokens=2048,
+            enable_prefix_caching=False,
+            seed=0,
+        )
     finally:
         os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -62,7 +71,9 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
     llm, ledger, scheduler, preempted, _ = engine
     start = _free(scheduler)
     prompts = [{"prompt_token_ids": _prompt(60, seed)} for seed in range(4)]
-    alone = [llm.generate([p], _greedy(130))[0] for p in prompts]  # one at a time: 6 blocks each, no preemption
+    alone = [
+        llm.generate([p], _greedy(130))[0] for p in prompts
+    ]  # one at a time: 6 blocks each, no preemption
     assert not preempted
     together = llm.generate(prompts, _greedy(130))
     assert preempted, "the pool was meant to force preemption"
@@ -70,11 +81,16 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
     for a, t in zip(alone, together):
         assert t.outputs[0].token_ids == a.outputs[0].token_ids  # recompute changes no token
         charge = t.ec_transfer_params["flopwise"]
-        extra = sum(ledger.forward(total, start=0, logits=1).total
-                    - ledger.forward(total - done, start=done, logits=1).total
-                    for rid, done, total in preempted if rid == charge["group"])  # the engine's own id
+        extra = sum(
+            ledger.forward(total, start=0, logits=1).total
+            - ledger.forward(total - done, start=done, logits=1).total
+            for rid, done, total in preempted
+            if rid == charge["group"]
+        )  # the engine's own id
         assert charge["total"] == a.ec_transfer_params["flopwise"]["total"] + extra
-        assert charge["dense_baseline"] == charge["total"]  # no technique on: recompute is real work, not saved
+        assert (
+            charge["dense_baseline"] == charge["total"]
+        )  # no technique on: recompute is real work, not saved
     assert len(by_id) == 4 and _free(scheduler) == start
     preempted.clear()
 
@@ -84,9 +100,10 @@ def test_kv_dropping_starts_over_after_preemption(engine):
     reset and fixed anew, the emptied blocks go back, the charge says what was kept. Its recomputed output
     positions attended to the whole prompt once (in the recompute's prefill), so from there on its tokens
     may differ from a run that was never preempted: the oracle is matched up to the preemption."""
+    from transformers import AutoModelForCausalLM
+
     from flopwise.hf import kv as hk
     from flopwise.techniques import kv_drop as kd
-    from transformers import AutoModelForCausalLM
 
     llm, ledger, scheduler, preempted, path = engine
     start = _free(scheduler)
@@ -110,31 +127,52 @@ def test_kv_dropping_starts_over_after_preemption(engine):
 def test_early_rejection_holds_and_rejects_under_preemption(engine, tmp_path):
     """Candidates held at a checkpoint keep their blocks while siblings (and other requests) run, some get
     preempted: the candidates rejected, and every token, are still the oracle's."""
+    from test_early_rejection import vllm_cpu_sampler
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
     from flopwise.prm import load_prm
     from flopwise.prm.hf import save_head
     from flopwise.techniques.early_rejection import EarlyRejectionConfig, newline_ids, reference_generate
-    from test_early_rejection import vllm_cpu_sampler
 
     llm, ledger, scheduler, preempted, path = engine
     start = _free(scheduler)
-    head = save_head(tmp_path / "head", path, torch.randn(ledger.spec.hidden, generator=torch.Generator().manual_seed(2)),
-                     torch.zeros(1), dtype="float32")
+    head = save_head(
+        tmp_path / "head",
+        path,
+        torch.randn(ledger.spec.hidden, generator=torch.Generator().manual_seed(2)),
+        torch.zeros(1),
+        dtype="float32",
+    )
     config = EarlyRejectionConfig(prm=str(head), every_tokens=24, keep=0.5)
     tok = llm.get_tokenizer()
     prompt_ids = _prompt(40, 50)
     n, max_tokens, seed = 6, 72, 99
-    params = SamplingParams(n=n, temperature=1.0, seed=seed, max_tokens=max_tokens, ignore_eos=True,
-                            extra_args={"early_rejection": config.model_dump_json()})
+    params = SamplingParams(
+        n=n,
+        temperature=1.0,
+        seed=seed,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        extra_args={"early_rejection": config.model_dump_json()},
+    )
     hog = {"prompt_token_ids": _prompt(160, 51)}
     outs = llm.generate([{"prompt_token_ids": prompt_ids}, hog], [params, _greedy(120)])
     assert preempted
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ref = reference_generate(model, prompt_ids, tok.decode(prompt_ids), n, config, load_prm(str(head)),
-                             decode=lambda x: tok.decode(x, skip_special_tokens=True), max_tokens=max_tokens,
-                             eos_ids=set(), sample=vllm_cpu_sampler(seed, 1.0), newlines=newline_ids(tok))
+    ref = reference_generate(
+        model,
+        prompt_ids,
+        tok.decode(prompt_ids),
+        n,
+        config,
+        load_prm(str(head)),
+        decode=lambda x: tok.decode(x, skip_special_tokens=True),
+        max_tokens=max_tokens,
+        eos_ids=set(),
+        sample=vllm_cpu_sampler(seed, 1.0),
+        newlines=newline_ids(tok),
+    )
     engine_out = {c.index: c for c in outs[0].outputs}
     for i, cand in enumerate(ref.candidates):
         assert list(engine_out[i].token_ids) == cand.tokens, f"candidate {i}"

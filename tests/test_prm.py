@@ -12,24 +12,29 @@ from flopwise.reasoning import chain_sum, extract_answer, is_correct
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
 
 
-@pytest.mark.parametrize("line,expected", [
-    ("12 + 5 = 17", 1.0),
-    ("12 + 5 = 18", 0.0),
-    ("So 3 * (4 - 1) = 9.", 1.0),
-    ("-4 + 7 = 3", 1.0),
-    ("7 x 6 = 42", 1.0),
-    ("10 / 4 = 2.5", 1.0),
-    ("2 + 2 = 4 = 5", 0.0),
-    ("Answer: 14", None),
-    ("239 Total = 153", None),
-    ("x = 5", None),
-])
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("12 + 5 = 17", 1.0),
+        ("12 + 5 = 18", 0.0),
+        ("So 3 * (4 - 1) = 9.", 1.0),
+        ("-4 + 7 = 3", 1.0),
+        ("7 x 6 = 42", 1.0),
+        ("10 / 4 = 2.5", 1.0),
+        ("2 + 2 = 4 = 5", 0.0),
+        ("Answer: 14", None),
+        ("239 Total = 153", None),
+        ("x = 5", None),
+    ],
+)
 def test_check_line(line, expected):
     assert check_line(line) == expected
 
 
 def test_evaluate_refuses_non_arithmetic():
-    assert evaluate("2 ** 10") is None  # power is not in the grammar (a step writing 2**1000 cannot hang the engine)
+    assert (
+        evaluate("2 ** 10") is None
+    )  # power is not in the grammar (a step writing 2**1000 cannot hang the engine)
     assert evaluate("__import__('os')") is None
     assert evaluate("1 / 0") is None
     assert evaluate("3 + 4") == 7.0
@@ -60,8 +65,14 @@ def test_verifier_on_reasoning_gym_chain_sum():
 def test_config_bounds_name_the_field():
     cfg = EarlyRejectionConfig()
     assert (cfg.every_tokens, cfg.keep, cfg.min_keep, cfg.mode) == (64, 0.5, 1, "reject")
-    for bad, field in [({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"), ({"every_tokens": 0}, "every_tokens"),
-                       ({"min_keep": 0}, "min_keep"), ({"mode": "x"}, "mode"), ({"prm_name": "x"}, "prm_name")]:
+    for bad, field in [
+        ({"keep": 0}, "keep"),
+        ({"keep": 1.5}, "keep"),
+        ({"every_tokens": 0}, "every_tokens"),
+        ({"min_keep": 0}, "min_keep"),
+        ({"mode": "x"}, "mode"),
+        ({"prm_name": "x"}, "prm_name"),
+    ]:
         with pytest.raises(ValidationError) as e:
             EarlyRejectionConfig.model_validate(bad)
         assert e.value.errors()[0]["loc"] == (field,)
@@ -90,7 +101,13 @@ def head_prm(tiny_model, tmp_path_factory):
     base = tiny_model("llama-gqa")
     d = FlopModel.from_pretrained(base).spec.hidden
     g = torch.Generator().manual_seed(0)
-    path = save_head(tmp_path_factory.mktemp("prm") / "head", base, torch.randn(d, generator=g), torch.zeros(1), dtype="float32")
+    path = save_head(
+        tmp_path_factory.mktemp("prm") / "head",
+        base,
+        torch.randn(d, generator=g),
+        torch.zeros(1),
+        dtype="float32",
+    )
     return str(path), base
 
 
@@ -105,7 +122,10 @@ def test_head_prm_scores_each_step_and_charges_its_forward(head_prm):
     assert prm.score_steps(prompt, steps[:1])[0] == pytest.approx(scores[0], abs=1e-5)
     n = len(prm.tokenizer(prompt + "1 + 2 = 3\n3 + 3 = 6\n", add_special_tokens=False)["input_ids"])
     d = prm.weight.numel()
-    assert prm.flops(prompt, steps) == FlopModel.from_pretrained(base).forward(n, start=0, logits=0).total + 2 * d * 2
+    assert (
+        prm.flops(prompt, steps)
+        == FlopModel.from_pretrained(base).forward(n, start=0, logits=0).total + 2 * d * 2
+    )
 
 
 def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
@@ -115,7 +135,9 @@ def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
     base = tiny_model("llama-gqa")
     ckpt = tmp_path / "steptag"
     shutil.copytree(base, ckpt)
-    (ckpt / "flopwise_prm.json").write_text(json.dumps({"type": "step-tag", "step_tag": "#", "good": "+", "bad": "-"}))
+    (ckpt / "flopwise_prm.json").write_text(
+        json.dumps({"type": "step-tag", "step_tag": "#", "good": "+", "bad": "-"})
+    )
     prm = load_prm(str(ckpt))
     assert isinstance(prm, StepTagPRM)
     scores = prm.score_steps("q", ["a b", "c d", "e"])
@@ -125,7 +147,9 @@ def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
     for s, e in zip(scores, ends):
         expected = torch.softmax(logits[e - 1, [good, bad]].float(), -1)[0].item()
         assert s == pytest.approx(expected, abs=1e-6)
-    (ckpt / "flopwise_prm.json").write_text(json.dumps({"type": "step-tag", "step_tag": "#", "good": "no-such-token"}))
+    (ckpt / "flopwise_prm.json").write_text(
+        json.dumps({"type": "step-tag", "step_tag": "#", "good": "no-such-token"})
+    )
     load_prm.cache_clear()
     with pytest.raises(PRMError, match="not in the tokenizer"):
         load_prm(str(ckpt))

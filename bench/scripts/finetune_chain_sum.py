@@ -52,19 +52,21 @@ def main(argv=None) -> None:
     problems = chain_sum(args.steps * args.batch, seed=TRAIN_SEED)
     random.Random(0).shuffle(problems)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / args.steps)
+    )
     use_bf16 = hw.default_dtype() == "bfloat16"
     t0, log = time.time(), []
     for step in range(args.steps):
-        batch = [encode(tok, p) for p in problems[step * args.batch:(step + 1) * args.batch]]
+        batch = [encode(tok, p) for p in problems[step * args.batch : (step + 1) * args.batch]]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), tok.pad_token_id or 0)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (seq, n_prompt) in enumerate(batch):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
-            mask[i, :len(seq)] = 1
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+            mask[i, : len(seq)] = 1
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -76,9 +78,21 @@ def main(argv=None) -> None:
     with atomic_directory(args.out) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (Path(tmp) / "finetune.json").write_text(json.dumps(
-            {"base": "SmolLM2-135M-Instruct", "task": "chain_sum", "train_seed": TRAIN_SEED, "steps": args.steps,
-             "batch": args.batch, "lr": args.lr, "seconds": round(time.time() - t0), "loss": log}, indent=1))
+        (Path(tmp) / "finetune.json").write_text(
+            json.dumps(
+                {
+                    "base": "SmolLM2-135M-Instruct",
+                    "task": "chain_sum",
+                    "train_seed": TRAIN_SEED,
+                    "steps": args.steps,
+                    "batch": args.batch,
+                    "lr": args.lr,
+                    "seconds": round(time.time() - t0),
+                    "loss": log,
+                },
+                indent=1,
+            )
+        )
     print(f"wrote {args.out}")
 
 

@@ -21,11 +21,25 @@ from flopwise.atomic import atomic_directory
 from flopwise.hf.tiny import train_tokenizer
 
 CONFIG = dict(
-    model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=2048, hidden_size=128,
-    intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-    tie_word_embeddings=False, router_aux_loss_coef=0.02, output_router_logits=True, bos_token_id=0,
-    eos_token_id=2, pad_token_id=0,
+    model_type="mixtral",
+    architectures=["MixtralForCausalLM"],
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 
 
@@ -52,7 +66,8 @@ def train(args, tmp):
     rows = data.token_blocks(tok, "train", args.block, 4800)  # ~1.2M tokens, sampled with replacement
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
     t0 = time.time()
     model.train()
     for step in range(args.steps):
@@ -70,9 +85,19 @@ def train(args, tmp):
     ppl = data.perplexity(model, tok)
     model.to(torch.bfloat16).save_pretrained(tmp)
     with open(os.path.join(tmp, "training.json"), "w") as f:
-        json.dump({"steps": args.steps, "batch": args.batch, "block": args.block, "lr": args.lr,
-                   "eval_perplexity": ppl, "seconds": round(time.time() - t0),
-                   "params": sum(p.numel() for p in model.parameters())}, f, indent=1)
+        json.dump(
+            {
+                "steps": args.steps,
+                "batch": args.batch,
+                "block": args.block,
+                "lr": args.lr,
+                "eval_perplexity": ppl,
+                "seconds": round(time.time() - t0),
+                "params": sum(p.numel() for p in model.parameters()),
+            },
+            f,
+            indent=1,
+        )
     print(f"eval perplexity {ppl:.2f}")
 
 

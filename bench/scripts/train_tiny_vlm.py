@@ -23,13 +23,33 @@ from flopwise import shapes
 from flopwise.hf import tiny
 
 CONFIG = dict(
-    architectures=["LlavaForConditionalGeneration"], model_type="llava", image_token_index=3,
-    vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    architectures=["LlavaForConditionalGeneration"],
+    model_type="llava",
+    image_token_index=3,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    projector_hidden_act="gelu",
     tie_word_embeddings=False,
-    text_config=dict(tiny._TEXT, model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=32),
-    vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                       num_attention_heads=2, image_size=256, patch_size=16, projection_dim=64),
+    text_config=dict(
+        tiny._TEXT,
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+    ),
+    vision_config=dict(
+        model_type="clip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=256,
+        patch_size=16,
+        projection_dim=64,
+    ),
 )
 
 
@@ -47,15 +67,18 @@ def build(out_dir: str):
 
 def pieces(tokenizer, question: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the image in the rendered chat prompt."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "<image>" + question}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>" + question}], tokenize=False, add_generation_prompt=True
+    )
     before, after = text.split("<image>")
     return tokenizer.encode(before), tokenizer.encode(after)
 
 
 def batch_loss(model, processor, tokenizer, examples, keep: float | None, rng: random.Random):
     pv = processor.image_processor([e.pil() for e in examples], return_tensors="pt")["pixel_values"]
-    feats = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[CONFIG["vision_feature_layer"]][:, 1:]
+    feats = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[
+        CONFIG["vision_feature_layer"]
+    ][:, 1:]
     n = feats.shape[1]
     if keep is not None:  # the same count per batch, a different random subset per example
         k = max(1, round(keep * n))
@@ -80,8 +103,11 @@ def accuracy(model, processor, tokenizer, examples) -> float:
     from flopwise.hf import visual
     from flopwise.techniques.visual_drop import VisualDropConfig
 
-    text = lambda e: tokenizer.apply_chat_template([{"role": "user", "content": "<image>" + e.question}],  # noqa: E731
-                                                   tokenize=False, add_generation_prompt=True)
+    def text(e):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": "<image>" + e.question}], tokenize=False, add_generation_prompt=True
+        )
+
     ok = 0
     for e in examples:
         ids = visual.generate(model, processor, e.pil(), text(e), VisualDropConfig(keep=1.0), max_tokens=4)
@@ -97,7 +123,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--square", type=int, default=shapes.SQUARE, help="square side in pixels")
-    ap.add_argument("--aug", type=float, default=0.5, help="share of batches that see a random subset of image tokens")
+    ap.add_argument(
+        "--aug", type=float, default=0.5, help="share of batches that see a random subset of image tokens"
+    )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -107,7 +135,8 @@ def main() -> None:
         model, tokenizer, processor = build(str(tmp))
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+            opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        )
         rng = random.Random(args.seed)
         t0 = time.time()
         for step in range(args.steps):
@@ -127,8 +156,12 @@ def main() -> None:
         print(f"held-out accuracy at full tokens: {acc:.3f}")
         model.to(torch.bfloat16).save_pretrained(tmp)
         tiny.legacy_llava_keys(str(tmp))
-        (tmp / "TRAINING.json").write_text(json.dumps({**vars(args), "heldout_accuracy_full": acc,
-                                                       "seconds": round(time.time() - t0)}, indent=1) + "\n")
+        (tmp / "TRAINING.json").write_text(
+            json.dumps(
+                {**vars(args), "heldout_accuracy_full": acc, "seconds": round(time.time() - t0)}, indent=1
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

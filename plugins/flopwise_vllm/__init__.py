@@ -34,35 +34,74 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.v1.request", "Request", ()),
     ("vllm.v1.engine", "EngineCoreOutput", ()),
     ("vllm.outputs", "RequestOutput", ()),
-    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat.chat_completion_full_generator",
-     ("request", "result_generator")),
-    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat.chat_completion_stream_generator",
-     ("request", "result_generator")),
-    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.request_output_to_completion_response",
-     ("final_res_batch",)),
-    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion.completion_stream_generator",
-     ("request", "engine_inputs", "result_generator")),
+    (
+        "vllm.entrypoints.openai.chat_completion.serving",
+        "OpenAIServingChat.chat_completion_full_generator",
+        ("request", "result_generator"),
+    ),
+    (
+        "vllm.entrypoints.openai.chat_completion.serving",
+        "OpenAIServingChat.chat_completion_stream_generator",
+        ("request", "result_generator"),
+    ),
+    (
+        "vllm.entrypoints.openai.completion.serving",
+        "OpenAIServingCompletion.request_output_to_completion_response",
+        ("final_res_batch",),
+    ),
+    (
+        "vllm.entrypoints.openai.completion.serving",
+        "OpenAIServingCompletion.completion_stream_generator",
+        ("request", "engine_inputs", "result_generator"),
+    ),
     ("vllm.entrypoints.serve.engine.protocol", "UsageInfo", ()),
     # visual token dropping (flopwise_vllm.visual_drop)
-    ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor._call_hf_processor", ("hf_data", "hf_kwargs")),
-    ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor._get_prompt_updates",
-     ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+    (
+        "vllm.multimodal.processing.processor",
+        "BaseMultiModalProcessor._call_hf_processor",
+        ("hf_data", "hf_kwargs"),
+    ),
+    (
+        "vllm.multimodal.processing.processor",
+        "BaseMultiModalProcessor._get_prompt_updates",
+        ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"),
+    ),
     ("vllm.model_executor.models.llava", "LlavaForConditionalGeneration.embed_multimodal", ()),
-    ("vllm.model_executor.models.qwen2_vl", "Qwen2VLForConditionalGeneration.get_mrope_input_positions",
-     ("input_tokens", "mm_features")),
+    (
+        "vllm.model_executor.models.qwen2_vl",
+        "Qwen2VLForConditionalGeneration.get_mrope_input_positions",
+        ("input_tokens", "mm_features"),
+    ),
     # KV token dropping (flopwise_vllm.kv_drop)
     ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
-     ("common_prefix_len", "common_attn_metadata")),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward", ("layer", "query", "key", "value",
-     "kv_cache", "attn_metadata", "output")),
-    ("vllm.v1.attention.backend", "CommonAttentionMetadata", ("block_table_tensor", "seq_lens", "query_start_loc_cpu")),
-    ("vllm._custom_ops", "cpu_attn_reshape_and_cache", ("key", "value", "key_cache", "value_cache", "slot_mapping")),
+    (
+        "vllm.v1.attention.backends.cpu_attn",
+        "CPUAttentionMetadataBuilder.build",
+        ("common_prefix_len", "common_attn_metadata"),
+    ),
+    (
+        "vllm.v1.attention.backends.cpu_attn",
+        "CPUAttentionBackendImpl.forward",
+        ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
+    ),
+    (
+        "vllm.v1.attention.backend",
+        "CommonAttentionMetadata",
+        ("block_table_tensor", "seq_lens", "query_start_loc_cpu"),
+    ),
+    (
+        "vllm._custom_ops",
+        "cpu_attn_reshape_and_cache",
+        ("key", "value", "key_cache", "value_cache", "slot_mapping"),
+    ),
     ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", ()),
     ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("scheduler_output",)),
     ("vllm.v1.core.sched.output", "SchedulerOutput", ("finished_req_ids", "preempted_req_ids")),
-    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager._remove_blocks_in_range",
-     ("request_id", "first_block", "last_block")),
+    (
+        "vllm.v1.core.single_type_kv_cache_manager",
+        "SingleTypeKVCacheManager._remove_blocks_in_range",
+        ("request_id", "first_block", "last_block"),
+    ),
     ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("block",)),
 )
 
@@ -95,16 +134,22 @@ def check_surfaces() -> None:
             for part in path.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
-            raise SurfaceError(f"vLLM surface {where} is missing ({e}); flopwise needs vLLM {SUPPORTED_VLLM}") from None
+            raise SurfaceError(
+                f"vLLM surface {where} is missing ({e}); flopwise needs vLLM {SUPPORTED_VLLM}"
+            ) from None
         if params:
             if inspect.isclass(obj):
-                names = set(getattr(obj, "__dataclass_fields__", {})) | set(getattr(obj, "__struct_fields__", ()))
+                names = set(getattr(obj, "__dataclass_fields__", {})) | set(
+                    getattr(obj, "__struct_fields__", ())
+                )
                 names |= set(inspect.signature(obj).parameters)
             else:
                 names = set(inspect.signature(obj).parameters)
             missing = [p for p in params if p not in names]
             if missing:
-                raise SurfaceError(f"vLLM surface {where} lacks {missing}; flopwise needs vLLM {SUPPORTED_VLLM}")
+                raise SurfaceError(
+                    f"vLLM surface {where} lacks {missing}; flopwise needs vLLM {SUPPORTED_VLLM}"
+                )
     _checked = True
 
 
@@ -114,6 +159,9 @@ def register() -> None:
     if _registered:
         return
     check_surfaces()
+    from flopwise_vllm.options import server_defaults
+
+    server_defaults()  # a malformed FLOPWISE_DEFAULTS stops every vLLM process at start-up, naming the field
     from vllm import ModelRegistry
 
     # Visual token dropping: LLaVA / Qwen2-VL subclasses (stock behaviour at visual_keep 1), by

@@ -107,9 +107,15 @@ class Accountant:
         group.members.discard(request_id)
         group.settled.merge(charge)
         budget = group.budget
-        payload = make_payload(g, group.settled, self.engine_rank, self.engine_flops,
-                               {name: report() for name, report in group.reports.items()},
-                               budget.budget if budget else None, budget.capped if budget else False)
+        payload = make_payload(
+            g,
+            group.settled,
+            self.engine_rank,
+            self.engine_flops,
+            {name: report() for name, report in group.reports.items()},
+            budget.budget if budget else None,
+            budget.capped if budget else False,
+        )
         group.live -= 1
         if group.live <= 0:
             del self.groups[g]
@@ -117,7 +123,9 @@ class Accountant:
         return payload
 
     # -- costs ---------------------------------------------------------------------------------------
-    def step_cost(self, request: Request, start: int, tokens: int, logits: int) -> tuple[Breakdown, Breakdown]:
+    def step_cost(
+        self, request: Request, start: int, tokens: int, logits: int
+    ) -> tuple[Breakdown, Breakdown]:
         """(charged, dense baseline) FLOPs of ``tokens`` tokens of ``request`` from position ``start``."""
         cost = self.model.forward(tokens, start=start, logits=logits)
         gone = sum(cut(request, start) for cut in self.context_cuts)
@@ -131,7 +139,9 @@ class Accountant:
         drops = self._image_drops.get(request.request_id)
         if drops is None:  # once per request: this runs every step
             drops = self._image_drops[request.request_id] = [
-                (f.mm_position.offset, self.full_image_tokens(f) - f.mm_position.length) for f in request.mm_features]
+                (f.mm_position.offset, self.full_image_tokens(f) - f.mm_position.length)
+                for f in request.mm_features
+            ]
         before = sum(d for offset, d in drops if offset < start)
         inside = sum(d for offset, d in drops if start <= offset < start + tokens)
         if not (before or inside):
@@ -146,8 +156,11 @@ class Accountant:
         remaining = max(1, request.num_tokens - start)
         bound = self.step_cost(request, start, remaining, 1)[0].total
         if self.model.spec.vision is not None and request.mm_features:
-            bound += sum(self.vision_cost(f).total for f in request.mm_features
-                         if f.mm_position.offset + f.mm_position.length > start)
+            bound += sum(
+                self.vision_cost(f).total
+                for f in request.mm_features
+                if f.mm_position.offset + f.mm_position.length > start
+            )
         return bound
 
     def full_image_tokens(self, feature) -> int:
@@ -200,7 +213,8 @@ class Accountant:
         self.book(request, self.charges[request.request_id].prompt, part, 0)
 
     def charge_group_extra(self, group: Group, name: str, flops: int) -> None:
-        """Work outside the generator's forwards done for a whole group (e.g. ``prm``: reward-model passes)."""
+        """Work outside the generator's forwards done for a whole group (e.g. ``prm``: reward-model
+        passes)."""
         group.settled.extra[name] = group.settled.extra.get(name, 0) + flops
         self._spend(group, flops)
 
@@ -208,7 +222,9 @@ class Accountant:
         for i in input_ids:
             feature = request.mm_features[i]
             baseline = self.model.vision(1, tokens_per_image=self.full_image_tokens(feature))
-            self.book(request, self.charges[request.request_id].prompt, self.vision_cost(feature), baseline.total)
+            self.book(
+                request, self.charges[request.request_id].prompt, self.vision_cost(feature), baseline.total
+            )
 
     def charge_scheduled(self, out, requests: dict[str, Request]) -> None:
         """Charge every step in a scheduler output (vLLM has already advanced ``num_computed_tokens``)."""

@@ -90,7 +90,9 @@ class RejectionController:
         if rej is None:
             rej = self.groups[g] = Rejection(config, group)
             group.reports[er.FIELD] = rej.stats
-            group.settled.extra.setdefault("prm", 0)  # usage.flops.prm is there even when the PRM costs nothing
+            group.settled.extra.setdefault(
+                "prm", 0
+            )  # usage.flops.prm is there even when the PRM costs nothing
         rej.started += 1
 
     def _text(self, token_ids, special: bool) -> str:
@@ -105,7 +107,10 @@ class RejectionController:
         budget = rej.group.budget
         try:
             prm = rej.prm()
-            texts = [(self._text(r.prompt_token_ids, True), self._text(r.output_token_ids, False)) for r in requests]
+            texts = [
+                (self._text(r.prompt_token_ids, True), self._text(r.output_token_ids, False))
+                for r in requests
+            ]
             cost = sum(prm.cost(p, a, final) for p, a in texts)
             if budget is not None and budget.charged + cost > budget.budget:
                 rej.fail("skipped", f"scoring would cross the flop_budget ({cost:,} PRM FLOPs)")
@@ -135,15 +140,19 @@ class RejectionController:
         held: list[Request] = []
         rejected: list[Request] = []
         for rej in [r for r in self.groups.values() if r.active]:
-            live = sorted((requests[rid] for rid in rej.group.members if not requests[rid].is_finished()),
-                          key=lambda r: index_of(r.request_id))
+            live = sorted(
+                (requests[rid] for rid in rej.group.members if not requests[rid].is_finished()),
+                key=lambda r: index_of(r.request_id),
+            )
             if not rej.config.rejects_at(len(live)):
                 # Nothing to reject among this many; re-checked each step because siblings may still be
                 # arriving (vLLM adds the children one by one).
                 continue
             reached = [r for r in live if self._reached(rej, r)]
             if len(reached) < len(live):
-                held += [r for r in reached if r.status == RequestStatus.RUNNING]  # a preempted one waits anyway
+                held += [
+                    r for r in reached if r.status == RequestStatus.RUNNING
+                ]  # a preempted one waits anyway
                 continue
             scores = self._score(rej, live, final=False)
             if scores is None:

@@ -30,7 +30,10 @@ class FlopwiseEndpointPlugin:
         except LedgerError:
             pass  # served as stock vLLM would (the platform logged why)
         # Routes look the handler up on app.state per request, so extending the instances is enough.
-        for attr, mixin in (("openai_serving_chat", FlopChatMixin), ("openai_serving_completion", FlopCompletionMixin)):
+        for attr, mixin in (
+            ("openai_serving_chat", FlopChatMixin),
+            ("openai_serving_completion", FlopCompletionMixin),
+        ):
             handler = getattr(state, attr, None)
             if handler is not None:
                 extend(handler, mixin)

@@ -49,8 +49,11 @@ OUTPUT_ATTR = "flopwise_kv"  # SchedulerOutput attribute carrying {request id: K
 def kv_supported(vllm_config, flop_model) -> bool:
     """KV dropping frees blocks that only flopwise's KV worker + attention backend compact: it needs them
     running, full attention (a sliding window already limits reads) and an unquantized KV cache."""
-    return (vllm_config.parallel_config.worker_cls == WORKER_CLS and not flop_model.spec.windowed
-            and vllm_config.cache_config.cache_dtype in ("auto", None))
+    return (
+        vllm_config.parallel_config.worker_cls == WORKER_CLS
+        and not flop_model.spec.windowed
+        and vllm_config.cache_config.cache_dtype in ("auto", None)
+    )
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class WorkerState:
     jobs: dict[str, KVJob] = field(default_factory=dict)
     views: dict[str, KVJob] = field(default_factory=dict)  # requests reading fewer blocks than they hold
     stash: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
 
     def begin_step(self, scheduler_output) -> None:
         gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
@@ -128,7 +132,7 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         stock = self.is_cross_attention or self.is_encoder_only_attention
         if stock or STATE.runner is None or not (STATE.views or STATE.jobs):
             return super().build(common_prefix_len, cm, fast_build)
-        req_ids = STATE.runner.input_batch.req_ids[:cm.num_reqs]
+        req_ids = STATE.runner.input_batch.req_ids[: cm.num_reqs]
         starts = cm.query_start_loc_cpu.tolist()
         seq_lens = cm.seq_lens.tolist()
         table, lens, tasks = None, None, []
@@ -141,7 +145,7 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                     table, lens = cm.block_table_tensor.clone(), cm.seq_lens.clone()
                 row, lay = cm.block_table_tensor[i], view.layout
                 keep, resume = lay.protected + lay.kept, lay.full + view.evicted  # skip blocks [keep, resume)
-                table[i, keep:row.shape[0] - (resume - keep)] = row[resume:]
+                table[i, keep : row.shape[0] - (resume - keep)] = row[resume:]
                 lens[i] -= (resume - keep) * lay.block_size
             elif job is not None and context_start < job.prompt:
                 blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
@@ -152,8 +156,9 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         md = super().build(common_prefix_len, cm, fast_build)
         if not tasks:
             return md
-        return FlopwiseCPUAttentionMetadata(**{f.name: getattr(md, f.name) for f in dataclasses.fields(md)},
-                                            kv_tasks=tasks)
+        return FlopwiseCPUAttentionMetadata(
+            **{f.name: getattr(md, f.name) for f in dataclasses.fields(md)}, kv_tasks=tasks
+        )
 
 
 def _layer_index(layer) -> int:
@@ -175,19 +180,22 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
         return out
 
     def _drop(self, layer, task: _Task, query, key, value, kv_cache) -> None:
-        """Stash one prefill chunk of a request, or (its last chunk) score its prompt and compact the kept KV."""
+        """Stash one prefill chunk of a request, or (its last chunk) score its prompt and compact the kept
+        KV."""
         index = _layer_index(layer)
         lay = task.job.layout
         if lay is not None and not lay.active:  # nothing to drop after all
             STATE.stash.pop((task.request_id, index), None)
             return
         policy = kd.get_policy(task.job.policy)
-        k, v = key[task.q0:task.q1], value[task.q0:task.q1]
-        q = policy.queries_of(query[task.q0:task.q1])
+        k, v = key[task.q0 : task.q1], value[task.q0 : task.q1]
+        q = policy.queries_of(query[task.q0 : task.q1])
         parts = STATE.stash.pop((task.request_id, index), [])
         if lay is None:  # not the last chunk: keep copies of what the last one needs (q: at most the window
             # of this chunk, whose union over chunks holds the prompt's last W queries)
-            STATE.stash[(task.request_id, index)] = parts + [(k.clone(), v.clone(), None if q is None else q.clone())]
+            STATE.stash[(task.request_id, index)] = parts + [
+                (k.clone(), v.clone(), None if q is None else q.clone())
+            ]
             return
         if lay.kept == 0:  # the whole region goes: nothing to score or write
             return
@@ -196,20 +204,34 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
         values = torch.cat([p[1] for p in parts])
         queries = [p[2] for p in parts if p[2] is not None]
         start, end = lay.region
-        ctx = kd.KVContext(keys=keys, queries=policy.queries_of(torch.cat(queries)) if queries else None,
-                           start=start, end=end, offset=task.job.first, layer=index)
+        ctx = kd.KVContext(
+            keys=keys,
+            queries=policy.queries_of(torch.cat(queries)) if queries else None,
+            start=start,
+            end=end,
+            offset=task.job.first,
+            layer=index,
+        )
         idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens) - task.job.first  # [Hkv, m] rows of keys
         heads = torch.arange(idx.shape[0]).unsqueeze(0)
         kept_k, kept_v = keys[idx.T, heads], values[idx.T, heads]  # [m, Hkv, d]: head h's j-th kept token
         bs = lay.block_size
         j = torch.arange(lay.kept_region_tokens)
-        slots = (task.blocks[lay.protected + j // bs].long() * bs + j % bs)
+        slots = task.blocks[lay.protected + j // bs].long() * bs + j % bs
         blocks, heads_n, block_size, _ = kv_cache.size()
         cache = kv_cache.view((blocks, heads_n, block_size * 2, -1))
         key_cache, value_cache = cache.chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(kept_k.contiguous(), kept_v.contiguous(), key_cache, value_cache, slots,
-                                       layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-                                       kv_cache_dtype=self.kv_cache_dtype)
+        ops.cpu_attn_reshape_and_cache(
+            kept_k.contiguous(),
+            kept_v.contiguous(),
+            key_cache,
+            value_cache,
+            slots,
+            layer.isa,
+            k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
 
 
 class FlopwiseCPUAttentionBackend(CPUAttentionBackend):

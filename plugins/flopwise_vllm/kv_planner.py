@@ -38,8 +38,12 @@ class KVState:
 
 
 def kv_stats(lay: kd.Layout) -> dict[str, int]:
-    return {"prompt_tokens": lay.prompt, "kept_tokens": lay.kept_tokens, "dropped_tokens": lay.dropped_tokens,
-            "dropped_blocks": lay.dropped_blocks}
+    return {
+        "prompt_tokens": lay.prompt,
+        "kept_tokens": lay.kept_tokens,
+        "dropped_tokens": lay.dropped_tokens,
+        "dropped_blocks": lay.dropped_blocks,
+    }
 
 
 class KVPlanner:
@@ -54,8 +58,11 @@ class KVPlanner:
         if config is None:
             return
         if not self.supported:
-            logger.warning("request %s: KV dropping needs flopwise's KV worker, full attention and an unquantized "
-                           "KV cache; ignored", request.request_id)
+            logger.warning(
+                "request %s: KV dropping needs flopwise's KV worker, full attention and an unquantized "
+                "KV cache; ignored",
+                request.request_id,
+            )
             return
         self.states[request.request_id] = KVState(config)
 
@@ -132,12 +139,14 @@ class KVPlanner:
         # The region's blocks leave the prefix cache: the kept ones are about to be rewritten, and the
         # dropped ones, freed after this step, could never be hit past them (hits are prefix chains).
         # Unhashed, freed blocks are the first the pool hands out again.
-        for block in blocks[lay.protected:lay.full]:
+        for block in blocks[lay.protected : lay.full]:
             manager.block_pool._maybe_evict_cached_block(block)
         kv.layout = lay
         jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
         if lay.kept:  # the whole region going is not scored
-            self.accountant.charge_prompt_extra(request, "kv_scoring", self._scoring(kv, prompt - kv.first).total)
+            self.accountant.charge_prompt_extra(
+                request, "kv_scoring", self._scoring(kv, prompt - kv.first).total
+            )
 
     def _evict(self, request: Request, kv: KVState, cached: int, jobs: dict[str, KVJob]) -> None:
         """Free the oldest tail blocks that put the request's KV a block over its token budget."""

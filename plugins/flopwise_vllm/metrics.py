@@ -20,14 +20,34 @@ def _get() -> dict[str, Counter]:
     with _lock:
         if _metrics is None:
             _metrics = {
-                "flops": Counter("flopwise_flops", "FLOPs charged to finished requests by the flopwise ledger.", ["part"]),
-                "baseline": Counter("flopwise_dense_baseline_flops", "FLOPs the same requests would cost with no flopwise technique on."),
-                "saved": Counter("flopwise_flops_saved", "Dense baseline minus charged FLOPs of finished requests."),
-                "requests": Counter("flopwise_requests", "Requests whose FLOPs were charged by the flopwise ledger."),
-                "engine": Counter("flopwise_engine_flops", "All FLOPs the engine computed, aborted requests included (updated as requests finish)."),
-                "capped": Counter("flopwise_requests_capped", "Requests stopped mid-generation by their FLOP budget."),
-                "refused": Counter("flopwise_requests_refused", "Requests refused at admission: bad flop_budget or a prefill that cannot fit."),
-                "kv_dropped": Counter("flopwise_kv_dropped_tokens", "Prompt tokens whose KV was dropped after prefill (KV dropping)."),
+                "flops": Counter(
+                    "flopwise_flops", "FLOPs charged to finished requests by the flopwise ledger.", ["part"]
+                ),
+                "baseline": Counter(
+                    "flopwise_dense_baseline_flops",
+                    "FLOPs the same requests would cost with no flopwise technique on.",
+                ),
+                "saved": Counter(
+                    "flopwise_flops_saved", "Dense baseline minus charged FLOPs of finished requests."
+                ),
+                "requests": Counter(
+                    "flopwise_requests", "Requests whose FLOPs were charged by the flopwise ledger."
+                ),
+                "engine": Counter(
+                    "flopwise_engine_flops",
+                    "All FLOPs the engine computed, aborted requests included (updated as requests finish).",
+                ),
+                "capped": Counter(
+                    "flopwise_requests_capped", "Requests stopped mid-generation by their FLOP budget."
+                ),
+                "refused": Counter(
+                    "flopwise_requests_refused",
+                    "Requests refused at admission: bad flop_budget or a prefill that cannot fit.",
+                ),
+                "kv_dropped": Counter(
+                    "flopwise_kv_dropped_tokens",
+                    "Prompt tokens whose KV was dropped after prefill (KV dropping).",
+                ),
             }
         return _metrics
 

@@ -89,25 +89,37 @@ def admit(opts: RequestOptions, model: FlopModel | None, engine_input, field: st
         raise OptionError(str(e), field) from None
 
 
-def prepare(extra: Mapping | None, n: int | None, engine_inputs: Sequence = (),
-            paths: Mapping[str, str] | None = None, model: FlopModel | None = None) -> tuple[RequestOptions, dict | None]:
+def prepare(
+    extra: Mapping | None,
+    n: int | None,
+    engine_inputs: Sequence = (),
+    paths: Mapping[str, str] | None = None,
+    model: FlopModel | None = None,
+) -> tuple[RequestOptions, dict | None]:
     """Validate ``extra`` (a request's flopwise options, flat) with the server defaults applied, and check
     admission of each rendered input against the budget (with ``model``'s ledger, else the one set for this
     process); -> (options, ``extra`` with the options in canonical form: the new ``extra_args``).
     Raises OptionError."""
     extra = dict(extra or {})
-    opts = options.parse(extra, server_defaults(), n=n, paths=paths)
+    defaults = server_defaults()
+    opts = options.parse(extra, defaults, n=n, paths=paths)
     if opts.kv is not None and _kv_ok is False:
         where = next((p for f, p in (paths or {}).items() if f in kd.FIELDS and f in extra), kd.POLICY_FIELD)
         model = model or _ledger
-        why = (f"{model.spec.architecture} uses a sliding window" if model is not None and model.spec.windowed
-               else "this engine does not run flopwise's KV worker and attention backend (CPU only), or its KV "
-               "cache is quantized")
+        why = (
+            f"{model.spec.architecture} uses a sliding window"
+            if model is not None and model.spec.windowed
+            else "this engine does not run flopwise's KV worker and attention backend (CPU only), or its KV "
+            "cache is quantized"
+        )
         raise OptionError(f"{where}: KV dropping is not available here: {why}", where)
     for engine_input in engine_inputs:
         admit(opts, model or _ledger, engine_input, (paths or {}).get(BUDGET_FIELD, BUDGET_FIELD))
     rest = {k: v for k, v in extra.items() if k not in options.FIELDS}
-    return opts, {**rest, **opts.as_extra()} or None
+    canonical = opts.as_extra()
+    if opts.kv is None and (defaults.kv_keep is not None or defaults.kv_keep_tokens is not None):
+        canonical[kd.KEEP_FIELD] = 1.0  # turned off by the request: stays off when checked again (idempotent)
+    return opts, {**rest, **canonical} or None
 
 
 def engine_options(extra: Mapping | None) -> RequestOptions:

@@ -48,8 +48,15 @@ class Charge:
             self.kv[k] = self.kv.get(k, 0) + v
 
 
-def make_payload(group: str, charge: Charge, engine: int, engine_total: int, reports: dict[str, dict],
-                 budget: float | None = None, capped: bool = False) -> dict:
+def make_payload(
+    group: str,
+    charge: Charge,
+    engine: int,
+    engine_total: int,
+    reports: dict[str, dict],
+    budget: float | None = None,
+    capped: bool = False,
+) -> dict:
     out = {
         "group": group,
         "requests": charge.requests,

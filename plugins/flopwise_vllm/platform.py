@@ -52,18 +52,22 @@ def validate(engine_input, params) -> None:
     try:
         _, params.extra_args = options.prepare(extra, params.n, [engine_input], paths=_XARGS)
     except OptionError as e:
-        raise VLLMValidationError(str(e), parameter=e.field, value=extra.get(e.field.split(".")[-1])) from None
+        raise VLLMValidationError(
+            str(e), parameter=e.field, value=extra.get(e.field.split(".")[-1])
+        ) from None
 
 
 _XARGS = {name: f"vllm_xargs.{name}" for name in FIELDS}
 
 
 def activate(vllm_config, kv_worker: str | None = None) -> None:
-    """flopwise's scheduler where vLLM would run its own (a generator the ledger can cost, no --scheduler-cls),
+    """flopwise's scheduler where vLLM would run its own (a generator the ledger can cost, no
+    --scheduler-cls),
     and ``kv_worker`` (flopwise's CPU worker, which feeds its attention backend) where vLLM would run its
     stock CPU worker; records the served model's ledger for admission in this process (the front end's).
     The scheduler-side techniques need nothing platform-specific, so this runs on any platform; KV dropping
-    needs that worker, and requests asking for it elsewhere get a 400 (:func:`flopwise_vllm.options.prepare`)."""
+    needs that worker, and requests asking for it elsewhere get a 400
+    (:func:`flopwise_vllm.options.prepare`)."""
     from flopwise_vllm import SCHEDULER_CLS
     from flopwise_vllm.kv_drop import STOCK_WORKER, WORKER_CLS, kv_supported
 
@@ -79,7 +83,10 @@ def activate(vllm_config, kv_worker: str | None = None) -> None:
         sched.scheduler_cls = SCHEDULER_CLS
     if sched.scheduler_cls == SCHEDULER_CLS and kv_worker is not None:
         parallel = vllm_config.parallel_config
-        if parallel.worker_cls in (STOCK_WORKER, "auto"):  # KV dropping: the worker tells attention each step's drops
+        if parallel.worker_cls in (
+            STOCK_WORKER,
+            "auto",
+        ):  # KV dropping: the worker tells attention each step's drops
             parallel.worker_cls = kv_worker
     options.set_served(ledger, kv_supported(vllm_config, ledger) and kv_worker == WORKER_CLS)
 

@@ -88,7 +88,9 @@ class FlopwiseScheduler(Scheduler):
             if held:
                 self.max_num_active_reqs += len(held)
                 self.running[:0] = held
-        self.kv.plan(out, self.requests)  # before charging: an eviction planned now shortens this step's context
+        self.kv.plan(
+            out, self.requests
+        )  # before charging: an eviction planned now shortens this step's context
         self.ledger.charge_scheduled(out, self.requests)
         return out
 
@@ -111,7 +113,8 @@ class FlopwiseScheduler(Scheduler):
         return kv_params, ec_params
 
     def close(self, request: Request, status: RequestStatus) -> dict | None:
-        """Settle a finishing request once (its last PRM score first); -> its group's payload, None if closed."""
+        """Settle a finishing request once (its last PRM score first); -> its group's payload, None if
+        closed."""
         rid = request.request_id
         if not self.ledger.is_open(rid):
             return None
@@ -119,11 +122,22 @@ class FlopwiseScheduler(Scheduler):
         self.kv.forget(rid)
         return self.ledger.settle(rid)
 
-    def finish_now(self, request: Request, status: RequestStatus, reason: FinishReason, stop_reason: str) -> None:
+    def finish_now(
+        self, request: Request, status: RequestStatus, reason: FinishReason, stop_reason: str
+    ) -> None:
         """Finish a request outside a model step; its final output goes out with the next step's outputs."""
         request.stop_reason = stop_reason
         payload = self.close(request, status)
         self.finish_requests(request.request_id, status)
-        self._early_finishes.append((request.client_index, EngineCoreOutput(
-            request_id=request.request_id, new_token_ids=[], finish_reason=reason, stop_reason=stop_reason,
-            ec_transfer_params={PAYLOAD_KEY: payload} if payload else None)))
+        self._early_finishes.append(
+            (
+                request.client_index,
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=reason,
+                    stop_reason=stop_reason,
+                    ec_transfer_params={PAYLOAD_KEY: payload} if payload else None,
+                ),
+            )
+        )

@@ -38,7 +38,9 @@ class FlopTap:
         self.source = source
         self.totals = FlopTotals()
         self.rank = rank  # non-streaming: drop rejected candidates, best final score first
-        self.rejected_tokens = 0  # tokens of dropped candidates: generated, so still in usage.completion_tokens
+        self.rejected_tokens = (
+            0  # tokens of dropped candidates: generated, so still in usage.completion_tokens
+        )
         self._reported = False
 
     async def _run(self):
@@ -66,15 +68,21 @@ class FlopTap:
         if not self._reported:
             self._reported = True
             metrics.observe(usage, self.totals.engine_totals(), capped=self.totals.capped)
-            logger.debug("flopwise: groups=%s budget=%s charged=%d saved=%d capped=%s", list(self.totals.groups),
-                         usage.get("budget"), usage["total"], usage["dense_baseline"] - usage["total"], self.totals.capped)
+            logger.debug(
+                "flopwise: groups=%s budget=%s charged=%d saved=%d capped=%s",
+                list(self.totals.groups),
+                usage.get("budget"),
+                usage["total"],
+                usage["dense_baseline"] - usage["total"],
+                self.totals.capped,
+            )
         return usage
 
     def patch_usage_chunk(self, chunk: str) -> str:
         """Add ``flops`` to the final streaming usage chunk (``"choices": []``); pass others through."""
         if not chunk.startswith("data: {") or '"usage"' not in chunk:
             return chunk
-        body = json.loads(chunk[len("data: "):])
+        body = json.loads(chunk[len("data: ") :])
         if body.get("choices") or not body.get("usage"):
             return chunk
         flops = self.usage()
@@ -115,14 +123,19 @@ def _set_flops(response, tap: FlopTap):
 
 
 def _bad_request(handler, message: str, param: str):
-    return handler.create_error_response(message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=param)
+    return handler.create_error_response(
+        message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=param
+    )
 
 
 def collect(request) -> tuple[dict, dict[str, str]]:
     """A request's flopwise options, flat, from where each is first set: the top level, then ``vllm_xargs``,
     then (visual ones) ``mm_processor_kwargs``; and each one's path there, for errors."""
-    sources = (("", request.model_extra or {}), ("vllm_xargs.", request.vllm_xargs or {}),
-               ("mm_processor_kwargs.", getattr(request, "mm_processor_kwargs", None) or {}))
+    sources = (
+        ("", request.model_extra or {}),
+        ("vllm_xargs.", request.vllm_xargs or {}),
+        ("mm_processor_kwargs.", getattr(request, "mm_processor_kwargs", None) or {}),
+    )
     raw, paths = {}, {}
     for name in FIELDS:
         for prefix, source in sources:
@@ -144,9 +157,13 @@ class OptionsMixin:
         mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
         others = sorted(set(mm) - set(vd.FIELDS))
         if others and options.server_defaults().mm_kwargs_gate:
-            return _bad_request(self, f"per-request mm_processor_kwargs {others} are disabled on this server (start "
-                                f"it with --trust-request-mm-kwargs to allow them); {', '.join(vd.FIELDS)} are "
-                                "accepted", "mm_processor_kwargs")
+            return _bad_request(
+                self,
+                f"per-request mm_processor_kwargs {others} are disabled on this server (start "
+                f"it with --trust-request-mm-kwargs to allow them); {', '.join(vd.FIELDS)} are "
+                "accepted",
+                "mm_processor_kwargs",
+            )
         raw, paths = collect(request)
         visual = {k: v for k, v in raw.items() if k in vd.FIELDS}
         if not visual:
@@ -157,10 +174,15 @@ class OptionsMixin:
             return _bad_request(self, str(e), e.field)
         model = options.ledger()
         if model is not None and model.spec.vision is None:
-            return _bad_request(self, f"{vd.KEEP_FIELD}: {model.spec.architecture} takes no images", vd.KEEP_FIELD)
+            return _bad_request(
+                self, f"{vd.KEEP_FIELD}: {model.spec.architecture} takes no images", vd.KEEP_FIELD
+            )
         xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if k not in vd.FIELDS}
         request.vllm_xargs = xargs or None
-        request.mm_processor_kwargs = {**{k: v for k, v in mm.items() if k not in vd.FIELDS}, **opts.mm_kwargs()}
+        request.mm_processor_kwargs = {
+            **{k: v for k, v in mm.items() if k not in vd.FIELDS},
+            **opts.mm_kwargs(),
+        }
         if opts.visual is None:  # keep 1 asked for explicitly: say so, or the processor applies the default
             request.mm_processor_kwargs[vd.KEEP_FIELD] = 1.0
         return None

@@ -1,6 +1,7 @@
 """Visual token dropping in vLLM: LLaVA-1.5 and Qwen2-VL subclasses that prune image tokens before the LM.
 
-``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``
+``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration`` and
+``Qwen2VLForConditionalGeneration``
 at the classes below (``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are
 the stock models. Three places must agree on how many tokens an image keeps, and they all call
 :func:`flopwise.techniques.visual_drop.keep_count`:
@@ -54,19 +55,26 @@ def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropC
     server = processor.info.ctx.model_config.mm_processor_kwargs or {}
     others = sorted(k for k in hf_kwargs if k not in vd.FIELDS and k not in server)
     if others and server_defaults().mm_kwargs_gate:
-        raise OptionError(f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
-                          "--trust-request-mm-kwargs to allow them)", "mm_processor_kwargs")
+        raise OptionError(
+            f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
+            "--trust-request-mm-kwargs to allow them)",
+            "mm_processor_kwargs",
+        )
     merged = processor.info.ctx.get_merged_mm_kwargs(hf_kwargs)
     opts = parse({f: merged.get(f) for f in vd.FIELDS}, server_defaults())
     config = opts.visual or vd.VisualDropConfig()
     if config.layer is not None:
         layers = processor.tower_layers()
         if layers is None:
-            raise vd.VisualDropError(f"{vd.LAYER_FIELD} (dropping inside the vision tower) is supported for LLaVA "
-                                     "only", vd.LAYER_FIELD)
+            raise vd.VisualDropError(
+                f"{vd.LAYER_FIELD} (dropping inside the vision tower) is supported for LLaVA only",
+                vd.LAYER_FIELD,
+            )
         if config.layer > layers:
-            raise vd.VisualDropError(f"{vd.LAYER_FIELD}={config.layer}, but this model's vision tower runs "
-                                     f"{layers} layers", vd.LAYER_FIELD)
+            raise vd.VisualDropError(
+                f"{vd.LAYER_FIELD}={config.layer}, but this model's vision tower runs {layers} layers",
+                vd.LAYER_FIELD,
+            )
     return config
 
 
@@ -84,7 +92,9 @@ class _DropFields:
         if n:
             out[vd.KEEP_FIELD] = torch.full((n,), config.keep, dtype=torch.float64)
             out[vd.METHOD_FIELD] = torch.full((n,), config.code, dtype=torch.int64)
-            out[vd.LAYER_FIELD] = torch.full((n,), -1 if config.layer is None else config.layer, dtype=torch.int64)
+            out[vd.LAYER_FIELD] = torch.full(
+                (n,), -1 if config.layer is None else config.layer, dtype=torch.int64
+            )
         return out
 
     def tower_layers(self) -> int | None:
@@ -105,7 +115,9 @@ class _DropFields:
         updates = []
         for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             if update.modality == "image" and isinstance(update, PromptReplacement):
-                update = PromptReplacement("image", update.target, _kept_replacement(update.replacement, out_mm_kwargs))
+                update = PromptReplacement(
+                    "image", update.target, _kept_replacement(update.replacement, out_mm_kwargs)
+                )
             updates.append(update)
         return updates
 
@@ -131,8 +143,10 @@ def _configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
     keep, code, layer = (kwargs.pop(f, None) for f in vd.FIELDS)
     if keep is None:
         return None
-    return [vd.VisualDropConfig.from_code(float(k), int(c), int(lay))
-            for k, c, lay in zip(_flat(keep), _flat(code), _flat(layer))]
+    return [
+        vd.VisualDropConfig.from_code(float(k), int(c), int(lay))
+        for k, c, lay in zip(_flat(keep), _flat(code), _flat(layer))
+    ]
 
 
 def _flat(x) -> list:
@@ -149,19 +163,25 @@ class FlopwiseLlavaProcessor(_DropFields, LlavaMultiModalProcessor):
         return FlopModel.from_pretrained(self.info.get_hf_config().to_dict()).spec.vision.layers
 
 
-@MULTIMODAL_REGISTRY.register_processor(FlopwiseLlavaProcessor, info=LlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    FlopwiseLlavaProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
 class FlopwiseLlava(LlavaForConditionalGeneration):
     def embed_multimodal(self, **kwargs):
         configs = _configs(kwargs)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        if configs is None or isinstance(image_input, LlavaImageEmbeddingInputs) or not any(c.active for c in configs):
+        if (
+            configs is None
+            or isinstance(image_input, LlavaImageEmbeddingInputs)
+            or not any(c.active for c in configs)
+        ):
             return self._process_image_input(image_input)
         if any(c.active and c.layer is not None for c in configs):
             return self._drop_in_tower(image_input["pixel_values"], configs)
-        # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy "default").
+        # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy
+        # "default").
         feats = self.vision_tower(image_input["pixel_values"], feature_select_strategy="full")
         has_cls = self.config.vision_feature_select_strategy == "default"
         out = []
@@ -172,10 +192,13 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
         return out
 
     def _drop_in_tower(self, pixel_values, configs):
-        """Run the tower's first ``layer`` layers on every patch, the rest on the CLS token + the kept ones."""
+        """Run the tower's first ``layer`` layers on every patch, the rest on the CLS token + the kept
+        ones."""
         if self.config.vision_feature_select_strategy != "default":
-            raise ValueError(f"{vd.LAYER_FIELD} needs a tower with a class token (vision_feature_select_strategy "
-                             "'default')")
+            raise ValueError(
+                f"{vd.LAYER_FIELD} needs a tower with a class token (vision_feature_select_strategy "
+                "'default')"
+            )
         tower = self.vision_tower.vision_model
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.vision_tower.dtype)))
         out = []
@@ -199,8 +222,9 @@ class FlopwiseQwen2VLProcessor(_DropFields, Qwen2VLMultiModalProcessor):
     image_key = "image_grid_thw"  # pixel_values is flat: all images' patches in one tensor
 
 
-@MULTIMODAL_REGISTRY.register_processor(FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo,
-                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
 class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
     def kept_tokens(self, pixel_values: torch.Tensor, config: vd.VisualDropConfig) -> torch.Tensor:
         """Indices of one image's LM tokens to keep, scored on its merged patch embeddings."""
@@ -211,7 +235,9 @@ class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
         return vd.keep_indices(vd.group_mean(emb, merge), config)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        if not any(f.modality == "image" and f.data is not None and vd.KEEP_FIELD in f.data for f in mm_features):
+        if not any(
+            f.modality == "image" and f.data is not None and vd.KEEP_FIELD in f.data for f in mm_features
+        ):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         merge = self.config.vision_config.spatial_merge_size
         images = []
@@ -239,5 +265,7 @@ class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
         embeds = self._process_image_input(image_input)
         grid = image_input["image_grid_thw"]
         pixels = image_input["pixel_values"].split(grid.prod(-1).tolist())
-        return tuple(e if not c.active else e[self.kept_tokens(p, c).to(e.device)]
-                     for e, p, c in zip(embeds, pixels, configs))
+        return tuple(
+            e if not c.active else e[self.kept_tokens(p, c).to(e.device)]
+            for e, p, c in zip(embeds, pixels, configs)
+        )

@@ -12,7 +12,6 @@ interrupted batch resumes without duplicates. Bad lines become error records and
 a line the server failed on (status 5xx) is recorded too, and redone by the next run.
 """
 
-
 import asyncio
 import os
 import sys
@@ -25,23 +24,52 @@ from flopwise_serve.batch_records import already_done, parse_input  # noqa: F401
 def add_parser(sub) -> None:
     from flopwise_serve.common import flop_amount, positive_float, positive_int
 
-    parser = sub.add_parser("batch", help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
-                        usage="flopwise batch INPUT -o OUTPUT [options] [vLLM engine options]",
-                        description="INPUT: a .jsonl of custom_id, method, url (/v1/chat/completions or "
-                        "/v1/completions), body. Any option not listed here is passed to the vLLM engine unchanged.")
-    parser.add_argument("-o", "--output", required=True, help="output .jsonl; rerunning with the same file resumes")
-    parser.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--flop-budget", type=flop_amount, default=None, help="FLOP budget for lines that set none")
-    parser.add_argument("--max-concurrency", type=positive_int, default=256, help="requests in flight at once (without --ray)")
+    parser = sub.add_parser(
+        "batch",
+        help="offline generation over an OpenAI Batch API .jsonl file (resumable)",
+        usage="flopwise batch INPUT -o OUTPUT [options] [vLLM engine options]",
+        description="INPUT: a .jsonl of custom_id, method, url (/v1/chat/completions or "
+        "/v1/completions), body. Any option not listed here is passed to the vLLM engine unchanged.",
+    )
+    parser.add_argument(
+        "-o", "--output", required=True, help="output .jsonl; rerunning with the same file resumes"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--flop-budget", type=flop_amount, default=None, help="FLOP budget for lines that set none"
+    )
+    parser.add_argument(
+        "--max-concurrency", type=positive_int, default=256, help="requests in flight at once (without --ray)"
+    )
     ray = parser.add_argument_group("Ray (pip install 'flopwise[ray]')")
-    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on a Ray cluster: HOST:PORT of its head, 'auto', or nothing for a new local instance")
-    ray.add_argument("--replicas", type=positive_int, default=None, help="vLLM engines on the cluster (default 1)")
-    ray.add_argument("--cpus-per-replica", type=positive_float, default=None, help="CPUs each engine holds (default 1)")
-    ray.add_argument("--batch-size", type=positive_int, default=None,
-                   help="lines per Ray task: a lost replica's unfinished tasks are redone (default 32)")
-    ray.add_argument("--concurrent-batches", type=positive_int, default=None,
-                   help="tasks in flight per replica (default 4): batch size x this = requests its engine batches")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster: HOST:PORT of its head, 'auto', or nothing for a new local instance",
+    )
+    ray.add_argument(
+        "--replicas", type=positive_int, default=None, help="vLLM engines on the cluster (default 1)"
+    )
+    ray.add_argument(
+        "--cpus-per-replica", type=positive_float, default=None, help="CPUs each engine holds (default 1)"
+    )
+    ray.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="lines per Ray task: a lost replica's unfinished tasks are redone (default 32)",
+    )
+    ray.add_argument(
+        "--concurrent-batches",
+        type=positive_int,
+        default=None,
+        help="tasks in flight per replica (default 4): batch size x this = requests its engine batches",
+    )
     parser.set_defaults(run=cmd_batch, passes_through=True)
 
 
@@ -55,8 +83,12 @@ def cmd_batch(args, rest: list[str]) -> int:
     except VllmArgsError as e:
         return fail("batch", str(e))
     if len(positional) != 1:
-        return fail("batch", "give one INPUT file" if not positional else
-                    f"unrecognized arguments: {' '.join(positional[1:])}")
+        return fail(
+            "batch",
+            "give one INPUT file"
+            if not positional
+            else f"unrecognized arguments: {' '.join(positional[1:])}",
+        )
     args.input = positional[0]
     return run_batch(args, rest)
 
@@ -108,24 +140,43 @@ def run_batch(args, vllm_args: list[str]) -> int:
         try:
             summary = run_on_ray(lines, out, engine_argv, env, args)
         except RayBatchError as e:
-            return fail("batch", f"{e} (records finished so far are in {out}; rerun the same command to resume)")
+            return fail(
+                "batch", f"{e} (records finished so far are in {out}; rerun the same command to resume)"
+            )
     wall = time.monotonic() - t0
-    print(f"flopwise batch: {summary.done} done, {summary.errors} errors, {summary.skipped} already in {out} "
-          f"({wall:.1f}s on {hw.describe()})", file=sys.stderr)
+    print(
+        f"flopwise batch: {summary.done} done, {summary.errors} errors, {summary.skipped} already in {out} "
+        f"({wall:.1f}s on {hw.describe()})",
+        file=sys.stderr,
+    )
     if summary.error_codes:
-        print("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary.error_codes.items())), file=sys.stderr)
+        print(
+            "  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary.error_codes.items())),
+            file=sys.stderr,
+        )
     for replica, (n, flops) in sorted(summary.replicas.items()):
         print(f"  replica {replica}: {n} lines, FLOPs charged {flops:.4g}", file=sys.stderr)
     rate = summary.rate()
     if rate is not None:
-        print(f"  engines up after {summary.up - started:.1f}s; then {summary.served} lines in {rate[0]:.1f}s: "
-              f"{rate[1]:.2f} lines/s, {rate[2]:.4g} FLOP/s", file=sys.stderr)
-    print(f"  FLOPs charged {summary.charged:.4g}{' (all replicas)' if summary.replicas else ''}, dense baseline "
-          f"{summary.baseline:.4g}, saved {summary.baseline - summary.charged:.4g}; {summary.capped} requests "
-          "stopped by their FLOP budget", file=sys.stderr)
+        print(
+            f"  engines up after {summary.up - started:.1f}s; then {summary.served} lines in {rate[0]:.1f}s: "
+            f"{rate[1]:.2f} lines/s, {rate[2]:.4g} FLOP/s",
+            file=sys.stderr,
+        )
+    print(
+        f"  FLOPs charged {summary.charged:.4g}{' (all replicas)' if summary.replicas else ''}, dense "
+        "baseline "
+        f"{summary.baseline:.4g}, saved {summary.baseline - summary.charged:.4g}; {summary.capped} requests "
+        "stopped by their FLOP budget",
+        file=sys.stderr,
+    )
     if summary.errors:  # the records say why; a rerun redoes only the lines the server failed on
-        print(f"flopwise batch: {summary.errors} of {summary.errors + summary.done} lines failed (see their error "
-              f"records in {out})", file=sys.stderr)
+        print(
+            f"flopwise batch: {summary.errors} of {summary.errors + summary.done} lines failed (see their "
+            "error "
+            f"records in {out})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -69,7 +69,9 @@ def parse_input(path: Path) -> list[Line]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:  # never served with replacement characters
-                line.error = f"line {number} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+                line.error = (
+                    f"line {number} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+                )
                 continue
             try:
                 obj = json.loads(text)
@@ -84,7 +86,10 @@ def parse_input(path: Path) -> list[Line]:
                 line.error = f"line {number}: custom_id must be a non-empty string"
                 continue
             if cid in seen:
-                line.error, line.code = f"line {number}: duplicate custom_id {cid!r} (only its first line is run)", "duplicate_custom_id"
+                line.error, line.code = (
+                    f"line {number}: duplicate custom_id {cid!r} (only its first line is run)",
+                    "duplicate_custom_id",
+                )
                 continue
             seen.add(cid)
             line.custom_id = cid
@@ -149,7 +154,12 @@ def error_record(line: Line, code: str, message: str, status: int | None = None)
     err = {"code": code, "message": message, "line": line.number}
     if status is not None:
         err["status_code"] = status
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None, "error": err}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": line.custom_id,
+        "response": None,
+        "error": err,
+    }
 
 
 class Writer:

@@ -13,8 +13,16 @@ import sys
 
 from flopwise_serve.common import PROG
 
-COMMANDS = ("flopwise_serve.flops", "flopwise_serve.serve", "flopwise_serve.batch", "flopwise_serve.demo",
-            "flopwise_bench.cli", "flopwise_serve.convert", "flopwise_serve.model", "flopwise_serve.train_prm")
+COMMANDS = (
+    "flopwise_serve.flops",
+    "flopwise_serve.serve",
+    "flopwise_serve.batch",
+    "flopwise_serve.demo",
+    "flopwise_bench.cli",
+    "flopwise_serve.convert",
+    "flopwise_serve.model",
+    "flopwise_serve.train_prm",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

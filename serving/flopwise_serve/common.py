@@ -77,5 +77,7 @@ def visual_method(text: str) -> str:
     from flopwise.techniques.visual_drop import method_names
 
     if text not in method_names():
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(method_names())})")
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(method_names())})"
+        )
     return text

@@ -25,23 +25,61 @@ def add_parser(sub) -> None:
 
     parser = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")
     cvsub = parser.add_subparsers(dest="transform", required=True)
-    sq = cvsub.add_parser("sqa", help="fewer query heads (Sparse Query Attention) for Llama/Mistral/Qwen2/Qwen3")
+    sq = cvsub.add_parser(
+        "sqa", help="fewer query heads (Sparse Query Attention) for Llama/Mistral/Qwen2/Qwen3"
+    )
     mm = cvsub.add_parser("moe-merge", help="fewer experts / lower top-k for Mixtral, Qwen2-MoE, Qwen3-MoE")
     for c in (sq, mm):
         c.add_argument("model", help="local HF model directory")
         c.add_argument("out", help="output directory (written atomically)")
         c.add_argument("--force", action="store_true", help="replace OUT if it exists")
-        c.add_argument("--calib-blocks", type=positive_int, default=16, help="256-token blocks of local text for calibration")
-        c.add_argument("--eval-blocks", type=positive_int, default=16, help="256-token blocks for perplexity before/after")
-    sq.add_argument("--query-heads", type=positive_int, required=True, help="query heads to keep (a multiple of the KV heads)")
-    sq.add_argument("--kv-heads", type=positive_int, default=None, help="KV heads to keep (divides the model's; default: all)")
+        c.add_argument(
+            "--calib-blocks",
+            type=positive_int,
+            default=16,
+            help="256-token blocks of local text for calibration",
+        )
+        c.add_argument(
+            "--eval-blocks",
+            type=positive_int,
+            default=16,
+            help="256-token blocks for perplexity before/after",
+        )
+    sq.add_argument(
+        "--query-heads",
+        type=positive_int,
+        required=True,
+        help="query heads to keep (a multiple of the KV heads)",
+    )
+    sq.add_argument(
+        "--kv-heads",
+        type=positive_int,
+        default=None,
+        help="KV heads to keep (divides the model's; default: all)",
+    )
     sq.add_argument("--method", choices=["select", "merge"], default="select")
-    sq.add_argument("--distill-steps", type=non_negative_int, default=0, help="self-distillation steps (batch 4 x 256 tokens)")
+    sq.add_argument(
+        "--distill-steps",
+        type=non_negative_int,
+        default=0,
+        help="self-distillation steps (batch 4 x 256 tokens)",
+    )
     sq.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
-    mm.add_argument("--experts", type=positive_int, required=True,
-                    help="experts to keep per MoE layer (all of them with a lower --top-k reduces top-k only)")
-    mm.add_argument("--method", choices=["mc-smoe", "reap", "hc-smoe", "frequency", "uniform"], default="mc-smoe")
-    mm.add_argument("--top-k", type=positive_int, default=None, help="experts per token after the merge (default: unchanged)")
+    mm.add_argument(
+        "--experts",
+        type=positive_int,
+        required=True,
+        help="experts to keep per MoE layer (all of them with a lower --top-k reduces top-k only)",
+    )
+    mm.add_argument(
+        "--method", choices=["mc-smoe", "reap", "hc-smoe", "frequency", "uniform"], default="mc-smoe"
+    )
+    mm.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=None,
+        help="experts per token after the merge (default: unchanged)",
+    )
     parser.set_defaults(run=lambda args, rest: run_convert(args))
 
 
@@ -79,23 +117,38 @@ def _run(args) -> int:
         from flopwise.convert import sqa
 
         if arch not in sqa.ARCHITECTURES:
-            raise ConvertError(f"MODEL architecture {arch!r} is not supported (supported: {', '.join(sorted(sqa.ARCHITECTURES))})")
+            raise ConvertError(
+                f"MODEL architecture {arch!r} is not supported (supported: "
+                f"{', '.join(sorted(sqa.ARCHITECTURES))})"
+            )
         cfg = sqa.SQAConfig(args.query_heads, args.kv_heads, args.method)
         q = cfg_json.get("num_attention_heads") or 0
         cfg.resolve(q, cfg_json.get("num_key_value_heads") or q)
         model, tok, config = load(args.model, sqa.ARCHITECTURES)
-        settings = {"transform": "sqa", "query_heads": args.query_heads, "kv_heads": args.kv_heads, "method": args.method,
-                    "distill_steps": args.distill_steps}
+        settings = {
+            "transform": "sqa",
+            "query_heads": args.query_heads,
+            "kv_heads": args.kv_heads,
+            "method": args.method,
+            "distill_steps": args.distill_steps,
+        }
     else:
         from flopwise.convert import moe
 
         if arch not in moe.ARCHITECTURES:
-            raise ConvertError(f"MODEL is a {arch}, not a MoE model (supported: {', '.join(sorted(moe.ARCHITECTURES))})")
+            raise ConvertError(
+                f"MODEL is a {arch}, not a MoE model (supported: {', '.join(sorted(moe.ARCHITECTURES))})"
+            )
         cfg = moe.MoEMergeConfig(args.experts, args.method, args.top_k)
         key = "num_local_experts" if arch == "MixtralForCausalLM" else "num_experts"
         cfg.resolve(cfg_json.get(key) or 0, cfg_json.get("num_experts_per_tok") or 0)
         model, tok, config = load(args.model, moe.ARCHITECTURES)
-        settings = {"transform": "moe-merge", "experts": args.experts, "method": args.method, "top_k": args.top_k}
+        settings = {
+            "transform": "moe-merge",
+            "experts": args.experts,
+            "method": args.method,
+            "top_k": args.top_k,
+        }
 
     ppl_before = data.perplexity(model, tok, count=args.eval_blocks)
     _say(f"perplexity before {ppl_before:.3f}; calibrating on {args.calib_blocks} blocks of local text")
@@ -109,10 +162,20 @@ def _run(args) -> int:
             bar = tqdm(total=args.distill_steps, desc="distilling", file=sys.stderr)
             from flopwise import hw
 
-            losses = sqa.distill(new, model, train, args.distill_steps, lr=args.lr, bf16=hw.default_dtype() == "bfloat16",
-                                 progress=lambda step, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.4f}")))
+            losses = sqa.distill(
+                new,
+                model,
+                train,
+                args.distill_steps,
+                lr=args.lr,
+                bf16=hw.default_dtype() == "bfloat16",
+                progress=lambda step, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.4f}")),
+            )
             bar.close()
-        extra = {"head_importance_mean": importance.mean(0).tolist(), "distill_kl_first_last": losses[:1] + losses[-1:]}
+        extra = {
+            "head_importance_mean": importance.mean(0).tolist(),
+            "distill_kl_first_last": losses[:1] + losses[-1:],
+        }
     else:
         stats = moe.calibrate(model, rows)
         new = moe.convert(model, cfg, stats)
@@ -135,8 +198,11 @@ def _run(args) -> int:
     }
     save_atomically(new, tok, out, dtype, report)
     b, a = report["before"], report["after"]
-    _say(f"wrote {out}: params {b['params']:,} -> {a['params']:,}; decode FLOPs/token {b['decode_flops_per_token_at_512']:,} -> "
-         f"{a['decode_flops_per_token_at_512']:,}; perplexity {ppl_before:.3f} -> {ppl_after:.3f}")
+    _say(
+        f"wrote {out}: params {b['params']:,} -> {a['params']:,}; decode FLOPs/token "
+        f"{b['decode_flops_per_token_at_512']:,} -> "
+        f"{a['decode_flops_per_token_at_512']:,}; perplexity {ppl_before:.3f} -> {ppl_after:.3f}"
+    )
     return 0
 
 

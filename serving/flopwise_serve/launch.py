@@ -24,8 +24,14 @@ def free_port() -> int:
 class Server:
     """A server subprocess in its own process group; ``with Server(...) as s:`` yields it healthy."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, log_path: str | os.PathLike,
-                 start_timeout: float = 240.0):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        port: int,
+        log_path: str | os.PathLike,
+        start_timeout: float = 240.0,
+    ):
         self.argv, self.env, self.port = argv, env, port
         self.log_path = Path(log_path)
         self.start_timeout = start_timeout
@@ -38,13 +44,21 @@ class Server:
     def start(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -53,7 +67,9 @@ class Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"server not healthy after {self.start_timeout:.0f}s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"server not healthy after {self.start_timeout:.0f}s; log tail:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the server's process group (vLLM's engine processes too), SIGKILL if it lingers."""
@@ -91,8 +107,53 @@ def flopwise_server(model: str, port: int, log_path, vllm_args: list[str] = ()) 
 def stock_server(model: str, port: int, log_path, vllm_args: list[str] = ()) -> Server:
     """Stock vLLM's OpenAI server with the same engine settings and no flopwise plugin loaded at all."""
     from flopwise import hw
+
     env = hw.engine_env()
     env["VLLM_PLUGINS"] = ""  # an allow-list naming nothing: no general, endpoint or stat-logger plugin loads
-    argv = [sys.executable, "-m", VLLM_ENTRY, "--model", model, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", hw.default_dtype(), "--enforce-eager", *vllm_args]
+    argv = [
+        sys.executable,
+        "-m",
+        VLLM_ENTRY,
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        hw.default_dtype(),
+        "--enforce-eager",
+        *vllm_args,
+    ]
+    return Server(argv, env, port, log_path)
+
+
+def vllm_serve(
+    model: str, port: int, log_path, vllm_args: list[str] = (), env: dict[str, str] | None = None
+) -> Server:
+    """Plain ``vllm serve MODEL`` (the console script) on 127.0.0.1:port, as a user with flopwise installed
+    runs it: no plugin allow-listed or named, so only what loads by itself (general and platform plugins)
+    does."""
+    import shutil
+
+    from flopwise import hw
+
+    cli = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    if cli is None:
+        raise RuntimeError("the `vllm` console script is missing from the venv (tools/vllm-alias)")
+    env = dict(hw.engine_env() if env is None else env)
+    env.pop("VLLM_PLUGINS", None)
+    argv = [
+        cli,
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        *vllm_args,
+    ]
     return Server(argv, env, port, log_path)

@@ -4,7 +4,8 @@
 
     llm = LLM()                                   # the embedded default model, dtype from the CPU
     out = llm.generate(["def fib(n):"], max_tokens=64, flop_budget=5e10)
-    flops_of(out[0])                              # {"prompt", "completion", "total", "dense_baseline", "budget"}
+    flops_of(out[0])                              # {"prompt", "completion", "total", "dense_baseline",
+"budget"}
 
 Plain ``SamplingParams(extra_args={"flop_budget": ...})`` works too: every request is checked by
 :func:`flopwise_vllm.options.prepare`, the function the servers use, so a bad option or a prompt whose prefill
@@ -42,7 +43,8 @@ def flops_of(output) -> dict | None:
 
 
 class LLM:
-    """A ``vllm.LLM`` with the flopwise scheduler, the CPU's dtype, eager mode and a small KV cache by default."""
+    """A ``vllm.LLM`` with the flopwise scheduler, the CPU's dtype, eager mode and a small KV cache by
+    default."""
 
     def __init__(self, model: str | None = None, **engine_kwargs):
         from vllm import LLM as VllmLLM
@@ -57,8 +59,15 @@ class LLM:
         engine_kwargs.setdefault("enforce_eager", True)
         self.engine = VllmLLM(self.model, **engine_kwargs)
 
-    def generate(self, prompts, sampling_params=None, *, flop_budget: float | None = None,
-                 options: dict | None = None, **sampling_kwargs):
+    def generate(
+        self,
+        prompts,
+        sampling_params=None,
+        *,
+        flop_budget: float | None = None,
+        options: dict | None = None,
+        **sampling_kwargs,
+    ):
         """``vllm.LLM.generate`` with an optional per-request ``flop_budget`` (shared by n candidates) and
         other flopwise ``options``, checked for every prompt before any runs."""
         from vllm import SamplingParams

@@ -32,8 +32,10 @@ ENV_PREFIXES = ("VLLM_", "FLOPWISE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 # Lines are handed out once every replica is up (evenly, not all to the first one ready); a replica that
 # cannot be placed or started in this time fails the run with Ray's reason.
 REPLICA_START_TIMEOUT_S = 900
-AUTH_HINT = ("; if the cluster uses token authentication (`ray start --head` turns it on when ~/.ray/auth_token "
-             "exists), set RAY_AUTH_MODE=token here with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+AUTH_HINT = (
+    "; if the cluster uses token authentication (`ray start --head` turns it on when ~/.ray/auth_token "
+    "exists), set RAY_AUTH_MODE=token here with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+)
 
 
 class RayBatchError(RuntimeError):
@@ -48,10 +50,12 @@ except ImportError:  # pragma: no cover - without Ray, run_on_ray says how to in
 if StatefulStageUDF is not None:
 
     class FlopwiseEngineUDF(StatefulStageUDF):
-        """One replica: a vLLM engine with flopwise's plugins, serving batch lines through the OpenAI handlers.
+        """One replica: a vLLM engine with flopwise's plugins, serving batch lines through the OpenAI
+        handlers.
 
         Input rows: ``line`` (number), ``custom_id``, ``url``, ``body`` (JSON text: Arrow keeps no mixed-shape
-        dicts). Output: ``record`` (the output line, JSON text), ``replica`` (host:pid) and ``ready`` (when its
+        dicts). Output: ``record`` (the output line, JSON text), ``replica`` (host:pid) and ``ready`` (when
+        its
         engine was up, epoch seconds).
         """
 
@@ -69,9 +73,11 @@ if StatefulStageUDF is not None:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             self.args = engine_args(engine_argv)
             config = AsyncEngineArgs.from_cli_args(self.args).create_engine_config(
-                usage_context=UsageContext.OPENAI_API_SERVER)
-            self.engine = AsyncLLM.from_vllm_config(vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
-                                                    disable_log_stats=True)
+                usage_context=UsageContext.OPENAI_API_SERVER
+            )
+            self.engine = AsyncLLM.from_vllm_config(
+                vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=True
+            )
             self.replica = f"{socket.gethostname()}:{os.getpid()}"
             self.ready = time.time()
             self._handlers: tuple[dict, str] | None = None
@@ -92,8 +98,12 @@ if StatefulStageUDF is not None:
             async def one(row: dict) -> dict:
                 line = Line(int(row["line"]), row["custom_id"], row["url"], json.loads(row["body"]))
                 record = await serve_line(line, handlers, model_name)
-                return {self.IDX_IN_BATCH_COLUMN: row[self.IDX_IN_BATCH_COLUMN], "record": json.dumps(record),
-                        "replica": self.replica, "ready": self.ready}
+                return {
+                    self.IDX_IN_BATCH_COLUMN: row[self.IDX_IN_BATCH_COLUMN],
+                    "record": json.dumps(record),
+                    "replica": self.replica,
+                    "ready": self.ready,
+                }
 
             for done in asyncio.as_completed([asyncio.create_task(one(row)) for row in rows]):
                 yield await done
@@ -106,12 +116,17 @@ if StatefulStageUDF is not None:
         fn: type[StatefulStageUDF] = FlopwiseEngineUDF
 
         def get_required_input_keys(self) -> dict[str, str]:
-            return {"line": "input line number", "custom_id": "the line's custom_id", "url": "endpoint path",
-                    "body": "request body, JSON text"}
+            return {
+                "line": "input line number",
+                "custom_id": "the line's custom_id",
+                "url": "endpoint path",
+                "body": "request body, JSON text",
+            }
 
 
 def connect(address: str | None):
-    """Join the cluster at ``address`` ('auto', 'host:port', 'ray://host:port'), or start a local Ray instance."""
+    """Join the cluster at ``address`` ('auto', 'host:port', 'ray://host:port'), or start a local Ray
+    instance."""
     try:
         import ray
     except ImportError:
@@ -124,18 +139,34 @@ def connect(address: str | None):
             raise RayBatchError(f"--ray {address!r}: expected HOST:PORT of the cluster's head node") from None
         except OSError as e:
             raise RayBatchError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plan and progress lines; the bar counts lines
+    logging.getLogger("ray.data").setLevel(
+        logging.WARNING
+    )  # its plan and progress lines; the bar counts lines
     try:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, logging_level=logging.WARNING)
+        ray.init(
+            address=address or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+            logging_level=logging.WARNING,
+        )
     except (ConnectionError, RuntimeError, ValueError) as e:
         hint = AUTH_HINT if address and os.environ.get("RAY_AUTH_MODE") != "token" else ""
-        raise RayBatchError(f"cannot join the Ray cluster at {address or 'a new local instance'}: {e}{hint}") from None
+        raise RayBatchError(
+            f"cannot join the Ray cluster at {address or 'a new local instance'}: {e}{hint}"
+        ) from None
     return ray
 
 
-def build_processor(ray, engine_argv: list[str], env: dict[str, str], replicas: int, cpus: float, batch_size: int,
-                    concurrent_batches: int):
+def build_processor(
+    ray,
+    engine_argv: list[str],
+    env: dict[str, str],
+    replicas: int,
+    cpus: float,
+    batch_size: int,
+    concurrent_batches: int,
+):
     """A Ray Data LLM Processor: ``replicas`` actors, each one engine holding ``cpus`` CPUs."""
     from ray.data.llm import Processor, ProcessorConfig
 
@@ -143,20 +174,28 @@ def build_processor(ray, engine_argv: list[str], env: dict[str, str], replicas: 
         fn_constructor_kwargs={"engine_argv": engine_argv},
         map_batches_kwargs=dict(
             zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=concurrent_batches),
-            max_concurrency=concurrent_batches,  # batches in flight per replica, so its engine batches across them
+            compute=ray.data.ActorPoolStrategy(
+                size=replicas, max_tasks_in_flight_per_actor=concurrent_batches
+            ),
+            # batches in flight per replica, so its engine batches across them
+            max_concurrency=concurrent_batches,
             num_cpus=cpus,
             runtime_env={"env_vars": {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES)}},
         ),
     )
     light = {"num_cpus": 0}  # row reshaping only: never wait for a CPU the engines hold
-    return Processor(ProcessorConfig(batch_size=batch_size, concurrency=replicas), [stage],
-                     postprocess=lambda row: {k: row[k] for k in ("record", "replica", "ready")},
-                     preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    return Processor(
+        ProcessorConfig(batch_size=batch_size, concurrency=replicas),
+        [stage],
+        postprocess=lambda row: {k: row[k] for k in ("record", "replica", "ready")},
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
 
 
 def run_on_ray(lines: list[Line], output: Path, engine_argv: list[str], env: dict[str, str], args) -> Summary:
-    """Run the batch over ``args.replicas`` engines of the Ray cluster ``args.ray`` ('' = a new local instance)."""
+    """Run the batch over ``args.replicas`` engines of the Ray cluster ``args.ray`` ('' = a new local
+    instance)."""
     from tqdm import tqdm
 
     if StatefulStageUDF is None:
@@ -169,31 +208,50 @@ def run_on_ray(lines: list[Line], output: Path, engine_argv: list[str], env: dic
         have = ray.cluster_resources().get("CPU", 0)
         need = args.replicas * args.cpus_per_replica
         if need > have:
-            raise RayBatchError(f"the Ray cluster has {have:g} CPUs; --replicas {args.replicas} x --cpus-per-replica "
-                                f"{args.cpus_per_replica:g} needs {need:g}")
+            raise RayBatchError(
+                f"the Ray cluster has {have:g} CPUs; --replicas {args.replicas} x --cpus-per-replica "
+                f"{args.cpus_per_replica:g} needs {need:g}"
+            )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar below, counting lines
         ctx.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
-        rows = [{"line": ln.number, "custom_id": ln.custom_id, "url": ln.url, "body": json.dumps(ln.body)}
-                for ln in runnable]
+        rows = [
+            {"line": ln.number, "custom_id": ln.custom_id, "url": ln.url, "body": json.dumps(ln.body)}
+            for ln in runnable
+        ]
         blocks = max(1, min(len(rows), -(-len(rows) // args.batch_size)))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        processor = build_processor(ray, engine_argv, env, args.replicas, args.cpus_per_replica, args.batch_size,
-                                    args.concurrent_batches)
+        processor = build_processor(
+            ray,
+            engine_argv,
+            env,
+            args.replicas,
+            args.cpus_per_replica,
+            args.batch_size,
+            args.concurrent_batches,
+        )
         written: set[str] = set()
         first = 0.0
-        bar = tqdm(total=len(runnable), desc=f"flopwise batch (ray, {args.replicas} replicas)", unit="req",
-                   file=sys.stderr)
+        bar = tqdm(
+            total=len(runnable),
+            desc=f"flopwise batch (ray, {args.replicas} replicas)",
+            unit="req",
+            file=sys.stderr,
+        )
         try:
             for row in processor(ds).iter_rows():
                 record = json.loads(row["record"])
-                if record["custom_id"] in written:  # a retried batch can deliver a line twice: the first stands
+                if (
+                    record["custom_id"] in written
+                ):  # a retried batch can deliver a line twice: the first stands
                     continue
                 written.add(record["custom_id"])
                 writer.write(record)
                 count(summary, record, row["replica"], served=True)
                 first = first or summary.last_record
-                if row["ready"] <= first:  # lines flow once the first replicas are all up (not a restarted one)
+                if (
+                    row["ready"] <= first
+                ):  # lines flow once the first replicas are all up (not a restarted one)
                     summary.up = max(summary.up, row["ready"])
                 bar.update(1)
         except Exception as e:  # Ray wraps the cause (a replica's start-up error, a lost cluster)

@@ -21,8 +21,9 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
 
 
-def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000,
-                  defaults=None) -> tuple[list[str], dict[str, str]]:
+def serve_command(
+    model: str, vllm_args: list[str], host: str = "127.0.0.1", port: int = 8000, defaults=None
+) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment ``flopwise serve`` runs; ``defaults``: the server's
     :class:`flopwise.options.Defaults`, handed to vLLM's processes as one JSON object."""
     from flopwise.budget import Policy
@@ -35,7 +36,10 @@ def serve_command(model: str, vllm_args: list[str], host: str = "127.0.0.1", por
     if not _has_flag(vllm_args, "--scheduler-cls"):
         argv += ["--scheduler-cls", SCHEDULER_CLS]
     if defaults.budget_policy is Policy.SMALLEST_BUDGET and not _has_flag(vllm_args, "--scheduling-policy"):
-        argv += ["--scheduling-policy", "priority"]  # the scheduler sets each request's priority from its budget
+        argv += [
+            "--scheduling-policy",
+            "priority",
+        ]  # the scheduler sets each request's priority from its budget
     if not _has_flag(vllm_args, "--dtype"):
         argv += ["--dtype", hw.default_dtype()]
     if not _has_flag(vllm_args, "--enforce-eager", "--no-enforce-eager"):
@@ -59,15 +63,29 @@ def server_defaults(args):
     would be; raises ValueError naming the flag."""
     import json
 
+    from pydantic import ValidationError
+
     from flopwise.options import Defaults
     from flopwise.techniques import OptionError
 
-    flags = {"flop_budget": "--default-flop-budget", "max_flop_budget": "--max-flop-budget",
-             "early_rejection": "--early-rejection", "prm": "--prm"}
-    fields = {"flop_budget": args.default_flop_budget, "max_flop_budget": args.max_flop_budget,
-              "budget_policy": args.budget_policy, "prm": args.prm, "visual_keep": args.visual_keep,
-              "visual_drop": args.visual_drop, "visual_drop_layer": args.visual_drop_layer,
-              "kv_policy": args.kv_policy, "kv_keep": args.kv_keep, "kv_keep_tokens": args.kv_keep_tokens}
+    flags = {
+        "flop_budget": "--default-flop-budget",
+        "max_flop_budget": "--max-flop-budget",
+        "early_rejection": "--early-rejection",
+        "prm": "--prm",
+    }
+    fields = {
+        "flop_budget": args.default_flop_budget,
+        "max_flop_budget": args.max_flop_budget,
+        "budget_policy": args.budget_policy,
+        "prm": args.prm,
+        "visual_keep": args.visual_keep,
+        "visual_drop": args.visual_drop,
+        "visual_drop_layer": args.visual_drop_layer,
+        "kv_policy": args.kv_policy,
+        "kv_keep": args.kv_keep,
+        "kv_keep_tokens": args.kv_keep_tokens,
+    }
     if args.early_rejection is not None:
         try:
             fields["early_rejection"] = json.loads(args.early_rejection)
@@ -76,25 +94,13 @@ def server_defaults(args):
         if not isinstance(fields["early_rejection"], dict):
             raise ValueError("--early-rejection: must be a JSON object")
     try:
-        defaults = Defaults(**{k: v for k, v in fields.items() if v is not None})
-        if args.prm is not None:
-            from flopwise.prm import PRMError, resolve
-
-            try:
-                resolve(args.prm)
-            except PRMError as e:
-                raise OptionError(str(e), "prm") from None
-        return defaults.checked()
+        return Defaults(**{k: v for k, v in fields.items() if v is not None}).checked()
     except OptionError as e:
         name = e.field.split(".")[0]
-        flag = flags.get(name, "--" + name.replace("_", "-"))
         message = str(e).removeprefix("early_rejection.")  # the flag already says which object
-        raise ValueError(f"{flag}: {message}") from None
-    except Exception as e:  # pydantic's bounds on a field
-        errs = getattr(e, "errors", None)
-        if not callable(errs):
-            raise
-        err = errs()[0]
+        raise ValueError(f"{flags.get(name, '--' + name.replace('_', '-'))}: {message}") from None
+    except ValidationError as e:  # a field's type (argparse has checked most already)
+        err = e.errors()[0]
         name = str(err["loc"][0])
         raise ValueError(f"{flags.get(name, '--' + name.replace('_', '-'))}: {err['msg']}") from None
 
@@ -121,35 +127,78 @@ def cmd_serve(args, rest: list[str]) -> int:
 def _budget_args(parser: argparse.ArgumentParser) -> None:
     from flopwise.budget import Policy
 
-    parser.add_argument("--default-flop-budget", type=flop_amount, default=None, help="budget for requests that set none")
-    parser.add_argument("--max-flop-budget", type=flop_amount, default=None, help="refuse requests asking for more (HTTP 400)")
-    parser.add_argument("--budget-policy", choices=[x.value for x in Policy], default=Policy.FIFO.value,
-                   help="admission order: vLLM's FIFO, or smallest budget first so small requests do not queue behind huge ones")
+    parser.add_argument(
+        "--default-flop-budget", type=flop_amount, default=None, help="budget for requests that set none"
+    )
+    parser.add_argument(
+        "--max-flop-budget", type=flop_amount, default=None, help="refuse requests asking for more (HTTP 400)"
+    )
+    parser.add_argument(
+        "--budget-policy",
+        choices=[x.value for x in Policy],
+        default=Policy.FIFO.value,
+        help="admission order: vLLM's FIFO, or smallest budget first so small requests do not queue behind "
+        "huge ones",
+    )
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with flopwise on; other options go to vLLM",
-                       description="Any option not listed here is passed to vLLM's server unchanged.")
+    parser = sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI-compatible server with flopwise on; other options go to vLLM",
+        description="Any option not listed here is passed to vLLM's server unchanged.",
+    )
     parser.usage = "flopwise serve [MODEL] [options] [vLLM serve options]"
     parser.description += " MODEL: a model dir (default: the embedded SmolLM2-135M-Instruct)."
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=positive_int, default=8000)
     _budget_args(parser)
-    parser.add_argument("--early-rejection", default=None, metavar="JSON",
-                   help='default early_rejection for n>1 requests, e.g. \'{"every_tokens": 32, "keep": 0.5}\'')
-    parser.add_argument("--prm", default=None, help="default PRM for early rejection (verifier:arithmetic, head:chain-sum, or a dir)")
-    parser.add_argument("--visual-keep", type=keep_ratio, default=None,
-                   help="VLMs: fraction of each image's tokens the LM sees, for requests that set no visual_keep")
-    parser.add_argument("--visual-drop", type=visual_method, default=None,
-                   help="VLMs: how image tokens are chosen: visiondrop (default), cls_attention, uniform, random")
-    parser.add_argument("--visual-drop-layer", type=non_negative_int, default=None,
-                   help="LLaVA: drop inside the vision tower after this many layers (default: after the tower)")
-    parser.add_argument("--kv-policy", default=None,
-                   help="KV dropping policy for requests that set none: snapkv (default), tova, h2o, streaming_llm, "
-                   "knorm, random")
-    parser.add_argument("--kv-keep", type=float, default=None,
-                   help="fraction of each prompt's KV kept after prefill, for requests that set no kv_keep")
-    parser.add_argument("--kv-keep-tokens", type=positive_int, default=None,
-                   help="token budget for each request's KV instead of --kv-keep: the prompt is cut to it and "
-                   "generation evicts its oldest blocks beyond it")
+    parser.add_argument(
+        "--early-rejection",
+        default=None,
+        metavar="JSON",
+        help='default early_rejection for n>1 requests, e.g. \'{"every_tokens": 32, "keep": 0.5}\'',
+    )
+    parser.add_argument(
+        "--prm",
+        default=None,
+        help="default PRM for early rejection (verifier:arithmetic, head:chain-sum, or a dir)",
+    )
+    parser.add_argument(
+        "--visual-keep",
+        type=keep_ratio,
+        default=None,
+        help="VLMs: fraction of each image's tokens the LM sees, for requests that set no visual_keep",
+    )
+    parser.add_argument(
+        "--visual-drop",
+        type=visual_method,
+        default=None,
+        help="VLMs: how image tokens are chosen: visiondrop (default), cls_attention, uniform, random",
+    )
+    parser.add_argument(
+        "--visual-drop-layer",
+        type=non_negative_int,
+        default=None,
+        help="LLaVA: drop inside the vision tower after this many layers (default: after the tower)",
+    )
+    parser.add_argument(
+        "--kv-policy",
+        default=None,
+        help="KV dropping policy for requests that set none: snapkv (default), tova, h2o, streaming_llm, "
+        "knorm, random",
+    )
+    parser.add_argument(
+        "--kv-keep",
+        type=float,
+        default=None,
+        help="fraction of each prompt's KV kept after prefill, for requests that set no kv_keep",
+    )
+    parser.add_argument(
+        "--kv-keep-tokens",
+        type=positive_int,
+        default=None,
+        help="token budget for each request's KV instead of --kv-keep: the prompt is cut to it and "
+        "generation evicts its oldest blocks beyond it",
+    )
     parser.set_defaults(run=cmd_serve, passes_through=True)

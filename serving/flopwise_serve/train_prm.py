@@ -22,9 +22,17 @@ TRACE_SEED = 2000
 def add_parser(sub) -> None:
     from flopwise_serve.common import positive_int
 
-    parser = sub.add_parser("train-prm", help="fit a head PRM on SmolLM2 hidden states, labelled by the arithmetic verifier")
-    parser.add_argument("--generator", default=None, help="model that samples the traces (default: the chain_sum fine-tune)")
-    parser.add_argument("--base", default="default", help="model whose hidden states the head reads (default: embedded SmolLM2)")
+    parser = sub.add_parser(
+        "train-prm", help="fit a head PRM on SmolLM2 hidden states, labelled by the arithmetic verifier"
+    )
+    parser.add_argument(
+        "--generator", default=None, help="model that samples the traces (default: the chain_sum fine-tune)"
+    )
+    parser.add_argument(
+        "--base",
+        default="default",
+        help="model whose hidden states the head reads (default: embedded SmolLM2)",
+    )
     parser.add_argument("--problems", type=positive_int, default=200)
     parser.add_argument("--samples", type=positive_int, default=4, help="candidates sampled per problem")
     parser.add_argument("--max-tokens", type=positive_int, default=96)
@@ -43,7 +51,9 @@ def sample_traces(generator: str, problems: int, n: int, max_tokens: int) -> lis
     tok = llm.get_tokenizer()
     probs = chain_sum(problems, seed=TRACE_SEED)
     prompts = [p.prompt(tok) for p in probs]
-    outs = llm.engine.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens), use_tqdm=False)
+    outs = llm.engine.generate(
+        prompts, SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens), use_tqdm=False
+    )
     llm.shutdown()
     return [(prompts[i], c.text, i) for i, out in enumerate(outs) for c in out.outputs]
 
@@ -57,8 +67,10 @@ def run_train_prm(args) -> int:
 
     generator = args.generator or str(generator_dir())
     if not (Path(generator) / "config.json").is_file():
-        raise SystemExit(f"flopwise train-prm: no generator at {generator}; run bench/scripts/finetune_chain_sum.py "
-                         "or pass --generator")
+        raise SystemExit(
+            f"flopwise train-prm: no generator at {generator}; run bench/scripts/finetune_chain_sum.py "
+            "or pass --generator"
+        )
     t0 = time.time()
     traces = sample_traces(generator, args.problems, args.samples, args.max_tokens)
     print(f"train-prm: {len(traces)} traces from {generator} in {time.time() - t0:.0f}s", flush=True)
@@ -79,12 +91,21 @@ def run_train_prm(args) -> int:
     weight, bias = fit_head(x[~test], y[~test])
     train_auc = auroc(x[~test] @ weight + bias, y[~test])
     test_auc = auroc(x[test] @ weight + bias, y[test])
-    info = {"trained_on": f"{int((~test).sum())} steps of {args.problems - len(held)} chain_sum problems (seed {TRACE_SEED})",
-            "step_auroc_heldout": round(test_auc, 4), "step_auroc_train": round(train_auc, 4),
-            "heldout_steps": int(test.sum()), "heldout_positive_rate": round(y[test].float().mean().item(), 3),
-            "generator": "SmolLM2-135M-Instruct chain_sum fine-tune", "seconds": round(time.time() - t0)}
+    info = {
+        "trained_on": f"{int((~test).sum())} steps of {args.problems - len(held)} chain_sum problems (seed "
+        f"{TRACE_SEED})",
+        "step_auroc_heldout": round(test_auc, 4),
+        "step_auroc_train": round(train_auc, 4),
+        "heldout_steps": int(test.sum()),
+        "heldout_positive_rate": round(y[test].float().mean().item(), 3),
+        "generator": "SmolLM2-135M-Instruct chain_sum fine-tune",
+        "seconds": round(time.time() - t0),
+    }
     out = save_head(args.out, args.base, weight, bias, -1, **info)
-    print(f"train-prm: held-out step AUROC {test_auc:.3f} (train {train_auc:.3f}) on {int(test.sum())} steps; wrote "
-          f"{out / CONFIG}")
+    print(
+        f"train-prm: held-out step AUROC {test_auc:.3f} (train {train_auc:.3f}) on {int(test.sum())} steps; "
+        "wrote "
+        f"{out / CONFIG}"
+    )
     print(json.dumps(info, indent=1))
     return 0

@@ -34,9 +34,16 @@ def _actions(kind: str) -> dict[str, argparse.Action]:
 
 def _takes(action: argparse.Action) -> str:
     """How many values an option consumes: 'none', 'one', 'optional' or 'many'."""
-    if action.nargs == 0 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
-                                                argparse._StoreConstAction, argparse._CountAction,
-                                                argparse.BooleanOptionalAction)):
+    if action.nargs == 0 or isinstance(
+        action,
+        (
+            argparse._StoreTrueAction,
+            argparse._StoreFalseAction,
+            argparse._StoreConstAction,
+            argparse._CountAction,
+            argparse.BooleanOptionalAction,
+        ),
+    ):
         return "none"
     if action.nargs in (None, 1) or isinstance(action.nargs, int):
         return "one"
@@ -45,6 +52,8 @@ def _takes(action: argparse.Action) -> str:
 
 def split_positional(args: list[str], kind: str = "serve") -> tuple[list[str], list[str]]:
     """-> (positional arguments, the rest in order) of ``args``, the arguments flopwise's own parser left."""
+    if not any(a.startswith("-") and a != "-" for a in args):  # no option at all: no need for vLLM's table
+        return list(args), []
     actions = _actions(kind)
     positional, rest = [], []
     i = 0
@@ -71,7 +80,9 @@ def split_positional(args: list[str], kind: str = "serve") -> tuple[list[str], l
             rest.append(args[i])
             i += 1
         elif takes in ("optional", "many"):
-            while i < len(args) and not (args[i].startswith("-") and len(args[i]) > 1 and not _number(args[i])):
+            while i < len(args) and not (
+                args[i].startswith("-") and len(args[i]) > 1 and not _number(args[i])
+            ):
                 rest.append(args[i])
                 i += 1
                 if takes == "optional":

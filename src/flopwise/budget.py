@@ -7,7 +7,8 @@ Semantics. A budget caps the FLOPs charged to one request (all n candidates toge
 refuses a request whose prefill alone (one forward over the whole prompt, no prefix-cache credit)
 exceeds it. In the engine, each request's next step is gated by the most that step can cost: a decode
 step costs exactly one token against its context; a prefill step at most all the remaining prompt
-tokens at once (a smaller chunk costs less), plus the encoder runs of images it has not reached yet. A step that might cross the budget is
+tokens at once (a smaller chunk costs less), plus the encoder runs of images it has not reached yet. A step
+that might cross the budget is
 not run: the request finishes with finish_reason ``length`` and stop_reason ``flop_budget``. So the
 charge never exceeds the budget.
 """
@@ -40,22 +41,34 @@ def parse_budget(value, maximum: float | None = None, field: str = FIELD) -> flo
     return float(value)
 
 
-def admission_cost(model: FlopModel, prompt_tokens: int, image_tokens: Sequence[int] = (),
-                   kept_after_layer: int | None = None) -> int:
+def admission_cost(
+    model: FlopModel,
+    prompt_tokens: int,
+    image_tokens: Sequence[int] = (),
+    kept_after_layer: int | None = None,
+) -> int:
     """The least a request can cost: its prefill with one row of logits, plus one vision-tower run per
     image (``image_tokens``: the LM tokens each image's tower + projector produce; ``kept_after_layer``:
     they were dropped to that many inside the tower, see :meth:`FlopModel.vision`)."""
-    vision = sum(model.vision(1, tokens_per_image=t, kept_after_layer=kept_after_layer).total for t in image_tokens)
+    vision = sum(
+        model.vision(1, tokens_per_image=t, kept_after_layer=kept_after_layer).total for t in image_tokens
+    )
     return model.forward(prompt_tokens, start=0, logits=1).total + vision
 
 
-def check_admission(model: FlopModel, budget: float, prompt_tokens: int, image_tokens: Sequence[int] = (),
-                    kept_after_layer: int | None = None) -> None:
+def check_admission(
+    model: FlopModel,
+    budget: float,
+    prompt_tokens: int,
+    image_tokens: Sequence[int] = (),
+    kept_after_layer: int | None = None,
+) -> None:
     need = admission_cost(model, prompt_tokens, image_tokens, kept_after_layer)
     if need > budget:
         images = f" and {len(image_tokens)} image(s)" if image_tokens else ""
         raise BudgetError(
-            f"{FIELD}={budget:,.0f} FLOPs cannot cover this request's prefill of {prompt_tokens} tokens{images}, "
+            f"{FIELD}={budget:,.0f} FLOPs cannot cover this request's prefill of {prompt_tokens} "
+            f"tokens{images}, "
             f"which needs {need:,} FLOPs"
         )
 
@@ -73,7 +86,9 @@ class Policy(str, Enum):
     """Order in which waiting requests are admitted to the running batch."""
 
     FIFO = "fifo"  # vLLM's own order
-    SMALLEST_BUDGET = "smallest-budget"  # smallest remaining budget first: small requests do not queue behind huge ones
+    SMALLEST_BUDGET = (
+        "smallest-budget"  # smallest remaining budget first: small requests do not queue behind huge ones
+    )
 
 
 @dataclass

@@ -45,7 +45,9 @@ def token_blocks(tokenizer, split: str, block: int, count: int):
     return torch.tensor(ids[:need], dtype=torch.long).view(count, block)
 
 
-def perplexity(model, tokenizer, split: str = "eval", block: int = 256, count: int = 16, batch: int = 4) -> float:
+def perplexity(
+    model, tokenizer, split: str = "eval", block: int = 256, count: int = 16, batch: int = 4
+) -> float:
     """Token-level perplexity of ``model`` on ``count`` blocks of ``block`` tokens of a split."""
     import math
 
@@ -58,8 +60,9 @@ def perplexity(model, tokenizer, split: str = "eval", block: int = 256, count: i
         for i in range(0, count, batch):
             x = rows[i : i + batch]
             logits = model(input_ids=x).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                     reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
             total += loss.item()
             n += x[:, 1:].numel()
     return math.exp(total / n)

@@ -43,7 +43,8 @@ def describe() -> str:
 
 
 def engine_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a vLLM CPU engine: a small KV cache unless set, and no core kept back on small machines."""
+    """Environment for a vLLM CPU engine: a small KV cache unless set, and no core kept back on small
+    machines."""
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if (os.cpu_count() or 1) <= 4:

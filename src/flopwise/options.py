@@ -46,8 +46,11 @@ class Defaults(BaseModel):
     kv_policy: str | None = Field(None, description="kv_policy of requests that set none.")
     kv_keep: float | None = Field(None, description="kv_keep of requests that set no KV budget, in (0, 1].")
     kv_keep_tokens: int | None = Field(None, description="kv_keep_tokens of requests that set no KV budget.")
-    mm_kwargs_gate: bool = Field(False, description="Refuse per-request mm_processor_kwargs other than flopwise's "
-                                 "(set when flopwise serve trusts them only so that visual_keep gets through).")
+    mm_kwargs_gate: bool = Field(
+        False,
+        description="Refuse per-request mm_processor_kwargs other than flopwise's "
+        "(set when flopwise serve trusts them only so that visual_keep gets through).",
+    )
 
     def checked(self) -> Defaults:
         """Raise :class:`OptionError` (field = the flag's name) if a default would be refused in a request."""
@@ -55,9 +58,18 @@ class Defaults(BaseModel):
             if value is not None:
                 _budget(value, None, name, name)
         if self.flop_budget and self.max_flop_budget and self.flop_budget > self.max_flop_budget:
-            raise OptionError(f"the default flop_budget {self.flop_budget:g} exceeds the maximum "
-                              f"{self.max_flop_budget:g}", "flop_budget")
+            raise OptionError(
+                f"the default flop_budget {self.flop_budget:g} exceeds the maximum {self.max_flop_budget:g}",
+                "flop_budget",
+            )
         parse({}, self, n=2 if self.early_rejection is not None else 1)
+        if self.prm is not None:  # also when no early_rejection default names it yet
+            from flopwise.prm import PRMError, resolve
+
+            try:
+                resolve(self.prm)
+            except PRMError as e:
+                raise OptionError(str(e), "prm") from None
         return self
 
 
@@ -106,7 +118,9 @@ def _rejection(raw, defaults: Defaults, n: int | None, path) -> er.EarlyRejectio
     where = path(er.FIELD)
     if raw is None:
         if defaults.early_rejection is None or n is None or n < 2:
-            return None  # the server default applies to n>1 requests only (the engine sees it already applied)
+            return (
+                None  # the server default applies to n>1 requests only (the engine sees it already applied)
+            )
         raw = defaults.early_rejection
     elif isinstance(raw, str):  # vllm_xargs carries it as JSON text
         try:
@@ -118,12 +132,14 @@ def _rejection(raw, defaults: Defaults, n: int | None, path) -> er.EarlyRejectio
     try:
         config = er.parse_config(raw)
     except er.ConfigError as e:  # the message names the field; the error's field is where it came from
-        raise OptionError(str(e), where + e.field[len(er.FIELD):]) from None
+        raise OptionError(str(e), where + e.field[len(er.FIELD) :]) from None
     if n is not None and n < 2:
         raise OptionError(f"{er.FIELD} needs n > 1 candidates to choose from, got n={n}", "n")
     if config.mode == "beam":
-        raise OptionError(f"{er.FIELD}.mode='beam' (forking survivors) is not implemented in the engine yet; "
-                          "use 'reject'", f"{where}.mode")
+        raise OptionError(
+            f"{er.FIELD}.mode='beam' (forking survivors) is not implemented in the engine yet; use 'reject'",
+            f"{where}.mode",
+        )
     from flopwise.prm import PRMError, resolve
 
     try:
@@ -158,8 +174,13 @@ def _visual(raw: Mapping, defaults: Defaults, path) -> vd.VisualDropConfig | Non
     return config if config.active else None
 
 
-def parse(raw: Mapping, defaults: Defaults = NO_DEFAULTS, *, n: int | None = None,
-          paths: Mapping[str, str] | None = None) -> RequestOptions:
+def parse(
+    raw: Mapping,
+    defaults: Defaults = NO_DEFAULTS,
+    *,
+    n: int | None = None,
+    paths: Mapping[str, str] | None = None,
+) -> RequestOptions:
     """Validate a request's flat options ``raw`` (see the module docstring), unset fields from ``defaults``.
 
     ``n``: the request's candidates (early rejection needs n > 1; None: not known, as in the engine, where
@@ -183,7 +204,8 @@ def parse(raw: Mapping, defaults: Defaults = NO_DEFAULTS, *, n: int | None = Non
 
 
 def defaults_from_json(text: str | None) -> Defaults:
-    """The defaults ``flopwise serve`` hands its engine processes as JSON; a malformed one raises OptionError."""
+    """The defaults ``flopwise serve`` hands its engine processes as JSON; a malformed one raises
+    OptionError."""
     if not text:
         return NO_DEFAULTS
     try:

@@ -22,7 +22,10 @@ class Problem:
     answer: str
 
     def messages(self) -> list[dict]:
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Compute {self.expression}."}]
+        return [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Compute {self.expression}."},
+        ]
 
     def prompt(self, tokenizer) -> str:
         """The chat prompt text the generator is given (and trained on)."""
@@ -39,13 +42,24 @@ class Problem:
         return "\n".join([*lines, f"Answer: {value}"])
 
 
-def chain_sum(size: int, seed: int, min_terms: int = 3, max_terms: int = 6, max_digits: int = 2) -> list[Problem]:
+def chain_sum(
+    size: int, seed: int, min_terms: int = 3, max_terms: int = 6, max_digits: int = 2
+) -> list[Problem]:
     """``reasoning-gym``'s chain_sum problems (integers, + and -), deterministic in ``seed``."""
     import reasoning_gym
 
-    ds = reasoning_gym.create_dataset("chain_sum", size=size, seed=seed, min_terms=min_terms, max_terms=max_terms,
-                                      min_digits=1, max_digits=max_digits)
-    return [Problem(e["question"].rsplit(":", 1)[-1].strip().rstrip("=").strip(), str(e["answer"])) for e in ds]
+    ds = reasoning_gym.create_dataset(
+        "chain_sum",
+        size=size,
+        seed=seed,
+        min_terms=min_terms,
+        max_terms=max_terms,
+        min_digits=1,
+        max_digits=max_digits,
+    )
+    return [
+        Problem(e["question"].rsplit(":", 1)[-1].strip().rstrip("=").strip(), str(e["answer"])) for e in ds
+    ]
 
 
 def extract_answer(text: str) -> str | None:

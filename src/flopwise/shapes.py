@@ -36,7 +36,9 @@ class Example:
 
 def make(rng: random.Random, kind: str, size: int = 256, square: int = SQUARE) -> Example:
     image = np.full((size, size, 3), 16, dtype=np.uint8)
-    image += np.asarray([rng.randrange(0, 12) for _ in range(3)], dtype=np.uint8)  # a slightly varied background
+    image += np.asarray(
+        [rng.randrange(0, 12) for _ in range(3)], dtype=np.uint8
+    )  # a slightly varied background
     count = 1 if kind == "colour" else rng.randint(1, 3)
     placed: list[tuple[int, int]] = []
     colour = rng.choice(list(COLOURS))
@@ -45,7 +47,7 @@ def make(rng: random.Random, kind: str, size: int = 256, square: int = SQUARE) -
         if all(abs(y - py) > square + 4 or abs(x - px) > square + 4 for py, px in placed):
             placed.append((y, x))
             c = colour if kind == "colour" else rng.choice(list(COLOURS))
-            image[y:y + square, x:x + square] = COLOURS[c]
+            image[y : y + square, x : x + square] = COLOURS[c]
     answer = colour if kind == "colour" else NUMBERS[count - 1]
     return Example(image, kind, answer)
 

@@ -24,7 +24,9 @@ def load(model_dir: str, supported: set[str]):
     cfg = load_config(model_dir)
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in supported:
-        raise ConvertError(f"MODEL architecture {arch!r} is not supported here (supported: {', '.join(sorted(supported))})")
+        raise ConvertError(
+            f"MODEL architecture {arch!r} is not supported here (supported: {', '.join(sorted(supported))})"
+        )
     kwargs = {"dtype": torch.float32}
     if cfg.get("model_type") in ("mixtral", "qwen2_moe", "qwen3_moe"):
         kwargs["experts_implementation"] = "eager"
@@ -46,8 +48,12 @@ def ledger_summary(config: dict) -> dict:
     m = FlopModel.from_pretrained(config)
     decode = m.forward(1, start=511, logits=1)
     prefill = m.forward(2048, start=0, logits=1)
-    return {"decode_flops_per_token_at_512": decode.total, "prefill_flops_per_token_at_2048": prefill.total // 2048,
-            "prefill_attention_flops_2048": prefill.flops.get("attention", 0), "decode_components": decode.as_dict()}
+    return {
+        "decode_flops_per_token_at_512": decode.total,
+        "prefill_flops_per_token_at_2048": prefill.total // 2048,
+        "prefill_attention_flops_2048": prefill.flops.get("attention", 0),
+        "decode_components": decode.as_dict(),
+    }
 
 
 def param_summary(model, dtype_bytes: int) -> dict:

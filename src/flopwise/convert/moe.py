@@ -41,12 +41,17 @@ class MoEMergeConfig:
             raise ConvertError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         k = self.top_k if self.top_k is not None else top_k
         if not 1 <= self.experts <= num_experts or (self.experts == num_experts and k >= top_k):
-            raise ConvertError(f"--experts {self.experts} must be at least 1 and fewer than the model's {num_experts} "
-                               "(or equal to it with a lower --top-k)")
+            raise ConvertError(
+                f"--experts {self.experts} must be at least 1 and fewer than the model's {num_experts} "
+                "(or equal to it with a lower --top-k)"
+            )
         if not 1 <= k <= top_k:
             raise ConvertError(f"--top-k {k} must be between 1 and the model's top-k {top_k}")
         if self.experts < k:
-            raise ConvertError(f"--experts {self.experts} is fewer than top-k {k}" + ("" if self.top_k else " (lower it with --top-k)"))
+            raise ConvertError(
+                f"--experts {self.experts} is fewer than top-k {k}"
+                + ("" if self.top_k else " (lower it with --top-k)")
+            )
         return k
 
 
@@ -69,15 +74,21 @@ def _route(block, x: torch.Tensor, top_k: int, normalize: bool):
 
 
 def calibrate(model, rows: torch.Tensor, max_tokens: int = 4096) -> dict[int, dict[str, torch.Tensor]]:
-    """Per MoE layer: ``freq`` [E], ``reap`` [E], ``logits`` [N, E] and ``mean_out`` [E, D] on calibration rows."""
+    """Per MoE layer: ``freq`` [E], ``reap`` [E], ``logits`` [N, E] and ``mean_out`` [E, D] on calibration
+    rows."""
     cfg = model.config
     top_k = cfg.num_experts_per_tok
     normalize = cfg.model_type == "mixtral" or bool(getattr(cfg, "norm_topk_prob", False))
     inputs: dict[int, list[torch.Tensor]] = {}
     hooks = []
     for i, block in moe_blocks(model):
-        hooks.append(block.register_forward_pre_hook(
-            lambda _m, args, i=i: inputs.setdefault(i, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+        hooks.append(
+            block.register_forward_pre_hook(
+                lambda _m, args, i=i: inputs.setdefault(i, []).append(
+                    args[0].detach().reshape(-1, args[0].shape[-1])
+                )
+            )
+        )
     calibration_pass(model, rows, hooks)
     stats = {}
     with torch.no_grad():
@@ -101,8 +112,11 @@ def calibrate(model, rows: torch.Tensor, max_tokens: int = 4096) -> dict[int, di
     return stats
 
 
-def plan(stats: dict[str, torch.Tensor], k_experts: int, method: str) -> list[tuple[list[int], list[float], list[float]]]:
-    """Groups for one layer: (old experts, weight-merge coefficients, router-row coefficients) per new expert."""
+def plan(
+    stats: dict[str, torch.Tensor], k_experts: int, method: str
+) -> list[tuple[list[int], list[float], list[float]]]:
+    """Groups for one layer: (old experts, weight-merge coefficients, router-row coefficients) per new
+    expert."""
     freq = stats["freq"]
     E = freq.shape[0]
     if k_experts == E:
@@ -163,7 +177,11 @@ def convert(model, cfg: MoEMergeConfig, stats: dict[int, dict[str, torch.Tensor]
     for i, block in moe_blocks(model):
         prefix = f"model.layers.{i}.mlp."
         groups = plan(stats[i], cfg.experts, cfg.method)
-        router, gate_up, down = block.gate.weight.detach(), block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        router, gate_up, down = (
+            block.gate.weight.detach(),
+            block.experts.gate_up_proj.detach(),
+            block.experts.down_proj.detach(),
+        )
 
         def mix(tensor, members, coeffs):
             return sum(w * tensor[m] for m, w in zip(members, coeffs))

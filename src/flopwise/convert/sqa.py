@@ -55,7 +55,10 @@ class SQAConfig:
 def head_importance(model, rows: torch.Tensor) -> torch.Tensor:
     """[layers, q_heads]: mean L2 norm of each head's contribution to its layer's attention output."""
     cfg = model.config
-    q, d = cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, d = (
+        cfg.num_attention_heads,
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+    )
     layers = model.model.layers
     scores = torch.zeros(len(layers), q)
     hooks = []
@@ -142,8 +145,16 @@ def convert(model, cfg: SQAConfig, importance: torch.Tensor):
     return new.eval()
 
 
-def distill(student, teacher, rows: torch.Tensor, steps: int, lr: float = 5e-5, batch: int = 4, progress=None,
-            bf16: bool = False) -> list[float]:
+def distill(
+    student,
+    teacher,
+    rows: torch.Tensor,
+    steps: int,
+    lr: float = 5e-5,
+    batch: int = 4,
+    progress=None,
+    bf16: bool = False,
+) -> list[float]:
     """``steps`` steps of KL(teacher || student) on next-token distributions; returns the losses.
 
     ``bf16``: run the forward passes under bf16 autocast (weights and optimizer stay float32), for CPUs

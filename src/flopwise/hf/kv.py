@@ -26,8 +26,14 @@ class KVRun:
     logprobs: list[float] = field(default_factory=list)  # of each token generated (or forced)
 
 
-def compress(cache, captured: dict[int, torch.Tensor], config: kd.KVDropConfig, lay: kd.Layout, offset: int = 0,
-             seed: int = 0):
+def compress(
+    cache,
+    captured: dict[int, torch.Tensor],
+    config: kd.KVDropConfig,
+    lay: kd.Layout,
+    offset: int = 0,
+    seed: int = 0,
+):
     """Drop, in place, what ``config`` drops of each layer of a prefilled ``DynamicCache``; -> kept positions.
     The policy sees positions ``offset..`` only: what an engine computed after its prefix-cache hits."""
     policy = kd.get_policy(config.policy)
@@ -36,20 +42,37 @@ def compress(cache, captured: dict[int, torch.Tensor], config: kd.KVDropConfig, 
     for i, layer in enumerate(cache.layers):
         keys, values = layer.keys[0], layer.values[0]  # [Hkv, P, d]
         queries = captured.get(i)
-        ctx = kd.KVContext(keys=keys[:, offset:].transpose(0, 1),
-                           queries=policy.queries_of(None if queries is None else queries[offset:]),
-                           start=start, end=end, offset=offset, layer=i, seed=seed)
+        ctx = kd.KVContext(
+            keys=keys[:, offset:].transpose(0, 1),
+            queries=policy.queries_of(None if queries is None else queries[offset:]),
+            start=start,
+            end=end,
+            offset=offset,
+            layer=i,
+            seed=seed,
+        )
         idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens)  # [Hkv, m]
         gather = idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
         layer.keys = torch.cat([keys[:, :start], keys.gather(1, gather), keys[:, end:]], dim=1).unsqueeze(0)
-        layer.values = torch.cat([values[:, :start], values.gather(1, gather), values[:, end:]], dim=1).unsqueeze(0)
+        layer.values = torch.cat(
+            [values[:, :start], values.gather(1, gather), values[:, end:]], dim=1
+        ).unsqueeze(0)
         kept.append(idx)
     return kept
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_tokens: int, block_size: int,
-             protected_blocks: int = 0, offset: int = 0, seed: int = 0, forced: list[int] | None = None) -> KVRun:
+def generate(
+    model,
+    prompt_ids: list[int],
+    config: kd.KVDropConfig | None,
+    max_tokens: int,
+    block_size: int,
+    protected_blocks: int = 0,
+    offset: int = 0,
+    seed: int = 0,
+    forced: list[int] | None = None,
+) -> KVRun:
     """Greedy ``max_tokens`` tokens after ``prompt_ids`` with ``config``'s KV drop applied after prefill.
     ``protected_blocks`` / ``offset``: as the engine had them (prefix-cache hits it did not recompute).
     ``forced``: decode these tokens instead (teacher forcing); ``logprobs`` then holds each one's."""
@@ -84,15 +107,28 @@ def generate(model, prompt_ids: list[int], config: kd.KVDropConfig | None, max_t
         kept = compress(cache, captured, config, lay, offset, seed) if lay is not None and lay.active else []
         evicted = 0
         for t in range(max_tokens - 1):
-            while lay is not None and config.tokens is not None and kd.evicts(lay, evicted, P + t, config.tokens):
+            while (
+                lay is not None
+                and config.tokens is not None
+                and kd.evicts(lay, evicted, P + t, config.tokens)
+            ):
                 at = (lay.protected + lay.kept) * block_size  # the oldest tail block, in the cache's rows
                 for layer in cache.layers:
-                    layer.keys = torch.cat([layer.keys[:, :, :at], layer.keys[:, :, at + block_size:]], dim=2)
-                    layer.values = torch.cat([layer.values[:, :, :at], layer.values[:, :, at + block_size:]], dim=2)
+                    layer.keys = torch.cat(
+                        [layer.keys[:, :, :at], layer.keys[:, :, at + block_size :]], dim=2
+                    )
+                    layer.values = torch.cat(
+                        [layer.values[:, :, :at], layer.values[:, :, at + block_size :]], dim=2
+                    )
                 evicted += 1
             length = cache.get_seq_length()
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
-                        position_ids=torch.tensor([[P + t]]), cache_position=torch.tensor([length]))
+            out = model(
+                input_ids=torch.tensor([[tokens[-1]]]),
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=torch.tensor([[P + t]]),
+                cache_position=torch.tensor([length]),
+            )
             tokens.append(pick(out.logits[0, -1]))
         return KVRun(tokens, lay, kept, evicted, logprobs)
     finally:

@@ -15,14 +15,33 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<image>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 VOCAB = 2048
 
-_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, vocab_size=VOCAB,
-             rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
-             pad_token_id=0)
+_TEXT = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=4096,
+    vocab_size=VOCAB,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 FAMILIES: dict[str, dict] = {
     "llama-gqa": dict(_TEXT, architectures=["LlamaForCausalLM"], model_type="llama"),
@@ -30,30 +49,82 @@ FAMILIES: dict[str, dict] = {
     "mistral": dict(_TEXT, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
     # Fewer query heads than hidden/head_dim: the shape query-head-reduced (SQA) checkpoints have.
     "llama-sqa": dict(_TEXT, architectures=["LlamaForCausalLM"], model_type="llama", num_attention_heads=2),
-    "mixtral": dict(_TEXT, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=128,
-                    num_local_experts=4, num_experts_per_tok=2),
-    "qwen2-moe": dict(_TEXT, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=4,
-                      num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-                      decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=False),
-    "qwen3-moe": dict(_TEXT, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
-                      num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
-                      mlp_only_layers=[], norm_topk_prob=True),
+    "mixtral": dict(
+        _TEXT,
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "qwen2-moe": dict(
+        _TEXT,
+        architectures=["Qwen2MoeForCausalLM"],
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+        norm_topk_prob=False,
+    ),
+    "qwen3-moe": dict(
+        _TEXT,
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+    ),
     "llava": dict(
-        architectures=["LlavaForConditionalGeneration"], model_type="llava", image_token_index=3,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        architectures=["LlavaForConditionalGeneration"],
+        model_type="llava",
+        image_token_index=3,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
         tie_word_embeddings=False,
         text_config=dict(_TEXT, model_type="llama"),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=3, num_attention_heads=2, image_size=64, patch_size=16,
-                           projection_dim=64),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            projection_dim=64,
+        ),
     ),
     "qwen2-vl": dict(
-        architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", image_token_id=6,
-        video_token_id=7, vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False,
-        text_config=dict(_TEXT, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        architectures=["Qwen2VLForConditionalGeneration"],
+        model_type="qwen2_vl",
+        image_token_id=6,
+        video_token_id=7,
+        vision_start_token_id=4,
+        vision_end_token_id=5,
+        tie_word_embeddings=False,
+        text_config=dict(
+            _TEXT,
+            model_type="qwen2_vl_text",
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=64,
+            hidden_size=128,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
     ),
 }
 
@@ -71,11 +142,17 @@ def train_tokenizer(out_dir: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train(_corpus_files(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(out_dir)
     return fast
@@ -115,17 +192,26 @@ def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
 
     if family == "llava":
         side = config.vision_config.image_size
-        image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": side},
-                                                          crop_size={"height": side, "width": side})
+        image_processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
         processor = transformers.LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, image_token="<image>",
-            num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_token="<image>",
+            num_additional_image_tokens=1,
+            chat_template=tokenizer.chat_template,
+        )
     else:
         image_processor = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
         processor = transformers.Qwen2VLProcessor(
-            image_processor=image_processor, video_processor=transformers.Qwen2VLVideoProcessor(),
-            tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+            image_processor=image_processor,
+            video_processor=transformers.Qwen2VLVideoProcessor(),
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+        )
     processor.save_pretrained(out_dir)
 
 
@@ -137,6 +223,12 @@ def legacy_llava_keys(out_dir: str) -> None:
     path = os.path.join(out_dir, "model.safetensors")
     state = load_file(path)
     prefix = "vision_tower."
-    state = {(prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix) and ".vision_model." not in k else k): v
-             for k, v in state.items()}
+    state = {
+        (
+            prefix + "vision_model." + k[len(prefix) :]
+            if k.startswith(prefix) and ".vision_model." not in k
+            else k
+        ): v
+        for k, v in state.items()
+    }
     save_file(state, path, metadata={"format": "pt"})

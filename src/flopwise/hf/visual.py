@@ -42,11 +42,11 @@ def _tower_with_drop(model, pixel_values, config: vd.VisualDropConfig):
     tower = getattr(tower, "vision_model", tower)
     run = FlopModel.from_pretrained(model.config.to_dict()).spec.vision.layers  # up to the layer LLaVA reads
     x = tower.pre_layrnorm(tower.embeddings(pixel_values))
-    for block in tower.encoder.layers[:config.layer]:
+    for block in tower.encoder.layers[: config.layer]:
         x = block(x, None)
     idx = vd.keep_indices(x[0, 1:], config, x[0, 0])
     x = torch.cat([x[:, :1], x[:, 1:][:, idx]], dim=1)
-    for block in tower.encoder.layers[config.layer:run]:
+    for block in tower.encoder.layers[config.layer : run]:
         x = block(x, None)
     return x[0, 1:], idx  # hidden_states carry no post-norm; LLaVA reads them as they are
 
@@ -64,9 +64,13 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         if config.layer is not None and config.active:
             selected, kept = _tower_with_drop(model, inputs["pixel_values"].to(dtype), config)
         else:
-            hidden = model.model.vision_tower(inputs["pixel_values"].to(dtype), output_hidden_states=True).hidden_states
+            hidden = model.model.vision_tower(
+                inputs["pixel_values"].to(dtype), output_hidden_states=True
+            ).hidden_states
             feats = hidden[cfg.vision_feature_layer][0]
-            cls, tokens = (feats[0], feats[1:]) if cfg.vision_feature_select_strategy == "default" else (None, feats)
+            cls, tokens = (
+                (feats[0], feats[1:]) if cfg.vision_feature_select_strategy == "default" else (None, feats)
+            )
             kept = vd.keep_indices(tokens, config, cls)
             selected = tokens[kept]
         image_embeds = model.model.multi_modal_projector(selected)
@@ -96,7 +100,8 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
 
 @torch.no_grad()
 def greedy(model, prepared: Prepared, max_tokens: int, eos_token_id: int | None = None) -> list[int]:
-    """Greedy decoding from prepared prompt embeddings; stops at ``eos_token_id`` (included, as vLLM returns it)."""
+    """Greedy decoding from prepared prompt embeddings; stops at ``eos_token_id`` (included, as vLLM returns
+    it)."""
     embeds, out = prepared.embeds, []
     embed = model.get_input_embeddings()
     for _ in range(max_tokens):
@@ -114,6 +119,8 @@ def greedy(model, prepared: Prepared, max_tokens: int, eos_token_id: int | None 
     return out
 
 
-def generate(model, processor, image, prompt: str, config: vd.VisualDropConfig, max_tokens: int = 8) -> list[int]:
+def generate(
+    model, processor, image, prompt: str, config: vd.VisualDropConfig, max_tokens: int = 8
+) -> list[int]:
     prepared = prepare(model, processor, image, prompt, config)
     return greedy(model, prepared, max_tokens, processor.tokenizer.eos_token_id)

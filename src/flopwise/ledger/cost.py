@@ -18,8 +18,18 @@ from dataclasses import dataclass, field
 
 from flopwise.ledger.spec import LayerSpec, LedgerError, ModelSpec, VisionSpec, parse_spec
 
-COMPONENTS = ("qkv", "attention", "o_proj", "mlp", "router", "experts", "shared_experts", "lm_head", "vision",
-              "kv_scoring")
+COMPONENTS = (
+    "qkv",
+    "attention",
+    "o_proj",
+    "mlp",
+    "router",
+    "experts",
+    "shared_experts",
+    "lm_head",
+    "vision",
+    "kv_scoring",
+)
 
 
 @dataclass
@@ -51,7 +61,8 @@ class Breakdown:
 
 
 def context_sum(start: int, tokens: int, window: int | None = None) -> int:
-    """Sum over positions ``start .. start+tokens-1`` of each token's attention context ``min(i+1, window)``."""
+    """Sum over positions ``start .. start+tokens-1`` of each token's attention context ``min(i+1,
+    window)``."""
     if tokens <= 0:
         return 0
     first, last = start + 1, start + tokens  # contexts before the window cap
@@ -107,8 +118,10 @@ class FlopModel:
         groups: dict[LayerSpec, int] = {}
         for layer in spec.layers:
             groups[layer] = groups.get(layer, 0) + 1
-        self._groups = [(layer.window, count, self._per_token(layer), 4 * layer.q_heads * layer.head_dim)
-                        for layer, count in groups.items()]
+        self._groups = [
+            (layer.window, count, self._per_token(layer), 4 * layer.q_heads * layer.head_dim)
+            for layer, count in groups.items()
+        ]
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | Mapping, image_size: int = 448) -> FlopModel:
@@ -163,7 +176,9 @@ class FlopModel:
         return out
 
     # -- vision ------------------------------------------------------------------------------------
-    def vision(self, images: int = 1, tokens_per_image: int | None = None, kept_after_layer: int | None = None) -> Breakdown:
+    def vision(
+        self, images: int = 1, tokens_per_image: int | None = None, kept_after_layer: int | None = None
+    ) -> Breakdown:
         """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each.
 
         ``kept_after_layer`` (CLIP towers): the image's tokens were dropped to ``tokens_per_image`` inside the
@@ -175,7 +190,9 @@ class FlopModel:
             return out
         if v is None:
             raise LedgerError(f"{self.spec.architecture} has no vision tower: it cannot take images")
-        out.add("vision", images * self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer))
+        out.add(
+            "vision", images * self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer)
+        )
         return out
 
     @staticmethod
@@ -203,8 +220,14 @@ class FlopModel:
         return self.spec.vision.tokens_per_image
 
     # -- a whole request ---------------------------------------------------------------------------
-    def request(self, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0, images: int = 0,
-                kv_dropped: int = 0) -> RequestCost:
+    def request(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        cached_tokens: int = 0,
+        images: int = 0,
+        kv_dropped: int = 0,
+    ) -> RequestCost:
         """Cost of generating ``output_tokens`` from ``prompt_tokens`` text tokens plus ``images`` images.
 
         Each image adds its placeholder tokens to the prompt. ``cached_tokens`` prompt tokens were

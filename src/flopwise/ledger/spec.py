@@ -132,7 +132,9 @@ def _text_layers(cfg: dict, arch: str) -> tuple[LayerSpec, ...]:
     # An explicit head_dim is what makes query-head-reduced checkpoints (q_heads x head_dim != hidden).
     head_dim = cfg.get("head_dim") or hidden // q_heads
     if q_heads % kv_heads:
-        raise LedgerError(f"num_attention_heads={q_heads} is not a multiple of num_key_value_heads={kv_heads}")
+        raise LedgerError(
+            f"num_attention_heads={q_heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
 
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
@@ -190,7 +192,9 @@ def _clip_vision(cfg: dict, text_hidden: int) -> VisionSpec:
         raise LedgerError("config field 'vision_config' is missing from LlavaForConditionalGeneration config")
     mt = v.get("model_type", "clip_vision_model")
     if mt not in ("clip_vision_model", "siglip_vision_model"):
-        raise UnsupportedArchitecture(f"LLaVA vision tower {mt!r} is not supported (clip_vision_model, siglip_vision_model)")
+        raise UnsupportedArchitecture(
+            f"LLaVA vision tower {mt!r} is not supported (clip_vision_model, siglip_vision_model)"
+        )
     where = "vision_config"
     hidden = _req(v, "hidden_size", where)
     ffn = _req(v, "intermediate_size", where)
@@ -225,7 +229,9 @@ def _clip_vision(cfg: dict, text_hidden: int) -> VisionSpec:
 def _qwen2vl_vision(cfg: dict, text_hidden: int, image_size: int) -> VisionSpec:
     v = cfg.get("vision_config")
     if not isinstance(v, dict):
-        raise LedgerError("config field 'vision_config' is missing from Qwen2VLForConditionalGeneration config")
+        raise LedgerError(
+            "config field 'vision_config' is missing from Qwen2VLForConditionalGeneration config"
+        )
     where = "vision_config"
     embed = v.get("embed_dim") or _req(v, "hidden_size", where)
     depth = v.get("depth") or _req(v, "num_hidden_layers", where)
@@ -261,7 +267,9 @@ def parse_spec(model: str | os.PathLike | dict, image_size: int = 448) -> ModelS
         raise LedgerError("config field 'architectures' is missing: cannot tell which model family this is")
     arch = archs[0]
     if arch not in SUPPORTED:
-        raise UnsupportedArchitecture(f"architecture {arch!r} is not supported by the FLOP ledger (supported: {', '.join(SUPPORTED)})")
+        raise UnsupportedArchitecture(
+            f"architecture {arch!r} is not supported by the FLOP ledger (supported: {', '.join(SUPPORTED)})"
+        )
 
     if arch in VLM:
         text = cfg.get("text_config")
@@ -270,14 +278,22 @@ def parse_spec(model: str | os.PathLike | dict, image_size: int = 448) -> ModelS
             text = cfg if arch == "Qwen2VLForConditionalGeneration" else None
         if text is None:
             raise LedgerError(f"config field 'text_config' is missing from {arch} config")
-        text_arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            text.get("model_type", "llama"), "LlamaForCausalLM"
-        )
+        text_arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+        }.get(text.get("model_type", "llama"), "LlamaForCausalLM")
         if arch == "Qwen2VLForConditionalGeneration":
             text_arch = "Qwen2ForCausalLM"
         hidden = _req(text, "hidden_size", "text_config")
-        vocab = _req(text, "vocab_size", "text_config") if "vocab_size" in text else _req(cfg, "vocab_size", arch)
-        vision = _clip_vision(cfg, hidden) if arch == "LlavaForConditionalGeneration" else _qwen2vl_vision(cfg, hidden, image_size)
+        vocab = (
+            _req(text, "vocab_size", "text_config") if "vocab_size" in text else _req(cfg, "vocab_size", arch)
+        )
+        vision = (
+            _clip_vision(cfg, hidden)
+            if arch == "LlavaForConditionalGeneration"
+            else _qwen2vl_vision(cfg, hidden, image_size)
+        )
         return ModelSpec(arch, hidden, vocab, _text_layers(text, text_arch), vision, extra={"config": cfg})
 
     hidden = _req(cfg, "hidden_size", f"{arch} config")

@@ -30,10 +30,15 @@ HEAD = "head.safetensors"
 def read_config(path: str | Path) -> dict:
     cfg_path = Path(path) / CONFIG
     if not cfg_path.is_file():
-        raise PRMError(f"early_rejection.prm={str(path)!r}: no {CONFIG} in that directory (not a flopwise PRM)")
+        raise PRMError(
+            f"early_rejection.prm={str(path)!r}: no {CONFIG} in that directory (not a flopwise PRM)"
+        )
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("type") not in ("step-tag", "head"):
-        raise PRMError(f"early_rejection.prm={str(path)!r}: {CONFIG} type must be 'step-tag' or 'head', got {cfg.get('type')!r}")
+        raise PRMError(
+            f"early_rejection.prm={str(path)!r}: {CONFIG} type must be 'step-tag' or 'head', got "
+            f"{cfg.get('type')!r}"
+        )
     return cfg
 
 
@@ -67,7 +72,11 @@ class HeadPRM(_CausalLMPRM):
 
         base = resolve_model(None if cfg.get("base", "default") == "default" else cfg["base"])
         # bf16 where the CPU has it (3-7x faster); the head reads the hidden states in fp32
-        super().__init__(name, base, torch.bfloat16 if cfg.get("dtype", hw.default_dtype()) == "bfloat16" else torch.float32)
+        super().__init__(
+            name,
+            base,
+            torch.bfloat16 if cfg.get("dtype", hw.default_dtype()) == "bfloat16" else torch.float32,
+        )
         self.layer = int(cfg.get("layer", -1))
         if path is None:  # untrained: only features() is meaningful (flopwise train-prm fits the head)
             self.weight, self.bias = torch.zeros(self.model.config.hidden_size), torch.zeros(1)
@@ -100,7 +109,9 @@ class StepTagPRM(_CausalLMPRM):
         try:
             self.good_bad = [vocab[cfg.get("good", "+")], vocab[cfg.get("bad", "-")]]
         except KeyError as e:
-            raise PRMError(f"early_rejection.prm={name!r}: label token {e} is not in the tokenizer's vocabulary") from None
+            raise PRMError(
+                f"early_rejection.prm={name!r}: label token {e} is not in the tokenizer's vocabulary"
+            ) from None
 
     @torch.no_grad()
     def score_steps(self, prompt: str, steps: list[str]) -> list[float | None]:
@@ -120,13 +131,20 @@ def load(path: str, name: str | None = None) -> ProcessRewardModel:
     return (HeadPRM if cfg["type"] == "head" else StepTagPRM)(name or path, Path(path).expanduser(), cfg)
 
 
-def save_head(out: str | Path, base: str, weight: torch.Tensor, bias: torch.Tensor, layer: int = -1, **info) -> Path:
+def save_head(
+    out: str | Path, base: str, weight: torch.Tensor, bias: torch.Tensor, layer: int = -1, **info
+) -> Path:
     """Write a head PRM directory (``flopwise_prm.json`` + ``head.safetensors``), atomically."""
     from safetensors.torch import save_file
 
     from flopwise.atomic import atomic_directory
 
     with atomic_directory(out) as tmp:
-        save_file({"weight": weight.float().contiguous(), "bias": bias.float().reshape(1).contiguous()}, str(tmp / HEAD))
-        (tmp / CONFIG).write_text(json.dumps({"type": "head", "base": base, "layer": layer, **info}, indent=1) + "\n")
+        save_file(
+            {"weight": weight.float().contiguous(), "bias": bias.float().reshape(1).contiguous()},
+            str(tmp / HEAD),
+        )
+        (tmp / CONFIG).write_text(
+            json.dumps({"type": "head", "base": base, "layer": layer, **info}, indent=1) + "\n"
+        )
     return Path(out)

@@ -13,7 +13,8 @@ from flopwise.prm.base import split_steps
 
 
 def step_labels(answer: str) -> tuple[list[str], list[int | None]]:
-    """(steps, label per step): 1 while every equation so far holds, 0 from the first wrong one; None if unjudged."""
+    """(steps, label per step): 1 while every equation so far holds, 0 from the first wrong one; None if
+    unjudged."""
     steps, labels, ok = split_steps(answer, final=True), [], True
     for step in steps:
         verdict = check_line(step)
@@ -31,7 +32,9 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
 
 
-def fit_head(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_head(
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logistic regression (L-BFGS, class-balanced, L2) -> (weight [d], bias [1]) on raw features."""
     x, y = x.float(), y.float()
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -43,7 +46,10 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 20
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight) + l2 * w.square().sum()
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight)
+            + l2 * w.square().sum()
+        )
         loss.backward()
         return loss
 

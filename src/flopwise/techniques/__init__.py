@@ -50,6 +50,7 @@ class Registry:
         """An instance of ``name``'s class; an unknown name (or a JSON list / object) raises ``error``."""
         self._load()
         if not isinstance(name, str) or name not in self.classes:
-            raise self.error(f"unknown {self.label} {name!r}; choose one of {', '.join(sorted(self.classes))}",
-                             self.field)
+            raise self.error(
+                f"unknown {self.label} {name!r}; choose one of {', '.join(sorted(self.classes))}", self.field
+            )
         return self.classes[name]()

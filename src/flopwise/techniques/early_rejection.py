@@ -37,26 +37,37 @@ class EarlyRejectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prm: str = Field("verifier:arithmetic", description="PRM name or directory that scores partial candidates.")
+    prm: str = Field(
+        "verifier:arithmetic", description="PRM name or directory that scores partial candidates."
+    )
     every_tokens: int = Field(64, ge=1, description="Tokens generated between checkpoints.")
-    every_steps: int | None = Field(None, ge=1, description="Checkpoint every this many complete steps (lines) "
-                                    "instead; a candidate also reaches a checkpoint after c * every_tokens tokens.")
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Checkpoint every this many complete steps (lines) "
+        "instead; a candidate also reaches a checkpoint after c * every_tokens tokens.",
+    )
     keep: float = Field(0.5, gt=0, le=1, description="Fraction of live candidates kept at each checkpoint.")
     min_keep: int = Field(1, ge=1, description="Never keep fewer live candidates than this.")
-    mode: Literal["reject", "beam"] = Field("reject", description="'reject' stops weak candidates; 'beam' would also "
-                                            "fork survivors to refill the width (not implemented in the engine).")
+    mode: Literal["reject", "beam"] = Field(
+        "reject",
+        description="'reject' stops weak candidates; 'beam' would also "
+        "fork survivors to refill the width (not implemented in the engine).",
+    )
 
     def keep_count(self, live: int) -> int:
         return min(live, max(self.min_keep, math.ceil(self.keep * live - 1e-9)))
 
     def reached(self, checkpoint: int, tokens: int, steps: int) -> bool:
-        """Whether a candidate with ``tokens`` generated, ``steps`` of them complete, is at checkpoint ``checkpoint``."""
+        """Whether a candidate with ``tokens`` generated, ``steps`` of them complete, is at checkpoint
+        ``checkpoint``."""
         if self.every_steps is not None and steps >= checkpoint * self.every_steps:
             return True
         return tokens >= checkpoint * self.every_tokens
 
     def rejects_at(self, live: int) -> bool:
-        """Whether a checkpoint with ``live`` candidates rejects any (monotone: false for all smaller ``live``)."""
+        """Whether a checkpoint with ``live`` candidates rejects any (monotone: false for all smaller
+        ``live``)."""
         return self.keep_count(live) < live
 
 
@@ -65,7 +76,8 @@ class ConfigError(OptionError):
 
 
 def parse_config(raw, prefix: str = FIELD) -> EarlyRejectionConfig:
-    """Validate an ``early_rejection`` object; the error names the field as ``prefix.field`` (``field`` if no prefix)."""
+    """Validate an ``early_rejection`` object; the error names the field as ``prefix.field`` (``field`` if no
+    prefix)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'the value'} must be an object, got {type(raw).__name__}", prefix)
     try:
@@ -107,10 +119,19 @@ class ReferenceResult:
 
 
 @torch.no_grad()
-def reference_generate(model, prompt_ids: list[int], prompt_text: str, n: int, config: EarlyRejectionConfig,
-                       prm: ProcessRewardModel, decode: Callable[[list[int]], str], max_tokens: int,
-                       eos_ids: set[int], sample: Callable[[int, torch.Tensor], int],
-                       newlines: frozenset[int] = frozenset()) -> ReferenceResult:
+def reference_generate(
+    model,
+    prompt_ids: list[int],
+    prompt_text: str,
+    n: int,
+    config: EarlyRejectionConfig,
+    prm: ProcessRewardModel,
+    decode: Callable[[list[int]], str],
+    max_tokens: int,
+    eos_ids: set[int],
+    sample: Callable[[int, torch.Tensor], int],
+    newlines: frozenset[int] = frozenset(),
+) -> ReferenceResult:
     """The oracle: ``n`` candidates on a plain HF causal LM, one KV cache each, rejected by the rule above.
 
     ``sample(candidate, logits[vocab])`` picks each next token (the test passes vLLM's seeded sampler);

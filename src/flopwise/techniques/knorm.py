@@ -15,4 +15,3 @@ from flopwise.techniques.kv_drop import KVContext, KVPolicy, register
 class Knorm(KVPolicy):
     def score(self, ctx: KVContext) -> torch.Tensor:
         return -ctx.keys[ctx.rel].float().norm(dim=-1).T  # [Hkv, N]
-

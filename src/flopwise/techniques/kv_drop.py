@@ -103,8 +103,14 @@ class KVDropError(OptionError):
     """A bad KV-dropping option; ``field`` names it (``kv_policy``, ``kv_keep``, ``kv_keep_tokens``)."""
 
 
-_POLICIES = Registry(POLICY_FIELD, POLICY_FIELD, KVDropError, tuple(
-    f"flopwise.techniques.{m}" for m in ("h2o", "knorm", "random_kv", "snapkv", "streaming_llm", "tova")))
+_POLICIES = Registry(
+    POLICY_FIELD,
+    POLICY_FIELD,
+    KVDropError,
+    tuple(
+        f"flopwise.techniques.{m}" for m in ("h2o", "knorm", "random_kv", "snapkv", "streaming_llm", "tova")
+    ),
+)
 register = _POLICIES.register
 
 
@@ -115,8 +121,12 @@ class KVDropConfig(BaseModel):
 
     policy: str = Field(DEFAULT_POLICY, description="snapkv, tova, h2o, streaming_llm, knorm or random.")
     keep: float = Field(1.0, gt=0, le=1, description="Fraction of the prompt's tokens whose KV is kept.")
-    tokens: int | None = Field(None, ge=1, description="Token budget for the request's KV, instead of keep: the "
-                               "prompt is cut to it, and generation evicts its oldest blocks beyond it.")
+    tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget for the request's KV, instead of keep: the "
+        "prompt is cut to it, and generation evicts its oldest blocks beyond it.",
+    )
 
     @property
     def active(self) -> bool:
@@ -150,8 +160,11 @@ def parse_options(policy=None, keep=None, tokens=None) -> KVDropConfig:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise KVDropError(f"{TOKENS_FIELD} must be a positive integer, got {tokens!r}", TOKENS_FIELD)
     if tokens < chosen.min_tokens:
-        raise KVDropError(f"{TOKENS_FIELD}={tokens} is below the {chosen.min_tokens} tokens {policy} needs "
-                          f"(its sinks + window)", TOKENS_FIELD)
+        raise KVDropError(
+            f"{TOKENS_FIELD}={tokens} is below the {chosen.min_tokens} tokens {policy} needs "
+            f"(its sinks + window)",
+            TOKENS_FIELD,
+        )
     return KVDropConfig(policy=policy, tokens=tokens)
 
 
@@ -233,7 +246,7 @@ def window_attention(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 256
     k = keys.float().permute(1, 2, 0)  # [Hkv, d, P]
     total = torch.zeros(kv_heads, P)
     for s in range(0, W, chunk):
-        q = queries[s:s + chunk].float()
+        q = queries[s : s + chunk].float()
         w = q.shape[0]
         seen = P - W + s + w  # keys visible to the chunk's last query
         q = q.reshape(w, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * w, d)

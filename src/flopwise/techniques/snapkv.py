@@ -30,9 +30,14 @@ class SnapKV(KVPolicy):
 
     def score(self, ctx: KVContext) -> torch.Tensor:
         n, w = ctx.keys.shape[0], ctx.queries.shape[0]
-        attn = (window_attention(ctx.keys, ctx.queries) / w)[:, :n - w]  # mean over the window: [Hkv, n - w]
-        pooled = F.avg_pool1d(attn.unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=True).squeeze(1) if n - w > 0 else attn
+        attn = (window_attention(ctx.keys, ctx.queries) / w)[:, : n - w]  # mean over the window: [Hkv, n - w]
+        pooled = (
+            F.avg_pool1d(
+                attn.unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=True
+            ).squeeze(1)
+            if n - w > 0
+            else attn
+        )
         top = pooled.max() if pooled.numel() else torch.tensor(0.0)
         scores = torch.cat([pooled, top.expand(pooled.shape[0], w)], dim=1)  # the window scores highest
         return scores[:, ctx.rel]

@@ -35,7 +35,8 @@ class VisualScorer(ABC):
 
     @abstractmethod
     def score(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """``tokens`` [N, D] features of one image (``query`` [D]: its CLS token, if the tower has one) -> [N]."""
+        """``tokens`` [N, D] features of one image (``query`` [D]: its CLS token, if the tower has one) ->
+        [N]."""
 
 
 def method_names() -> list[str]:
@@ -51,10 +52,18 @@ class VisualDropConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    keep: float = Field(1.0, gt=0, le=1, description="Fraction of each image's tokens the language model sees.")
-    method: str = Field(DEFAULT_METHOD, description="Scoring method: visiondrop, cls_attention, uniform or random.")
-    layer: int | None = Field(None, ge=0, description="LLaVA: drop inside the vision tower, after this many of its "
-                              "layers (the rest run on the kept tokens only); None: after the tower.")
+    keep: float = Field(
+        1.0, gt=0, le=1, description="Fraction of each image's tokens the language model sees."
+    )
+    method: str = Field(
+        DEFAULT_METHOD, description="Scoring method: visiondrop, cls_attention, uniform or random."
+    )
+    layer: int | None = Field(
+        None,
+        ge=0,
+        description="LLaVA: drop inside the vision tower, after this many of its "
+        "layers (the rest run on the kept tokens only); None: after the tower.",
+    )
 
     @property
     def active(self) -> bool:
@@ -72,11 +81,16 @@ class VisualDropConfig(BaseModel):
 
 
 class VisualDropError(OptionError):
-    """A bad visual-dropping option; ``field`` names it (``visual_keep``, ``visual_drop``, ``visual_drop_layer``)."""
+    """A bad visual-dropping option; ``field`` names it (``visual_keep``, ``visual_drop``,
+    ``visual_drop_layer``)."""
 
 
-_METHODS = Registry(f"{METHOD_FIELD} method", METHOD_FIELD, VisualDropError,
-                    tuple(f"flopwise.techniques.{m}" for m in ("cls_attention", "uniform_drop", "visiondrop")))
+_METHODS = Registry(
+    f"{METHOD_FIELD} method",
+    METHOD_FIELD,
+    VisualDropError,
+    tuple(f"flopwise.techniques.{m}" for m in ("cls_attention", "uniform_drop", "visiondrop")),
+)
 register = _METHODS.register
 
 
@@ -88,8 +102,9 @@ def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
     if method is None:
         method = DEFAULT_METHOD
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
-        raise VisualDropError(f"{LAYER_FIELD} must be a non-negative integer (a vision-tower layer), got {layer!r}",
-                              LAYER_FIELD)
+        raise VisualDropError(
+            f"{LAYER_FIELD} must be a non-negative integer (a vision-tower layer), got {layer!r}", LAYER_FIELD
+        )
     keep = fraction(keep, KEEP_FIELD, VisualDropError)
     get_scorer(method)  # an unknown method raises, naming the field
     return VisualDropConfig(keep=keep, method=method, layer=layer)
@@ -105,8 +120,11 @@ def keep_count(tokens: int, keep: float) -> int:
         return tokens
     k = _rounded(tokens, keep)
     if k < 1:
-        raise VisualDropError(f"{KEEP_FIELD}={keep} keeps no token of an image of {tokens} tokens "
-                              f"(needs at least {1 / tokens:.4f})", KEEP_FIELD)
+        raise VisualDropError(
+            f"{KEEP_FIELD}={keep} keeps no token of an image of {tokens} tokens "
+            f"(needs at least {1 / tokens:.4f})",
+            KEEP_FIELD,
+        )
     return k
 
 
@@ -120,7 +138,9 @@ def tokens_before(kept: int, keep: float) -> int:
     return n
 
 
-def keep_indices(tokens: torch.Tensor, config: VisualDropConfig, query: torch.Tensor | None = None) -> torch.Tensor:
+def keep_indices(
+    tokens: torch.Tensor, config: VisualDropConfig, query: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices (ascending) of the tokens ``config`` keeps of one image's features ``tokens`` [N, D]."""
     n = tokens.shape[0]
     k = keep_count(n, config.keep)
@@ -137,7 +157,9 @@ def group_mean(patches: torch.Tensor, merge: int) -> torch.Tensor:
     return patches.reshape(-1, merge * merge, patches.shape[-1]).mean(1)
 
 
-def mrope_positions(input_len: int, images: list[tuple[int, tuple[int, int, int], np.ndarray | None]]) -> tuple[np.ndarray, int]:
+def mrope_positions(
+    input_len: int, images: list[tuple[int, tuple[int, int, int], np.ndarray | None]]
+) -> tuple[np.ndarray, int]:
     """Qwen2-VL's 3-D M-RoPE positions of a prompt whose images keep only some tokens.
 
     ``images``: (placeholder offset, LM grid (t, h, w), kept indices or None for all) per image, in order.
