@@ -1,7 +1,6 @@
 """Several engines behind one endpoint: ``flopwise serve … --data-parallel-size 2`` (vLLM's data parallelism,
-which
-the CPU build supports). Budgets hold per request, a request's n candidates share one engine (one budget, one
-ledger group), and the flopwise counters on /metrics add up over both engines."""
+which the CPU build supports). Budgets hold per request, a request's n candidates share one engine (one
+budget, one ledger group), and the flopwise counters on /metrics add up over both engines."""
 
 import re
 import urllib.request

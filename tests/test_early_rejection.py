@@ -146,9 +146,8 @@ def test_prm_failing_at_run_time_serves_without_rejection(setup, tmp_path):
     llm, base, head = setup
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "flopwise_prm.json").write_text(
-        json.dumps({"type": "head", "base": base})
-    )  # no head.safetensors
+    # no head.safetensors
+    (broken / "flopwise_prm.json").write_text(json.dumps({"type": "head", "base": base}))
     config = EarlyRejectionConfig(prm=str(broken), every_tokens=2, keep=0.5)
     params = SamplingParams(
         n=4,

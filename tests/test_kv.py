@@ -385,12 +385,11 @@ def test_long_chunked_prefill_scores_the_whole_prompt(engine, hf, policy):
 @pytest.mark.slow
 def test_budget_gate_bounds_steps_with_the_kept_context(engine):
     """Gate = charge: the gate costs a step on the kept KV context, as the charge does, so under the same
-    budget
-    a request with KV dropping generates more tokens than without, and its charge still never crosses it."""
+    budget a request with KV dropping generates more tokens than without, and its charge still never
+    crosses it."""
     llm, ledger = engine
-    budget = (
-        ledger.request(600, 30).total + 4 * 2 * ledger.spec.hidden * ledger.spec.vocab
-    )  # + chunk logit rows
+    # + chunk logit rows
+    budget = ledger.request(600, 30).total + 4 * 2 * ledger.spec.hidden * ledger.spec.vocab
     got = {}
     for seed, kv in (
         (1001, {}),

@@ -1,8 +1,7 @@
 """The layers stay visible: imports only point downward, and no module imports itself back through others.
 
 core ``flopwise`` (no vLLM) <- adapter ``flopwise_vllm`` <- user surfaces ``flopwise_serve`` <-
-``flopwise_bench``.
-Every import counts, module-level or inside a function.
+``flopwise_bench``. Every import counts, module-level or inside a function.
 """
 
 import ast

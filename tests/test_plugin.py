@@ -109,9 +109,8 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
     try:
         activate(config, kv_worker=None)
         assert config.scheduler_config.scheduler_cls == flopwise_vllm.SCHEDULER_CLS
-        assert (
-            config.parallel_config.worker_cls == "vllm.v1.worker.gpu_worker.Worker"
-        )  # left as vLLM chose it
+        # left as vLLM chose it
+        assert config.parallel_config.worker_cls == "vllm.v1.worker.gpu_worker.Worker"
         opts, extra = options.prepare({"flop_budget": 1e12}, 1, [{"prompt_token_ids": [1, 2, 3]}])
         assert extra == {"flop_budget": 1e12}
         with pytest.raises(OptionError, match="KV dropping is not available here") as e:
@@ -129,11 +128,10 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
         options.set_served(None, None)
 
 
-def test_malformed_server_defaults_stop_vllm_at_start_up():
-    env = {**os.environ, "FLOPWISE_DEFAULTS": '{"kv_keep": 2}'}
-    env.pop("VLLM_PLUGINS", None)
-    code = "from vllm.plugins import load_general_plugins; load_general_plugins()"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "FLOPWISE_DEFAULTS: " in out.stderr and "kv_keep" in out.stderr, (
-        out.stderr[-2000:]
-    )
+def test_malformed_server_defaults_stop_vllm_at_start_up(monkeypatch):
+    """register() runs in every vLLM process at start-up: a malformed FLOPWISE_DEFAULTS stops it there."""
+    monkeypatch.setenv("FLOPWISE_DEFAULTS", '{"kv_keep": 2}')
+    monkeypatch.setattr(flopwise_vllm, "_registered", False)
+    with pytest.raises(RuntimeError, match="FLOPWISE_DEFAULTS: kv_keep") as e:
+        flopwise_vllm.register()
+    assert "(0, 1]" in str(e.value) and not flopwise_vllm._registered

@@ -73,8 +73,7 @@ def test_admission_order_follows_the_policy(tiny_model, monkeypatch, policy, fir
 
 def test_smallest_budget_through_flopwise_serve(policy_server):
     """Over HTTP: with the one slot taken, a big-budget request and then a small-budget one queue; the
-    server's
-    --budget-policy smallest-budget admits the small one first."""
+    server's --budget-policy smallest-budget admits the small one first."""
     import asyncio
     import json
 

@@ -71,9 +71,8 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
     llm, ledger, scheduler, preempted, _ = engine
     start = _free(scheduler)
     prompts = [{"prompt_token_ids": _prompt(60, seed)} for seed in range(4)]
-    alone = [
-        llm.generate([p], _greedy(130))[0] for p in prompts
-    ]  # one at a time: 6 blocks each, no preemption
+    # one at a time: 6 blocks each, no preemption
+    alone = [llm.generate([p], _greedy(130))[0] for p in prompts]
     assert not preempted
     together = llm.generate(prompts, _greedy(130))
     assert preempted, "the pool was meant to force preemption"
@@ -81,16 +80,16 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
     for a, t in zip(alone, together):
         assert t.outputs[0].token_ids == a.outputs[0].token_ids  # recompute changes no token
         charge = t.ec_transfer_params["flopwise"]
+        # the engine's own id
         extra = sum(
             ledger.forward(total, start=0, logits=1).total
             - ledger.forward(total - done, start=done, logits=1).total
             for rid, done, total in preempted
             if rid == charge["group"]
-        )  # the engine's own id
+        )
         assert charge["total"] == a.ec_transfer_params["flopwise"]["total"] + extra
-        assert (
-            charge["dense_baseline"] == charge["total"]
-        )  # no technique on: recompute is real work, not saved
+        # no technique on: recompute is real work, not saved
+        assert charge["dense_baseline"] == charge["total"]
     assert len(by_id) == 4 and _free(scheduler) == start
     preempted.clear()
 

@@ -1,7 +1,6 @@
 """`flopwise batch --ray` on a local Ray cluster this module starts (one head node on 127.0.0.1, two CPUs,
-token
-auth) and stops by PID: the same per-line results as the local run, every line exactly once after a replica is
-killed mid-run, budgets held, and clear errors that lose nothing."""
+token auth) and stops by PID: the same per-line results as the local run, every line exactly once after a
+replica is killed mid-run, budgets held, and clear errors that lose nothing."""
 
 import collections
 import json
@@ -26,12 +25,13 @@ pytest.importorskip("ray", reason="the Ray extra: pip install 'flopwise[ray]' (m
 
 # Every Ray server of the cluster listens on 127.0.0.1 only (Ray's single-machine mode).
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# float32: greedy text identical across thread counts
 ENGINE = [
     "--max-model-len",
     "512",
     "--dtype",
     "float32",
-]  # float32: greedy text identical across thread counts
+]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,7 @@ def _result(rec: dict):
 
 def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
     """`--ray` with no address: flopwise starts a Ray instance for the run, and nothing of it outlives the
-    run.
-    First in the file, so that no cluster of the other tests is there to start processes meanwhile."""
+    run. First in the file, so that no cluster of the other tests is there to start processes meanwhile."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(_line(i)) + "\n" for i in range(3)))
     before = {p.pid for p in psutil.process_iter()}
@@ -217,16 +216,14 @@ def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluste
     assert r.returncode == 2 and "the Ray run stopped" in r.stderr and "max_model_len" in r.stderr, r.stderr[
         -3000:
     ]
-    assert [json.loads(x)["response"] for x in on_ray.read_text().splitlines()] == [
-        None
-    ]  # the invalid line only
+    # the invalid line only
+    assert [json.loads(x)["response"] for x in on_ray.read_text().splitlines()] == [None]
 
     # The same command without the bad argument resumes: every line once, the same results as the local run.
     r = _batch(inp, on_ray, model, *ray_args, env=env)
     assert r.returncode == 1, r.stderr[-3000:]  # bad-budget failed in this run
-    assert (
-        "11 done, 1 errors, 1 already" in r.stderr
-    )  # bad-budget is refused (400); the bad JSON line was done
+    # bad-budget is refused (400); the bad JSON line was done
+    assert "11 done, 1 errors, 1 already" in r.stderr
     want, got = _records(local), _records(on_ray)
     assert got.keys() == want.keys() and len(got) == 13
     for cid in want:

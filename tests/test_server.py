@@ -354,9 +354,8 @@ def test_early_rejection_n8_costs_less_and_reports_stats(server, client):
     lengths = [32, 12, 8, 8, 4, 4, 4, 4]
     assert r.usage.completion_tokens == sum(lengths)  # rejected tokens were generated: they count
     P = r.usage.prompt_tokens
-    expected = sum(
-        ledger.request(P, n).total for n in lengths
-    )  # each candidate prefills (prompt < one KV block)
+    # each candidate prefills (prompt < one KV block)
+    expected = sum(ledger.request(P, n).total for n in lengths)
     assert r.usage.flops["total"] == expected and r.usage.flops["prm"] == 0  # the verifier costs no FLOPs
     assert (
         r.usage.flops["total"]

@@ -1,6 +1,5 @@
 """``flopwise bench convert``: query-head-reduced (SQA) and expert-merged checkpoints vs their originals, on
-stock
-vLLM in the same run: FLOPs from the ledger, prefill/decode throughput, perplexity."""
+stock vLLM in the same run: FLOPs from the ledger, prefill/decode throughput, perplexity."""
 
 from __future__ import annotations
 

@@ -223,9 +223,8 @@ def write_report(args, model, problems, rows, stock, versions) -> None:
         "wall | tokens | rejected |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    refs = {
-        r["prm"]: r for r in rows if r["name"] == "best-of-8"
-    }  # what each PRM's settings are compared with
+    # what each PRM's settings are compared with
+    refs = {r["prm"]: r for r in rows if r["name"] == "best-of-8"}
     for prm in dict.fromkeys(r["prm"] for r in rows):
         ref = refs.get(prm)
         for r in (r for r in rows if r["prm"] == prm):

@@ -303,9 +303,8 @@ def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -
                 f"{r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
                 f"{r['speedup'] / r['flop_cut']:.2f} |"
             )
-        wall_row = min(
-            speed["rows"], key=lambda r: (r["keep"], r.get("layer") is not None)
-        )  # after the tower
+        # after the tower
+        wall_row = min(speed["rows"], key=lambda r: (r["keep"], r.get("layer") is not None))
     lines += [
         "",
         f"## Targets at keep {lowest}",

@@ -90,9 +90,8 @@ class RejectionController:
         if rej is None:
             rej = self.groups[g] = Rejection(config, group)
             group.reports[er.FIELD] = rej.stats
-            group.settled.extra.setdefault(
-                "prm", 0
-            )  # usage.flops.prm is there even when the PRM costs nothing
+            # usage.flops.prm is there even when the PRM costs nothing
+            group.settled.extra.setdefault("prm", 0)
         rej.started += 1
 
     def _text(self, token_ids, special: bool) -> str:
@@ -150,9 +149,8 @@ class RejectionController:
                 continue
             reached = [r for r in live if self._reached(rej, r)]
             if len(reached) < len(live):
-                held += [
-                    r for r in reached if r.status == RequestStatus.RUNNING
-                ]  # a preempted one waits anyway
+                # a preempted one waits anyway
+                held += [r for r in reached if r.status == RequestStatus.RUNNING]
                 continue
             scores = self._score(rej, live, final=False)
             if scores is None:

@@ -62,11 +62,10 @@ _XARGS = {name: f"vllm_xargs.{name}" for name in FIELDS}
 
 def activate(vllm_config, kv_worker: str | None = None) -> None:
     """flopwise's scheduler where vLLM would run its own (a generator the ledger can cost, no
-    --scheduler-cls),
-    and ``kv_worker`` (flopwise's CPU worker, which feeds its attention backend) where vLLM would run its
-    stock CPU worker; records the served model's ledger for admission in this process (the front end's).
-    The scheduler-side techniques need nothing platform-specific, so this runs on any platform; KV dropping
-    needs that worker, and requests asking for it elsewhere get a 400
+    ``--scheduler-cls``), and ``kv_worker`` (flopwise's CPU worker, which feeds its attention backend) where
+    vLLM would run its stock CPU worker; records the served model's ledger for admission in this process
+    (the front end's). The scheduler-side techniques need nothing platform-specific, so this runs on any
+    platform; KV dropping needs that worker, and requests asking for it elsewhere get a 400
     (:func:`flopwise_vllm.options.prepare`)."""
     from flopwise_vllm import SCHEDULER_CLS
     from flopwise_vllm.kv_drop import STOCK_WORKER, WORKER_CLS, kv_supported

@@ -88,9 +88,8 @@ class FlopwiseScheduler(Scheduler):
             if held:
                 self.max_num_active_reqs += len(held)
                 self.running[:0] = held
-        self.kv.plan(
-            out, self.requests
-        )  # before charging: an eviction planned now shortens this step's context
+        # before charging: an eviction planned now shortens this step's context
+        self.kv.plan(out, self.requests)
         self.ledger.charge_scheduled(out, self.requests)
         return out
 

@@ -48,8 +48,7 @@ async def serve_line(line: Line, handlers: dict, model_name: str) -> dict:
 
 async def open_handlers(engine_client, args) -> tuple[dict, str]:
     """vLLM's chat and completion handlers over ``engine_client``, extended by flopwise as in ``flopwise
-    serve``;
-    and the served model name."""
+    serve``; and the served model name."""
     from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 

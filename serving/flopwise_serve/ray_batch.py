@@ -55,8 +55,7 @@ if StatefulStageUDF is not None:
 
         Input rows: ``line`` (number), ``custom_id``, ``url``, ``body`` (JSON text: Arrow keeps no mixed-shape
         dicts). Output: ``record`` (the output line, JSON text), ``replica`` (host:pid) and ``ready`` (when
-        its
-        engine was up, epoch seconds).
+        its engine was up, epoch seconds).
         """
 
         def __init__(self, data_column: str, expected_input_keys: list[str], engine_argv: list[str]):
@@ -139,9 +138,8 @@ def connect(address: str | None):
             raise RayBatchError(f"--ray {address!r}: expected HOST:PORT of the cluster's head node") from None
         except OSError as e:
             raise RayBatchError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
-    logging.getLogger("ray.data").setLevel(
-        logging.WARNING
-    )  # its plan and progress lines; the bar counts lines
+    # its plan and progress lines; the bar counts lines
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         ray.init(
             address=address or None,

@@ -36,10 +36,11 @@ def serve_command(
     if not _has_flag(vllm_args, "--scheduler-cls"):
         argv += ["--scheduler-cls", SCHEDULER_CLS]
     if defaults.budget_policy is Policy.SMALLEST_BUDGET and not _has_flag(vllm_args, "--scheduling-policy"):
+        # the scheduler sets each request's priority from its budget
         argv += [
             "--scheduling-policy",
             "priority",
-        ]  # the scheduler sets each request's priority from its budget
+        ]
     if not _has_flag(vllm_args, "--dtype"):
         argv += ["--dtype", hw.default_dtype()]
     if not _has_flag(vllm_args, "--enforce-eager", "--no-enforce-eager"):

@@ -36,9 +36,8 @@ class Example:
 
 def make(rng: random.Random, kind: str, size: int = 256, square: int = SQUARE) -> Example:
     image = np.full((size, size, 3), 16, dtype=np.uint8)
-    image += np.asarray(
-        [rng.randrange(0, 12) for _ in range(3)], dtype=np.uint8
-    )  # a slightly varied background
+    # a slightly varied background
+    image += np.asarray([rng.randrange(0, 12) for _ in range(3)], dtype=np.uint8)
     count = 1 if kind == "colour" else rng.randint(1, 3)
     placed: list[tuple[int, int]] = []
     colour = rng.choice(list(COLOURS))
