@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from vllm.v1.request import Request
 
-from flopwise.ledger import FlopModel
+from flopwise.ledger import Breakdown, FlopModel
 from flopwise.techniques import kv_drop as kd
 from flopwise_vllm.accountant import Accountant
 from flopwise_vllm.kv_drop import OUTPUT_ATTR, KVJob
@@ -78,16 +78,20 @@ class KVPlanner:
         return kv.layout.dropped_tokens + kv.evicted * kv.layout.block_size
 
     def pending_scoring(self, request: Request) -> int:
-        """Scoring FLOPs the request's next step may charge: a drop not made yet scores its whole prompt."""
+        """Scoring FLOPs the request's next step may charge: a drop not made yet scores its whole prompt, as
+        :meth:`_plan_one` charges it, unless its layout keeps nothing of the region or drops nothing (blocks
+        shared with other requests only protect more, so this layout is the most the drop can score)."""
         kv = self.states.get(request.request_id)
         if kv is None or kv.layout is not None or kv.applied:
             return 0
         first = kv.first if kv.first is not None else request.num_computed_tokens
+        bs = self.scheduler.block_size
+        lay = kd.layout(kv.config, request.num_prompt_tokens, bs, -(-first // bs))
+        if not (lay.active and lay.kept):
+            return 0
         return self._scoring(kv, request.num_prompt_tokens - first).total
 
-    def _scoring(self, kv: KVState, tokens: int):
-        from flopwise.ledger import Breakdown
-
+    def _scoring(self, kv: KVState, tokens: int) -> Breakdown:
         policy, scoring = kd.get_policy(kv.config.policy), Breakdown()
         for layer in self.model.spec.layers:
             scoring.add("kv_scoring", policy.scoring_flops(tokens, layer.q_heads, layer.head_dim))

@@ -27,7 +27,7 @@ from flopwise.ledger import FlopModel
 from flopwise.options import RequestOptions
 from flopwise.techniques import OptionError
 from flopwise.techniques import early_rejection as er
-from flopwise_vllm.accountant import Accountant, group_of, index_of  # noqa: F401 (re-exported)
+from flopwise_vllm.accountant import Accountant
 from flopwise_vllm.budget_gate import BudgetGate
 from flopwise_vllm.early_rejection import RejectionController
 from flopwise_vllm.kv_drop import kv_supported
