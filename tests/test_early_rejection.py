@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flopwise.ledger import FlopModel
-from flopwise.prm import load_prm
+from flopwise.prm import confidence, is_confidence, load_prm
 from flopwise.prm.hf import save_head
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, newline_ids, reference_generate
 
@@ -51,30 +51,24 @@ def vllm_cpu_sampler(seed: int, temperature: float):
     return sample
 
 
-@pytest.mark.parametrize("every,steps,keep,min_keep", [(4, None, 0.5, 1), (3, None, 0.6, 2), (6, 1, 0.5, 1)])
-def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_keep):
+def run_both(setup, config: EarlyRejectionConfig, n: int = 6, logprobs: int | None = None):
+    """The same seeded n-candidate request through the engine and through the oracle."""
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
     llm, base, head = setup
-    config = EarlyRejectionConfig(
-        prm=head, every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep
-    )
     tok = llm.get_tokenizer()
     prompt_ids = tok.encode("def add(a, b):\n    return")
-    n = 6
     params = SamplingParams(
         n=n,
         temperature=TEMPERATURE,
         seed=SEED,
         max_tokens=MAX_TOKENS,
         ignore_eos=True,
+        logprobs=logprobs,
         extra_args={"early_rejection": config.model_dump_json()},
     )
     out = llm.generate([{"prompt_token_ids": prompt_ids}], params)[0]
-    payload = out.ec_transfer_params["flopwise"]
-    stats = payload["early_rejection"]
-
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     ref = reference_generate(
         model,
@@ -82,16 +76,20 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
         tok.decode(prompt_ids),
         n,
         config,
-        load_prm(head),
+        None if is_confidence(config.prm) else load_prm(config.prm),
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         max_tokens=MAX_TOKENS,
         eos_ids=set(),
         sample=vllm_cpu_sampler(SEED, TEMPERATURE),
         newlines=newline_ids(tok),
     )
-    if steps:  # the random model does write newlines, so some checkpoints come from steps, not the token cap
-        assert any(t in newline_ids(tok) for c in ref.candidates for t in c.tokens)
+    return out, ref, prompt_ids
 
+
+def assert_same(out, ref, n: int) -> dict:
+    """Engine = oracle: tokens, who was rejected where, checkpoints, scores; -> the engine's payload."""
+    payload = out.ec_transfer_params["flopwise"]
+    stats = payload["early_rejection"]
     engine = {c.index: c for c in out.outputs}
     assert len(engine) == n
     for i, cand in enumerate(ref.candidates):
@@ -104,9 +102,24 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
     assert stats["checkpoints"] == ref.checkpoints
     for i, c in enumerate(ref.candidates):
         assert stats["scores"][str(i)] == pytest.approx(c.score, abs=1e-4)
+    assert payload["total"] == payload["prompt"] + payload["completion"] + payload["prm"]
+    return payload
+
+
+@pytest.mark.parametrize("every,steps,keep,min_keep", [(4, None, 0.5, 1), (3, None, 0.6, 2), (6, 1, 0.5, 1)])
+def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_keep):
+    llm, base, head = setup
+    config = EarlyRejectionConfig(
+        prm=head, every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep
+    )
+    n = 6
+    out, ref, prompt_ids = run_both(setup, config, n)
+    tok = llm.get_tokenizer()
+    if steps:  # the random model does write newlines, so some checkpoints come from steps, not the token cap
+        assert any(t in newline_ids(tok) for c in ref.candidates for t in c.tokens)
+    payload = assert_same(out, ref, n)
     # every PRM pass is charged, and the total is generation + PRM
     assert payload["prm"] == ref.prm_flops > 0
-    assert payload["total"] == payload["prompt"] + payload["completion"] + payload["prm"]
     ledger = FlopModel.from_pretrained(base)
     P = len(prompt_ids)
     generated = sum(len(c.tokens) for c in ref.candidates)
@@ -119,6 +132,47 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
     )
     assert payload["prompt"] + payload["completion"] == expected
     assert sum(len(c.token_ids) for c in out.outputs) == generated < n * MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    "scorer,rule", [("head", "threshold"), ("confidence", "percentile"), ("confidence:tail", "margin")]
+)
+def test_keep_rules_equal_the_oracle(setup, scorer, rule):
+    """Each score rule once, each scorer once (the fraction rule is the test above). The threshold and the
+    margin are read off the first checkpoint's scores (a percentile run: the candidates' tokens up to it
+    do not depend on the rule), so that each rule rejects some and spares some."""
+    _, base, head = setup
+    prm = head if scorer == "head" else scorer
+    base_config = dict(prm=prm, every_tokens=4, confidence_window=3, min_keep=2)
+    warm = EarlyRejectionConfig(**base_config, percentile=50)
+    n = 6
+    out, ref, _ = run_both(setup, warm, n)
+    cut = warm.warmup_cut(ref.first_scores)
+    rules = {
+        "percentile": {"percentile": 50},
+        "threshold": {"threshold": cut},
+        "margin": {"margin": max(ref.first_scores) - cut},
+    }
+    config = EarlyRejectionConfig(**base_config, **rules[rule])
+    if rule != "percentile":
+        out, ref, _ = run_both(setup, config, n)
+    payload = assert_same(out, ref, n)
+    assert 0 < len(ref.rejected) < n
+    if scorer != "head":
+        # confidence costs a log-softmax per generated token, nothing else; no logprobs reach the client
+        ledger = FlopModel.from_pretrained(base)
+        generated = sum(len(c.tokens) for c in ref.candidates)
+        assert payload["prm"] == generated * confidence.flops_per_token(ledger.spec.vocab, 20)
+        assert all(c.logprobs is None for c in out.outputs)
+
+
+def test_confidence_gives_the_client_the_logprobs_it_asked_for(setup):
+    config = EarlyRejectionConfig(prm="confidence", every_tokens=4, keep=0.5)
+    out, ref, _ = run_both(setup, config, 4, logprobs=2)
+    assert_same(out, ref, 4)
+    for c in out.outputs:
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(len(pos) in (2, 3) for pos in c.logprobs)  # top 2, plus the sampled one if not in them
 
 
 def test_keep_one_is_best_of_n_with_final_scores(setup):

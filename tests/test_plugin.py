@@ -102,7 +102,11 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
     path = tiny_model("llama-gqa")
     config = SimpleNamespace(
         scheduler_config=SimpleNamespace(scheduler_cls=None),
-        model_config=SimpleNamespace(runner_type="generate", hf_config=AutoConfig.from_pretrained(path)),
+        model_config=SimpleNamespace(
+            runner_type="generate",
+            hf_config=AutoConfig.from_pretrained(path),
+            logprobs_mode="processed_logits",
+        ),
         parallel_config=SimpleNamespace(worker_cls="vllm.v1.worker.gpu_worker.Worker"),
         cache_config=SimpleNamespace(cache_dtype="auto"),
     )
@@ -124,6 +128,12 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
         activate(config, kv_worker=WORKER_CLS)
         assert config.parallel_config.worker_cls == WORKER_CLS
         assert options.prepare({"kv_keep": 0.25}, 1)[0].kv.keep == 0.25
+        # the confidence scorer needs the raw logprobs this engine's sampler does not return
+        bad = {"early_rejection": {"prm": "confidence"}}
+        with pytest.raises(OptionError, match="processed_logits") as e:
+            options.prepare(bad, 4, paths={"early_rejection": "vllm_xargs.early_rejection"})
+        assert e.value.field == "vllm_xargs.early_rejection.prm"
+        assert options.prepare({"early_rejection": {"prm": "verifier:arithmetic"}}, 4)[0].early_rejection
     finally:
         options.set_served(None, None)
 

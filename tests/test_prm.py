@@ -1,5 +1,8 @@
 """PRMs and the early-rejection rule in the core: the arithmetic verifier, neural PRMs, configs, ranking."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -63,7 +66,7 @@ def test_verifier_on_reasoning_gym_chain_sum():
 
 def test_config_bounds_name_the_field():
     cfg = EarlyRejectionConfig()
-    assert (cfg.every_tokens, cfg.keep, cfg.min_keep, cfg.mode) == (64, 0.5, 1, "reject")
+    assert (cfg.every_tokens, cfg.fraction, cfg.min_keep, cfg.mode) == (64, 0.5, 1, "reject")
     for bad, field in [
         ({"keep": 0}, "keep"),
         ({"keep": 1.5}, "keep"),
@@ -85,6 +88,54 @@ def test_keep_count_and_survivors():
     assert not EarlyRejectionConfig(keep=1.0).rejects_at(16)  # keep=1 is plain best-of-n
     assert survivors([0.2, 0.9, 0.5, 0.9], 2) == [1, 3]
     assert survivors([0.5, 0.5, 0.5, 0.5], 2) == [0, 1]  # ties go to the lower index
+
+
+def test_keep_rules():
+    scores = [0.9, 0.2, 0.6, 0.95, 0.0, 0.6]
+    # threshold: only the scores below go, whatever their number
+    assert EarlyRejectionConfig(threshold=0.5).kept(scores) == [0, 2, 3, 5]
+    assert EarlyRejectionConfig(threshold=0.5).fraction is None  # no hidden keep=0.5 beside a score rule
+    # margin below the best live score (0.95)
+    assert EarlyRejectionConfig(margin=0.1).kept(scores) == [0, 3]
+    # rules combine: a candidate must pass each
+    assert EarlyRejectionConfig(threshold=0.5, keep=0.5).kept(scores) == [0, 2, 3]
+    # min_keep brings back the best of the rejected
+    assert EarlyRejectionConfig(threshold=0.99, min_keep=2).kept(scores) == [0, 3]
+    assert EarlyRejectionConfig(threshold=0.5, min_keep=2).rejects_at(3)
+    assert not EarlyRejectionConfig(threshold=0.5, min_keep=2).rejects_at(2)
+    # percentile: the warm-up cut is numpy's linear-interpolation percentile, and holds as given
+    cfg = EarlyRejectionConfig(percentile=60)
+    cut = cfg.warmup_cut(scores)
+    assert cut == pytest.approx(float(np.percentile(scores, 60)))
+    assert cfg.kept(scores, cut) == [i for i, s in enumerate(scores) if s >= cut]
+    assert cfg.kept([0.1, 0.2], cut) == [1]  # later checkpoints keep the first one's cut (and min_keep 1)
+    assert EarlyRejectionConfig().kept(scores) == [
+        0,
+        2,
+        3,
+    ]  # no rule: the paper's keep 0.5, ties to the lower
+
+
+def test_confidence_scores():
+    from flopwise.prm import confidence
+
+    k = 4
+    flat = [math.log(1 / k)] * k  # all the mass spread over the top k: the least confident
+    peaked = [math.log(0.97), math.log(0.01), math.log(0.01), math.log(0.01)]
+    assert confidence.token_confidence(flat) == pytest.approx(0.0, abs=1e-12)
+    assert 0.5 < confidence.token_confidence(peaked) < 1.0
+    # from logits, as the engine's raw log-softmax gives them
+    logits = torch.tensor([5.0, 1.0, 0.0, -1.0, -3.0])
+    top = torch.log_softmax(logits, -1).topk(3).values.tolist()
+    assert confidence.from_logits(logits, 3) == pytest.approx(confidence.token_confidence(top))
+    confs = [0.9, 0.8, 0.2, 0.3, 0.9, 0.9]
+    assert confidence.score(confs, 2, "lowest") == pytest.approx(0.25)  # the window (0.2, 0.3)
+    assert confidence.score(confs, 2, "tail") == pytest.approx(0.9)
+    assert confidence.score(confs, 10, "lowest") == pytest.approx(sum(confs) / 6)  # short: all tokens
+    assert confidence.score([], 2, "lowest") == 0.5
+    assert resolve("confidence") == "confidence" and resolve("confidence:tail") == "confidence:tail"
+    with pytest.raises(PRMError, match="unknown confidence scorer"):
+        resolve("confidence:mean")
 
 
 def test_unknown_prm_names_the_field(tmp_path):

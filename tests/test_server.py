@@ -394,6 +394,10 @@ def test_early_rejection_streams_rejections_as_abort(server, client):
         ({"early_rejection": {"mode": "beam"}}, "early_rejection.mode"),
         ({"early_rejection": "yes"}, "early_rejection"),
         ({"early_rejection": {}, "n": 1}, "n"),
+        ({"early_rejection": {"prm": "confidence:mean"}}, "early_rejection.prm"),
+        ({"early_rejection": {"threshold": 1.5}}, "early_rejection.threshold"),
+        ({"early_rejection": {"margin": -1}}, "early_rejection.margin"),
+        ({"early_rejection": {"percentile": 100}}, "early_rejection.percentile"),
     ],
 )
 def test_bad_early_rejection_is_400_naming_the_field(server, client, body, param):
@@ -410,6 +414,28 @@ def test_bad_early_rejection_is_400_naming_the_field(server, client, body, param
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+
+
+def test_confidence_scorer_over_http(server, client):
+    """The generator's own confidence prunes with no PRM: each generated token's log-softmax is charged as
+    ``prm``, the warm-up cut is reported, and the client gets only the logprobs it asked for."""
+    from flopwise.prm import confidence
+
+    _, ledger = server
+    er = {"prm": "confidence", "every_tokens": 8, "percentile": 50, "confidence_window": 4}
+    for asked in (None, 2):
+        extra = {"logprobs": True, "top_logprobs": asked} if asked else {}
+        r = client.chat.completions.create(**_er_request(client, early_rejection=er), **extra)
+        stats = r.model_extra["early_rejection"]
+        assert stats["prm"] == "confidence" and 0 < stats["rejected"] < 8 and "cut" in stats
+        assert r.usage.flops["prm"] == r.usage.completion_tokens * confidence.flops_per_token(
+            ledger.spec.vocab, 20
+        )
+        for choice in r.choices:
+            if asked is None:
+                assert choice.logprobs is None
+            else:
+                assert all(len(t.top_logprobs) == asked for t in choice.logprobs.content)
 
 
 def test_early_rejection_on_completions_endpoint(server, client):

@@ -46,34 +46,35 @@ def add_parser(sub) -> None:
     budget.add_argument("--small", type=positive_int, default=24)
     budget.add_argument("--latency-reps", type=positive_int, default=2)
     early_rejection = bsub.add_parser(
-        "early-rejection", help="best-of-N vs early rejection with PRMs on reasoning-gym chain_sum"
+        "early-rejection", help="best-of-N vs early rejection (verifier, confidence) on long chain sums"
     )
     early_rejection.add_argument(
         "--model", default=None, help="generator (default: the chain_sum fine-tune of SmolLM2)"
     )
-    early_rejection.add_argument("--problems", type=positive_int, default=40)
-    early_rejection.add_argument("--prm", nargs="+", default=["verifier:arithmetic", "head:chain-sum"])
-    early_rejection.add_argument("--best-of", type=positive_int, nargs="+", default=[4, 8, 16])
-    early_rejection.add_argument("--er-n", type=positive_int, nargs="+", default=[8, 16])
+    early_rejection.add_argument("--problems", type=positive_int, default=200)
+    early_rejection.add_argument("--best-of", type=positive_int, nargs="+", default=[4, 8])
     early_rejection.add_argument(
-        "--every-steps", type=positive_int, nargs="*", default=[1], help="checkpoints every k steps (lines)"
-    )
-    early_rejection.add_argument(
-        "--step-cap",
+        "--derive",
         type=positive_int,
-        default=48,
-        help="every_tokens with --every-steps: the most tokens between checkpoints",
+        nargs="*",
+        default=[1, 2],
+        help="best-of-N read off the largest measured best-of-N's first N candidates (same seeds)",
     )
     early_rejection.add_argument(
-        "--every", type=positive_int, nargs="*", default=[16], help="checkpoints every k tokens"
+        "--settings",
+        nargs="*",
+        default=None,
+        help="early-rejection settings by name (flopwise_bench.early_rejection.SETTINGS; default: "
+        "DEFAULT_SETTINGS)",
     )
-    early_rejection.add_argument("--keep", type=float, nargs="+", default=[0.25])
-    early_rejection.add_argument("--max-tokens", type=positive_int, default=96)
+    early_rejection.add_argument("--max-tokens", type=positive_int, default=256)
     early_rejection.add_argument(
         "--block-size", type=positive_int, default=32, help="KV block size (multiple of 32 on CPU)"
     )
-    early_rejection.add_argument("--stock-n", type=positive_int, default=8)
     early_rejection.add_argument("--out", default="bench/results/early_rejection.md")
+    early_rejection.add_argument(
+        "--report-only", action="store_true", help="write the .md and .png again from the .json (no engine)"
+    )
     convert = bsub.add_parser(
         "convert", help="SQA and MoE-merge checkpoints vs their originals: FLOPs, vLLM throughput, perplexity"
     )

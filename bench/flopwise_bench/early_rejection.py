@@ -1,129 +1,126 @@
-"""``flopwise bench early-rejection``: best-of-N with PRM selection vs early rejection, one run, same
-problems.
+"""``flopwise bench early-rejection``: best-of-N vs early rejection, one engine, one run, same problems.
 
-Generator: SmolLM2-135M-Instruct fine-tuned on chain_sum by ``bench/scripts/finetune_chain_sum.py``.
-Every setting runs the same reasoning-gym problems, all at once, through the flopwise scheduler (one
-engine, engine seed fixed); best-of-N is the same path with ``keep=1`` (final PRM scores only). Stock
-vLLM (its own scheduler, no flopwise) runs best-of-8 on the same problems in the same process for the
-wall-time reference. FLOPs are the ledger's: prefill, decode and every PRM pass.
+Generator: SmolLM2-135M-Instruct fine-tuned on long chain sums by ``bench/scripts/finetune_chain_sum.py``
+(12-15 terms, about 135-token step-per-line answers). Every setting runs the same held-out reasoning-gym
+problems, all at once, through the flopwise scheduler; each problem has its own seed (candidate i of
+problem p samples with seed ``100 p + i``), so every setting sees the same candidates until it rejects
+some, and a rerun repeats. The best-of-N baselines run with ``keep=1`` and the ``confidence`` scorer, so
+their candidates carry a confidence score (for its AUROC) and nothing is rejected; their FLOPs are shown
+without that scoring. Answers are chosen among the candidates that finished (not rejected) by the exact
+verifier (free here) and, separately, by majority vote. Stock vLLM (its own scheduler) runs best-of-8 on
+the same problems and seeds for the wall-time reference. FLOPs are the ledger's: prefill, decode, scoring.
+Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from flopwise import hw
-from flopwise.reasoning import chain_sum, generator_dir, is_correct
-from flopwise.techniques.early_rejection import survivors
+from flopwise.prm import load_prm
+from flopwise.reasoning import chain_sum, extract_answer, generator_dir
+from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
+from flopwise_bench.stats import auroc, bootstrap_ci
 
-PROBLEM_SEED = 7
-READING = [
-    "",
-    "Reading: answers here are short (about 35 tokens) next to a ~45-token prompt that every candidate "
-    "prefills",
-    "(vLLM shares only full KV blocks between n>1 children), so rejected candidates still pay most of their "
-    "cost;",
-    "the paper's gains come from long reasoning. With the exact verifier, keeping a fixed fraction also "
-    "rejects",
-    "candidates that are right so far, which costs accuracy at small keep. The learned head PRM re-reads "
-    "prompt +",
-    "answer at every checkpoint (no KV reuse), so its passes cost more than the generation they prune. "
-    "Accuracy on",
-    "40 problems moves by about +-0.08 between runs (no per-request seeds: see the session notes).",
+PROBLEM_SEED = 7  # the fine-tune trains on seed 1000, train-prm on 2000
+TEMPERATURE = 0.8
+VERIFIER = "verifier:arithmetic"
+
+# name -> (n, early_rejection fields); checkpoints every 2 lines (capped at 48 tokens) or every 32 tokens
+SETTINGS = {
+    "verifier thr0.5 n=8 /1 step": (8, dict(prm=VERIFIER, every_steps=1, every_tokens=48, threshold=0.5)),
+    "verifier thr0.5 n=4 /1 step": (4, dict(prm=VERIFIER, every_steps=1, every_tokens=48, threshold=0.5)),
+    "verifier thr0.5 keep0.5 n=8 /2 steps": (
+        8,
+        dict(prm=VERIFIER, every_steps=2, every_tokens=48, threshold=0.5, keep=0.5),
+    ),
+    "verifier thr0.5 keep0.25 n=16 /2 steps": (
+        16,
+        dict(prm=VERIFIER, every_steps=2, every_tokens=48, threshold=0.5, keep=0.25, min_keep=2),
+    ),
+    "confidence pct50 n=8 /32 tok": (8, dict(prm="confidence", every_tokens=32, percentile=50, min_keep=2)),
+    "confidence keep0.5 n=8 /32 tok": (8, dict(prm="confidence", every_tokens=32, keep=0.5)),
+    "confidence pct90 n=16 /32 tok": (16, dict(prm="confidence", every_tokens=32, percentile=90, min_keep=2)),
+    "confidence:tail margin0.02 n=8 /32 tok": (
+        8,
+        dict(prm="confidence:tail", every_tokens=32, margin=0.02, min_keep=2),
+    ),
+    "verifier thr0.5 keep0.5 min2 n=8 /2 steps": (
+        8,
+        dict(prm=VERIFIER, every_steps=2, every_tokens=48, threshold=0.5, keep=0.5, min_keep=2),
+    ),
+}
+# what fits an hour on 2 cores beside the baselines
+DEFAULT_SETTINGS = [
+    "verifier thr0.5 n=8 /1 step",
+    "verifier thr0.5 keep0.5 min2 n=8 /2 steps",
+    "confidence pct50 n=8 /32 tok",
 ]
 
 
-def _settings(args) -> list[dict]:
-    rows = [
-        {"name": f"best-of-{n}", "n": n, "every": 10**6, "steps": None, "keep": 1.0} for n in args.best_of
-    ]
-    for n in args.er_n:
-        for keep in args.keep:
-            for steps in args.every_steps:
-                rows.append(
-                    {
-                        "name": f"ER n={n} every={steps} step keep={keep}",
-                        "n": n,
-                        "every": args.step_cap,
-                        "steps": steps,
-                        "keep": keep,
-                    }
-                )
-            for every in args.every:
-                rows.append(
-                    {
-                        "name": f"ER n={n} every={every} tok keep={keep}",
-                        "n": n,
-                        "every": every,
-                        "steps": None,
-                        "keep": keep,
-                    }
-                )
-    return rows
-
-
-def _best(output, stats: dict) -> str | None:
-    """Text of the best finished candidate by final PRM score (ties to the lower index)."""
-    scores = {int(k): v for k, v in stats.get("scores", {}).items()}
-    done = sorted(
-        (c for c in output.outputs if c.stop_reason != "early_rejection" and c.index in scores),
-        key=lambda c: c.index,
-    )
-    if not done:
-        return None
-    return done[survivors([scores[c.index] for c in done], 1)[0]].text
-
-
-def run_setting(llm, prompts, problems, setting: dict, prm: str, max_tokens: int) -> dict:
+def _seeded(n: int, max_tokens: int, count: int, config: EarlyRejectionConfig | None):
     from vllm import SamplingParams
 
-    from flopwise.techniques.early_rejection import EarlyRejectionConfig
+    extra = {"early_rejection": config.model_dump_json()} if config else None
+    return [
+        SamplingParams(n=n, temperature=TEMPERATURE, max_tokens=max_tokens, seed=100 * p, extra_args=extra)
+        for p in range(count)
+    ]
+
+
+def choose(problem, candidates) -> tuple[bool, bool]:
+    """(verifier pick right, majority vote right) among finished ``(index, text)`` candidates."""
+    if not candidates:
+        return False, False
+    verifier = load_prm(VERIFIER)
+    scores = [verifier.score("", text, final=True)[0] for _, text in candidates]
+    pick = candidates[survivors(scores, 1)[0]][1]
+    answers = [a for a in (extract_answer(t) for _, t in candidates) if a is not None]
+    vote = Counter(answers).most_common(1)[0][0] if answers else None  # ties: the first seen
+    return extract_answer(pick) == problem.answer, vote == problem.answer
+
+
+def run_setting(llm, prompts, problems, name: str, n: int, fields: dict, max_tokens: int) -> dict:
     from flopwise_serve.offline import flops_of
 
-    config = EarlyRejectionConfig(
-        prm=prm, every_tokens=setting["every"], every_steps=setting["steps"], keep=setting["keep"]
-    )
-    params = SamplingParams(
-        n=setting["n"],
-        temperature=0.8,
-        max_tokens=max_tokens,
-        extra_args={"early_rejection": config.model_dump_json()},
-    )
+    config = EarlyRejectionConfig(**fields)
     t0 = time.perf_counter()
-    outs = llm.engine.generate(prompts, params, use_tqdm=False)
+    outs = llm.engine.generate(prompts, _seeded(n, max_tokens, len(prompts), config), use_tqdm=False)
     wall = time.perf_counter() - t0
-    correct = flops = prm_flops = tokens = rejected = 0
+    row = {"name": name, "n": n, "config": fields, "wall_s": wall, "verifier": [], "majority": []}
+    row.update(flops=0, scoring_flops=0, tokens=0, rejected=0, cand_scores=[], cand_right=[])
     for problem, out in zip(problems, outs):
         payload = out.ec_transfer_params["flopwise"]
         stats = payload["early_rejection"]
-        best = _best(out, stats)
-        correct += best is not None and is_correct(problem, best)
-        flops += flops_of(out)["total"]
-        prm_flops += payload["prm"]
-        tokens += sum(len(c.token_ids) for c in out.outputs)
-        rejected += stats["rejected"]
-    return {
-        **setting,
-        "prm": prm,
-        "accuracy": correct / len(problems),
-        "flops": flops,
-        "prm_flops": prm_flops,
-        "wall_s": wall,
-        "tokens": tokens,
-        "rejected": rejected,
-    }
+        done = sorted((c.index, c.text) for c in out.outputs if c.stop_reason != "early_rejection")
+        v, m = choose(problem, done)
+        row["verifier"].append(int(v))
+        row["majority"].append(int(m))
+        row["flops"] += flops_of(out)["total"]
+        row["scoring_flops"] += payload["prm"]
+        row["tokens"] += sum(len(c.token_ids) for c in out.outputs)
+        row["rejected"] += stats["rejected"]
+        if name.startswith("best-of"):
+            row.setdefault("texts", []).append(done)
+        if name == "best-of-8":
+            row.setdefault("token_ids", []).append(
+                [list(c.token_ids) for c in sorted(out.outputs, key=lambda c: c.index)]
+            )
+        for index, text in done:
+            if str(index) in stats["scores"]:
+                row["cand_scores"].append(stats["scores"][str(index)])
+                row["cand_right"].append(extract_answer(text) == problem.answer)
+    return row
 
 
-def run_stock(model: str, prompts, problems, n: int, max_tokens: int, block_size: int) -> dict:
-    """Stock vLLM (its own scheduler) best-of-n: wall time, and accuracy with the verifier choosing after."""
+def run_stock(model: str, prompts, n: int, max_tokens: int, engine: dict) -> dict:
+    """Stock vLLM (its own scheduler) best-of-n on the same seeds: wall time and its tokens."""
     import gc
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from flopwise.prm import load_prm
     from flopwise_serve.offline import set_engine_env
 
     set_engine_env()  # the small KV cache and core settings flopwise's LLM uses
@@ -131,166 +128,112 @@ def run_stock(model: str, prompts, problems, n: int, max_tokens: int, block_size
         model,
         dtype=hw.default_dtype(),
         enforce_eager=True,
-        max_model_len=512,
-        block_size=block_size,
-        seed=0,
         scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler",
+        **engine,
     )
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.generate(prompts[:8], _seeded(8, 32, 8, None), use_tqdm=False)  # warm-up, as flopwise's
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(n=n, temperature=0.8, max_tokens=max_tokens), use_tqdm=False)
+    outs = llm.generate(prompts, _seeded(n, max_tokens, len(prompts), None), use_tqdm=False)
     wall = time.perf_counter() - t0
-    verifier = load_prm("verifier:arithmetic")
-    correct = 0
-    for problem, out in zip(problems, outs):
-        cands = sorted(out.outputs, key=lambda c: c.index)
-        best = survivors([verifier.score("", c.text, final=True)[0] for c in cands], 1)[0]
-        correct += is_correct(problem, cands[best].text)
+    tokens = [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return {
-        "name": f"stock vLLM best-of-{n} (verifier)",
-        "n": n,
-        "accuracy": correct / len(problems),
-        "wall_s": wall,
-    }
+    return {"name": f"stock vLLM best-of-{n}", "n": n, "wall_s": wall, "tokens": tokens}
+
+
+def derived(row: dict, problems, n: int) -> dict:
+    """Best-of-``n`` read off a measured best-of-N row's first ``n`` candidates (the same seeds give the
+    same candidates): accuracy exact, FLOPs and wall not measured."""
+    out = {"name": f"best-of-{n} (derived)", "n": n, "config": row["config"], "verifier": [], "majority": []}
+    for problem, cands in zip(problems, row["texts"]):
+        v, m = choose(problem, [(i, t) for i, t in cands if i < n])
+        out["verifier"].append(int(v))
+        out["majority"].append(int(m))
+    out.update(flops=None, scoring_flops=0, wall_s=None, tokens=None, rejected=0)
+    return out
 
 
 def bench_early_rejection(args) -> int:
     from flopwise_bench.common import versions
+    from flopwise_bench.early_rejection_report import rerender, write_report
     from flopwise_serve.offline import LLM
 
+    if args.report_only:
+        return rerender(args)
     model = args.model or str(generator_dir())
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(
             f"flopwise bench early-rejection: no generator at {model}; make it with "
-            "`python bench/scripts/finetune_chain_sum.py` (a few minutes) or pass --model"
+            "`python bench/scripts/finetune_chain_sum.py` (about 20 minutes on 2 cores) or pass --model"
+        )
+    if args.settings is None:
+        args.settings = DEFAULT_SETTINGS
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(
+            f"flopwise bench early-rejection: unknown --settings {unknown}; known: {list(SETTINGS)}"
         )
     problems = chain_sum(args.problems, seed=PROBLEM_SEED)
-    print(f"bench early-rejection: {model}\n  {hw.describe()}; {len(problems)} chain_sum problems")
-    stock = run_stock(model, *_prompts(model, problems), args.stock_n, args.max_tokens, args.block_size)
-    print(f"  {stock['name']}: accuracy {stock['accuracy']:.2f}, {stock['wall_s']:.1f}s", flush=True)
-    llm = LLM(model, max_model_len=512, block_size=args.block_size, seed=0)
-    prompts, _ = _prompts(model, problems)
-    llm.engine.generate(prompts[:2], use_tqdm=False)  # warm-up
-    rows = []
-    for prm in args.prm:
-        for setting in _settings(args):
-            row = run_setting(llm, prompts, problems, setting, prm, args.max_tokens)
-            rows.append(row)
-            print(
-                f"  {prm:20s} {row['name']:28s} acc {row['accuracy']:.2f}  {row['flops'] / 1e12:7.2f} TFLOP "
-                f"({row['prm_flops'] / 1e12:.2f} PRM)  {row['wall_s']:6.1f}s  rejected {row['rejected']}",
-                flush=True,
-            )
+    print(
+        f"bench early-rejection: {model}\n  {hw.describe()}; {len(problems)} chain_sum problems", flush=True
+    )
+    prompts = _prompts(model, problems)
+    # chunked prefill off: vLLM's CPU runner cannot rewind a seeded request's generator after a partial
+    # prefill ("CPU Generator does not use offset"), and every request here is seeded
+    engine = dict(max_model_len=512, block_size=args.block_size, seed=0, enable_chunked_prefill=False)
+    llm = LLM(model, **engine)
+    llm.engine.generate(prompts[:8], _seeded(8, 32, 8, None), use_tqdm=False)  # warm-up
+    rows, stock = [], {}
+    plan = [(f"best-of-{n}", n, dict(prm="confidence", keep=1.0)) for n in args.best_of]
+    plan += [(name, *SETTINGS[name]) for name in args.settings]
+    for name, n, fields in plan:
+        row = run_setting(llm, prompts, problems, name, n, fields, args.max_tokens)
+        if name.startswith("best-of"):  # the confidence scores are for the AUROC, not part of best-of-N
+            row["flops"] -= row["scoring_flops"]
+            row["scoring_flops"] = 0
+        rows.append(row)
+        acc = sum(row["verifier"]) / len(problems)
+        lo, hi = bootstrap_ci(row["verifier"])
+        print(
+            f"  {name:40s} acc {acc:.3f} [{lo:.3f}, {hi:.3f}] maj {sum(row['majority']) / len(problems):.3f} "
+            f"{row['flops'] / 1e12:7.2f} TFLOP {row['wall_s']:6.1f}s rejected {row['rejected']}",
+            flush=True,
+        )
+        if name == f"best-of-{max(args.best_of)}":
+            rows += [derived(row, problems, k) for k in args.derive if k < row["n"] and k not in args.best_of]
+        write_report(
+            args, model, problems, _sorted(rows), stock, versions()
+        )  # a partial report survives a kill
     llm.shutdown()
-    write_report(args, model, problems, rows, stock, versions())
+    stock.update(run_stock(model, prompts, 8, args.max_tokens, engine))
+    print(f"  {stock['name']}: {stock['wall_s']:.1f}s", flush=True)
+    ref = next((r for r in rows if r["name"] == "best-of-8"), None)
+    if ref is not None:  # same seeds, same model: stock's candidates should be flopwise's
+        stock["same_tokens"] = sum(a == b for a, b in zip(stock.pop("tokens"), ref["token_ids"]))
+    stock.pop("tokens", None)
+    stock["auroc"] = {
+        f"confidence (final answers, best-of-{max(args.best_of)})": auroc(
+            *_final_scores(rows, f"best-of-{max(args.best_of)}")
+        )
+    }
+    write_report(args, model, problems, _sorted(rows), stock, versions())
     return 0
 
 
-def _prompts(model: str, problems) -> tuple[list[str], list]:
+def _sorted(rows: list[dict]) -> list[dict]:
+    """Baselines by N first, then the early-rejection settings in run order."""
+    base = sorted((r for r in rows if r["name"].startswith("best-of")), key=lambda r: r["n"])
+    return base + [r for r in rows if not r["name"].startswith("best-of")]
+
+
+def _final_scores(rows, name: str):
+    row = next((r for r in rows if r["name"] == name), None)
+    return (row["cand_scores"], row["cand_right"]) if row else ([], [])
+
+
+def _prompts(model: str, problems) -> list[str]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    return [p.prompt(tok) for p in problems], problems
-
-
-def write_report(args, model, problems, rows, stock, versions) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Early rejection with process reward models (`flopwise bench early-rejection`)",
-        "",
-        f"- Date: {datetime.date.today()}; hardware: {hw.describe()}; {versions}",
-        "- Generator: SmolLM2-135M-Instruct fine-tuned on chain_sum "
-        f"(`bench/scripts/finetune_chain_sum.py`), {model}",
-        f"- Problems: {len(problems)} reasoning-gym chain_sum (3-6 terms, 1-2 digits, seed {PROBLEM_SEED}); "
-        "temperature 0.8, "
-        f"max {args.max_tokens} tokens; KV block size {args.block_size} (so candidates share the prompt's "
-        "full blocks)",
-        "- All settings run through one flopwise engine (engine seed 0), all problems at once; best-of-N is "
-        "the same "
-        "path with keep=1 (PRM scores only finished candidates). FLOPs: the ledger's charge, prefill + "
-        "decode + PRM.",
-        "- Accuracy: the best finished candidate by final PRM score has the exact answer.",
-        "",
-        f"Stock vLLM best-of-{stock['n']} (its own scheduler, verifier picks afterwards): accuracy "
-        f"{stock['accuracy']:.3f}, "
-        f"wall {stock['wall_s']:.1f} s.",
-        "",
-        "| PRM | setting | accuracy | TFLOP | of which PRM | vs best-of-8 FLOPs | wall s | vs best-of-8 "
-        "wall | tokens | rejected |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    # what each PRM's settings are compared with
-    refs = {r["prm"]: r for r in rows if r["name"] == "best-of-8"}
-    for prm in dict.fromkeys(r["prm"] for r in rows):
-        ref = refs.get(prm)
-        for r in (r for r in rows if r["prm"] == prm):
-            fc = f"{ref['flops'] / r['flops']:.2f}x fewer" if ref else "-"
-            wc = f"{ref['wall_s'] / r['wall_s']:.2f}x faster" if ref else "-"
-            lines.append(
-                f"| {prm} | {r['name']} | {r['accuracy']:.3f} | {r['flops'] / 1e12:.2f} | "
-                f"{r['prm_flops'] / 1e12:.2f} "
-                f"| {fc} | {r['wall_s']:.1f} | {wc} | {r['tokens']} | {r['rejected']} |"
-            )
-    lines += [
-        "",
-        "Target (issue): >= 4x fewer FLOPs and >= 2.5x less wall time than best-of-8 at equal or better "
-        "accuracy.",
-        "",
-    ]
-    for prm, ref in refs.items():
-        ok = [
-            r
-            for r in rows
-            if r["prm"] == prm and r["name"].startswith("ER") and r["accuracy"] >= ref["accuracy"]
-        ]
-        best = max(ok, key=lambda r: ref["flops"] / r["flops"], default=None)
-        if best is None:
-            lines.append(
-                f"- {prm}: no early-rejection setting matched best-of-8's accuracy ({ref['accuracy']:.3f})."
-            )
-        else:
-            fx, wx = ref["flops"] / best["flops"], ref["wall_s"] / best["wall_s"]
-            met = "met" if fx >= 4 and wx >= 2.5 else "not met"
-            lines.append(
-                f"- {prm}: best at equal-or-better accuracy is {best['name']} ({best['accuracy']:.3f} vs "
-                f"{ref['accuracy']:.3f}): {fx:.2f}x fewer FLOPs, {wx:.2f}x less wall time - target {met}."
-            )
-    lines += READING
-    png = out.with_suffix(".png")
-    _plot(rows, png)
-    lines += ["", f"![FLOPs vs accuracy]({png.name})", ""]
-    out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "stock": stock}, indent=1))
-    print(f"wrote {out}, {png}")
-
-
-def _plot(rows, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for prm in dict.fromkeys(r["prm"] for r in rows):
-        for kind, marker in (("best-of", "s"), ("ER", "o")):
-            pts = [r for r in rows if r["prm"] == prm and r["name"].startswith(kind)]
-            if pts:
-                ax.scatter(
-                    [r["flops"] / 1e12 for r in pts],
-                    [r["accuracy"] for r in pts],
-                    marker=marker,
-                    label=f"{kind} ({prm})",
-                )
-                for r in pts:
-                    ax.annotate(r["name"].replace("ER ", ""), (r["flops"] / 1e12, r["accuracy"]), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("TFLOP (ledger: generation + PRM)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("chain_sum: best-of-N vs early rejection")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    return [p.prompt(tok) for p in problems]

@@ -10,16 +10,24 @@ no candidate runs past a checkpoint while the PRM decides, and no work goes unch
 A PRM that fails (cannot load, raises) turns rejection off for that request; it is served in full and the
 stats say why. PRM FLOPs are charged to the group (and its budget); a scoring pass that would cross the
 budget is skipped rather than run.
+
+The ``confidence`` scorers (:mod:`flopwise.prm.confidence`) need no PRM: the scheduler asks vLLM's sampler
+for each candidate's top-k log-probabilities (``SamplingParams.logprobs`` on the engine's copy of the
+request), folds each new token's into the candidate's confidences in :meth:`RejectionController.observe`
+and takes them out of the output again unless the client asked for logprobs itself. Each scored token is
+charged (``prm``) as it arrives, and the budget gate bounds a step with that cost
+(:meth:`RejectionController.pending_scoring`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
 from vllm.v1.request import Request, RequestStatus
 
-from flopwise.prm import ProcessRewardModel, load_prm
+from flopwise.prm import ProcessRewardModel, confidence, is_confidence, load_prm
 from flopwise.techniques import early_rejection as er
 from flopwise_vllm.accountant import Accountant, Group, group_of, index_of
 
@@ -41,7 +49,14 @@ class Rejection:
     scores: dict[int, float] = field(default_factory=dict)  # candidate index -> latest score
     rejected: dict[int, int] = field(default_factory=dict)  # candidate index -> checkpoint that rejected it
     lengths: dict[int, int] = field(default_factory=dict)  # candidate index -> tokens generated when it ended
+    cut: float | None = None  # the percentile rule's cut, set by the first checkpoint
+    # candidate index -> its tokens' confidences (confidence scorers only)
+    confidences: dict[int, list[float]] = field(default_factory=dict)
     _prm: ProcessRewardModel | None = None
+
+    @property
+    def by_confidence(self) -> bool:
+        return is_confidence(self.config.prm)
 
     def prm(self) -> ProcessRewardModel:
         if self._prm is None:
@@ -67,6 +82,8 @@ class Rejection:
             "scores": {str(i): s for i, s in sorted(self.scores.items())},
             "rejected_at": {str(i): c for i, c in sorted(self.rejected.items())},
         }
+        if self.cut is not None:
+            out["cut"] = self.cut
         if self.error:
             out["error"] = self.error
         return out
@@ -79,8 +96,12 @@ class RejectionController:
         self.accountant = accountant
         self.tokenizer_name = tokenizer_name
         self.groups: dict[str, Rejection] = {}  # group id -> its state, while the group lives
+        # request id -> the logprobs its client asked for, for requests whose confidence is read
+        self.client_logprobs: dict[str, int | None] = {}
+        self._closed: list[str] = []  # ... of which these finished this step (their last output is stripped)
         self._tokenizer = None
         self._newlines: frozenset[int] | None = None
+        self._vocab = accountant.model.spec.vocab
 
     def open(self, request: Request, group: Group, config: er.EarlyRejectionConfig | None) -> None:
         if config is None:
@@ -93,6 +114,69 @@ class RejectionController:
             # usage.flops.prm is there even when the PRM costs nothing
             group.settled.extra.setdefault("prm", 0)
         rej.started += 1
+        if rej.by_confidence:
+            self._ask_logprobs(request, config.confidence_top_k)
+
+    def _ask_logprobs(self, request: Request, k: int) -> None:
+        """Make the sampler return ``k`` top logprobs for ``request`` (on the engine's own copy of its
+        sampling parameters: the client's object may be shared with other requests)."""
+        params = request.sampling_params
+        asked = params.logprobs
+        self.client_logprobs[request.request_id] = asked
+        if asked is None or (0 <= asked < k):
+            request.sampling_params = copy.copy(params)
+            request.sampling_params.logprobs = k
+
+    def pending_scoring(self, request: Request) -> int:
+        """FLOPs the next step's confidence scoring of ``request`` will charge (for the budget gate)."""
+        rej = self.groups.get(group_of(request.request_id))
+        if rej is None or not rej.active or not rej.by_confidence:
+            return 0
+        return confidence.flops_per_token(self._vocab, rej.config.confidence_top_k)
+
+    def observe(self, model_runner_output) -> None:
+        """Fold the new tokens' top-k logprobs into their candidates' confidences (and charge them)."""
+        logprobs = getattr(model_runner_output, "logprobs", None)
+        if not self.client_logprobs or logprobs is None:
+            return
+        for rid in self.client_logprobs:
+            row = model_runner_output.req_id_to_index.get(rid)
+            rej = self.groups.get(group_of(rid))
+            if row is None or rej is None or not rej.active:
+                continue
+            count = len(model_runner_output.sampled_token_ids[row])
+            if not count:
+                continue
+            k = rej.config.confidence_top_k
+            rows = logprobs.slice_request(row, count).logprobs
+            confs = rej.confidences.setdefault(index_of(rid), [])
+            # column 0 is the sampled token's, then the top ones in order
+            confs += [confidence.token_confidence([float(x) for x in r[1 : k + 1]]) for r in rows]
+            cost = count * confidence.flops_per_token(self._vocab, k)
+            rej.prm_flops += cost
+            self.accountant.charge_group_extra(rej.group, "prm", cost)
+
+    def strip(self, outputs) -> None:
+        """Give each client the logprobs it asked for, not the ones the confidence scorer needed."""
+        if not self.client_logprobs:
+            return
+        for engine_outputs in outputs.values():
+            for out in engine_outputs.outputs:
+                if out.request_id not in self.client_logprobs or out.new_logprobs is None:
+                    continue
+                asked = self.client_logprobs[out.request_id]
+                if asked is None:
+                    out.new_logprobs = None
+                elif 0 <= asked < out.new_logprobs.logprobs.shape[1] - 1:
+                    lp = out.new_logprobs
+                    out.new_logprobs = type(lp)(
+                        lp.logprob_token_ids[:, : asked + 1],
+                        lp.logprobs[:, : asked + 1],
+                        lp.sampled_token_ranks,
+                    )
+        for rid in self._closed:
+            self.client_logprobs.pop(rid, None)
+        self._closed.clear()
 
     def _text(self, token_ids, special: bool) -> str:
         if self._tokenizer is None:
@@ -103,6 +187,17 @@ class RejectionController:
 
     def _score(self, rej: Rejection, requests: list[Request], final: bool) -> list[float] | None:
         """PRM scores of ``requests``' answers so far, charged to the group; None if it cannot run."""
+        if rej.by_confidence:
+            mode = confidence.NAMES[rej.config.prm]
+            scores = [
+                confidence.score(
+                    rej.confidences.get(index_of(r.request_id), []), rej.config.confidence_window, mode
+                )
+                for r in requests
+            ]
+            for r, s in zip(requests, scores):
+                rej.scores[index_of(r.request_id)] = s
+            return scores
         budget = rej.group.budget
         try:
             prm = rej.prm()
@@ -157,7 +252,9 @@ class RejectionController:
                 continue
             rej.checkpoints += 1
             rej.next_checkpoint += 1
-            kept = {live[i].request_id for i in er.survivors(scores, rej.config.keep_count(len(live)))}
+            if rej.checkpoints == 1:
+                rej.cut = rej.config.warmup_cut(scores)
+            kept = {live[i].request_id for i in rej.config.kept(scores, rej.cut)}
             for r in live:
                 if r.request_id not in kept:
                     rej.rejected[index_of(r.request_id)] = rej.checkpoints
@@ -166,6 +263,8 @@ class RejectionController:
 
     def close(self, request: Request, group: Group, status: RequestStatus) -> None:
         """Record a candidate's length; a candidate that finished on its own gets its final PRM score."""
+        if request.request_id in self.client_logprobs:
+            self._closed.append(request.request_id)
         rej = self.groups.get(group_of(request.request_id))
         if rej is None:
             return

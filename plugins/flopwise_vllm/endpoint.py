@@ -26,7 +26,7 @@ class FlopwiseEndpointPlugin:
         config = engine_client.vllm_config
         try:  # admission and the KV check need the served model's ledger in this process
             model = FlopModel.from_pretrained(config.model_config.hf_config.to_dict())
-            options.set_served(model, kv_supported(config, model))
+            options.set_served(model, kv_supported(config, model), config.model_config.logprobs_mode)
         except LedgerError:
             pass  # served as stock vLLM would (the platform logged why)
         # Routes look the handler up on app.state per request, so extending the instances is enough.

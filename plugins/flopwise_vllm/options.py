@@ -21,13 +21,16 @@ from flopwise.budget import FIELD as BUDGET_FIELD
 from flopwise.budget import BudgetError, check_admission
 from flopwise.ledger import FlopModel, LedgerError
 from flopwise.options import Defaults, RequestOptions
+from flopwise.prm import is_confidence
 from flopwise.techniques import OptionError
+from flopwise.techniques import early_rejection as er
 from flopwise.techniques import kv_drop as kd
 from flopwise.techniques import visual_drop as vd
 
 DEFAULTS_ENV = "FLOPWISE_DEFAULTS"
 _ledger: FlopModel | None = None  # the served model's, for admission (set where the model is known)
 _kv_ok: bool | None = None  # whether this server's engine can drop KV (None: not known here)
+_logprobs_mode: str | None = None  # what the engine's sampler returns as logprobs (None: not known here)
 
 
 def server_defaults() -> Defaults:
@@ -43,11 +46,11 @@ def _defaults(text: str) -> Defaults:  # parsed once per value, not once per req
         raise RuntimeError(f"{DEFAULTS_ENV}: {e}") from None
 
 
-def set_served(model: FlopModel | None, kv_ok: bool | None = None) -> None:
-    """The served model's ledger, for admission checks in this process (the front end's), and whether its
-    engine runs flopwise's KV worker and attention backend."""
-    global _ledger, _kv_ok
-    _ledger, _kv_ok = model, kv_ok
+def set_served(model: FlopModel | None, kv_ok: bool | None = None, logprobs_mode: str | None = None) -> None:
+    """The served model's ledger, for admission checks in this process (the front end's), whether its
+    engine runs flopwise's KV worker and attention backend, and its ``--logprobs-mode``."""
+    global _ledger, _kv_ok, _logprobs_mode
+    _ledger, _kv_ok, _logprobs_mode = model, kv_ok, logprobs_mode
 
 
 def ledger() -> FlopModel | None:
@@ -113,6 +116,18 @@ def prepare(
             "cache is quantized"
         )
         raise OptionError(f"{where}: KV dropping is not available here: {why}", where)
+    rejection = opts.early_rejection
+    if (
+        rejection is not None
+        and is_confidence(rejection.prm)
+        and _logprobs_mode not in (None, "raw_logprobs")
+    ):
+        where = (paths or {}).get(er.FIELD, er.FIELD) + ".prm"
+        raise OptionError(
+            f"{where}: {rejection.prm!r} reads the model's raw log-probabilities, but this engine's sampler "
+            f"returns {_logprobs_mode} (--logprobs-mode); use a PRM or serve with raw_logprobs",
+            where,
+        )
     for engine_input in engine_inputs:
         admit(opts, model or _ledger, engine_input, (paths or {}).get(BUDGET_FIELD, BUDGET_FIELD))
     rest = {k: v for k, v in extra.items() if k not in options.FIELDS}

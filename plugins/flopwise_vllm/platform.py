@@ -87,7 +87,11 @@ def activate(vllm_config, kv_worker: str | None = None) -> None:
             "auto",
         ):  # KV dropping: the worker tells attention each step's drops
             parallel.worker_cls = kv_worker
-    options.set_served(ledger, kv_supported(vllm_config, ledger) and kv_worker == WORKER_CLS)
+    options.set_served(
+        ledger,
+        kv_supported(vllm_config, ledger) and kv_worker == WORKER_CLS,
+        vllm_config.model_config.logprobs_mode,
+    )
 
 
 class FlopwiseCpuPlatform(CpuPlatform):

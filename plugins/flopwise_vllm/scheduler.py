@@ -50,8 +50,8 @@ class FlopwiseScheduler(Scheduler):
         self.ledger = Accountant(model, getattr(vllm_config.parallel_config, "data_parallel_index", 0))
         self.kv = KVPlanner(self, model, self.ledger, kv_supported(vllm_config, model))
         self.ledger.context_cuts.append(self.kv.context_cut)
-        self.gate = BudgetGate(self.ledger, [self.kv.pending_scoring])
         self.rejection = RejectionController(self.ledger, vllm_config.model_config.tokenizer)
+        self.gate = BudgetGate(self.ledger, [self.kv.pending_scoring, self.rejection.pending_scoring])
         self._early_finishes: list[tuple[int, EngineCoreOutput]] = []
 
     def _options(self, request: Request) -> RequestOptions:
@@ -95,7 +95,9 @@ class FlopwiseScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         self.kv.apply(scheduler_output)
+        self.rejection.observe(model_runner_output)  # before a candidate's last token finishes it
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self.rejection.strip(outputs)
         for client, output in self._early_finishes:
             if client in outputs:
                 outputs[client].outputs.append(output)

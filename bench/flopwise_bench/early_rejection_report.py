@@ -1,0 +1,223 @@
+"""The early-rejection benchmark's report: markdown table, per-scorer verdicts, JSON and a Pareto plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from flopwise import hw
+from flopwise_bench.stats import bootstrap_ci, paired_ci
+
+BULKY = ("cand_scores", "cand_right", "texts", "token_ids")  # per-candidate data, not for the JSON
+TARGET = (2.0, 1.7)  # FLOP and wall-time cut vs best-of-8 at accuracy >= best-of-8 (the issue's target)
+COMPASS = (4.0, 2.5)
+READING = [
+    "",
+    "## Reading",
+    "",
+    "- The exact verifier with `threshold: 0.5` (a candidate stops at its first wrong line; every candidate "
+    "that is right so far lives) is the setting that pays: best-of-8's accuracy at 1.53x fewer FLOPs and "
+    "1.66x less wall time, and majority vote over its survivors rises from 0.345 to 0.590 because the wrong "
+    "candidates are gone. It does not reach the 2x / 1.7x target: it never stops a right-so-far candidate, "
+    "and with one sample in four right, most of best-of-8's work is in candidates that stay right or go "
+    "wrong late.",
+    "- Adding a fraction rule (keep half of the right-so-far every 2 lines, at least 2) cuts 2.35x / 2.64x "
+    "but loses 0.15 accuracy: the verifier scores every right-so-far candidate 1, so the fraction drops "
+    "them blindly, and those kept may still err later.",
+    "- `confidence` (DeepConf's lowest group confidence over 64 tokens, warm-up percentile 50) does not "
+    "separate right from wrong on this generator: the AUROC of a finished candidate's confidence for a "
+    "right answer is 0.495 (chance), and pruning by it lands below best-of-4 at more FLOPs. The fine-tuned "
+    "135M model is as sure of an arithmetic slip as of a right sum; early on most candidates are still "
+    "identical, so the warm-up cut sits among ties. Its scoring itself is cheap: 0.035 TFLOP, 0.08% of "
+    "the run.",
+    "- Wall time follows FLOPs: the engine is compute-bound (about 290 tokens/s on these 2 cores) and "
+    "candidates held at a checkpoint leave their slots to other problems' candidates.",
+    "- flopwise's best-of-8 ran at 0.96 of stock vLLM's speed with the same 200 x 8 candidates token for "
+    "token; its baselines carry the confidence scorer's per-token log-softmax (for the AUROC), which stock "
+    "does not compute.",
+    "- Not run in this report (machine time): best-of-16 and n=16 settings, the `self:` value head and an "
+    "external PRM that keeps its KV between checkpoints (issue 18, items 1-2).",
+]
+
+
+def _acc(values) -> str:
+    lo, hi = bootstrap_ci(values)
+    return f"{sum(values) / len(values):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def scorer_of(row) -> str:
+    return "best-of-N" if row["name"].startswith("best-of") else row["config"]["prm"]
+
+
+def verdicts(rows) -> list[str]:
+    """For each scorer: the cheapest setting whose accuracy is not below best-of-8's, and the targets."""
+    ref = next((r for r in rows if r["name"] == "best-of-8"), None)
+    if ref is None:
+        return ["- no best-of-8 row: nothing to compare with."]
+    ref_acc = sum(ref["verifier"]) / len(ref["verifier"])
+    out = []
+    for scorer in dict.fromkeys(scorer_of(r) for r in rows if scorer_of(r) != "best-of-N"):
+        ok = [
+            r for r in rows if scorer_of(r) == scorer and sum(r["verifier"]) / len(r["verifier"]) >= ref_acc
+        ]
+        if not ok:
+            best = max((r for r in rows if scorer_of(r) == scorer), key=lambda r: sum(r["verifier"]))
+            out.append(
+                f"- {scorer}: no setting reaches best-of-8's accuracy ({ref_acc:.3f}); its best is "
+                f"{best['name']} at {sum(best['verifier']) / len(best['verifier']):.3f}."
+            )
+            continue
+        best = min(ok, key=lambda r: r["flops"])
+        fx, wx = ref["flops"] / best["flops"], ref["wall_s"] / best["wall_s"]
+        lo, hi = paired_ci(best["verifier"], ref["verifier"])
+        within = "within" if lo <= 0 <= hi else "outside"
+        met = "met" if fx >= TARGET[0] and wx >= TARGET[1] else "not met"
+        compass = "met" if fx >= COMPASS[0] and wx >= COMPASS[1] else "not met"
+        out.append(
+            f"- {scorer}: cheapest setting at accuracy >= best-of-8 is **{best['name']}** "
+            f"({sum(best['verifier']) / len(best['verifier']):.3f} vs {ref_acc:.3f}; difference "
+            f"[{lo:+.3f}, {hi:+.3f}], 0 {within} the 95% interval): {fx:.2f}x fewer FLOPs, {wx:.2f}x less "
+            f"wall time. Target ({TARGET[0]:g}x / {TARGET[1]:g}x) {met}; compass ({COMPASS[0]:g}x / "
+            f"{COMPASS[1]:g}x) {compass}."
+        )
+    return out
+
+
+def rerender(args) -> int:
+    """``--report-only``: write the .md and .png again from the committed .json (no engine)."""
+    data = json.loads(Path(args.out).with_suffix(".json").read_text())
+    meta = data["meta"]
+    write_report(
+        args, meta["model"], range(data["problems"]), data["rows"], data["stock"], meta["versions"], meta
+    )
+    return 0
+
+
+def write_report(args, model, problems, rows, stock, versions, meta: dict | None = None) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = len(problems)
+    meta = meta or {
+        "model": model,
+        "versions": versions,
+        "date": str(datetime.date.today()),
+        "hardware": hw.describe(),
+        "max_tokens": args.max_tokens,
+        "block_size": args.block_size,
+    }
+    ref = next((r for r in rows if r["name"] == "best-of-8"), None)
+    one = next((r for r in rows if r["name"] == "best-of-1"), None)
+    lines = [
+        "# Early rejection vs best-of-N (`flopwise bench early-rejection`)",
+        "",
+        f"- Date: {meta['date']}; hardware: {meta['hardware']}; {versions}",
+        "- Generator: SmolLM2-135M-Instruct fine-tuned on chain_sum "
+        f"(`bench/scripts/finetune_chain_sum.py`), {model}"
+        + (f"; single-sample accuracy {_acc(one['verifier'])}" if one else ""),
+        f"- Problems: {n} held-out reasoning-gym chain_sum (12-15 one-digit terms, seed 7; answers "
+        f"of 11-14 steps, about 120 tokens); temperature 0.8, max {meta['max_tokens']} tokens; per-problem "
+        f"seeds (candidate i of problem p: seed 100p+i); KV block size {meta['block_size']}; chunked "
+        "prefill off (vLLM's CPU runner cannot rewind a seeded generator after a partial prefill).",
+        "- Accuracy: the finished (not rejected) candidate the exact verifier prefers has the right answer "
+        "(`verifier`), or the majority answer of the finished ones is right (`majority`); 95% bootstrap "
+        "intervals over problems; `vs best-of-8` is the paired difference.",
+        "- FLOPs: the ledger's charge (prefill + decode + scoring). One engine, every setting in one run.",
+        "",
+    ]
+    if ref is not None and stock:
+        same = stock.get("same_tokens")
+        lines += [
+            f"Stock vLLM best-of-8 (its own scheduler, same seeds): wall {stock['wall_s']:.1f} s; flopwise "
+            f"best-of-8 {ref['wall_s']:.1f} s ({stock['wall_s'] / ref['wall_s']:.2f} of stock's speed)"
+            + (f"; identical candidates on {same} of {n} problems." if same is not None else "."),
+            "",
+        ]
+    lines += [
+        "| setting | n | accuracy (verifier) | vs best-of-8 | majority | TFLOP | of which scoring "
+        "| FLOPs cut | wall s | wall cut | tokens | rejected |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        diff = "-"
+        if ref is not None and r is not ref:
+            lo, hi = paired_ci(r["verifier"], ref["verifier"])
+            d = (sum(r["verifier"]) - sum(ref["verifier"])) / n
+            diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        measured = r["flops"] is not None
+        fc = f"{ref['flops'] / r['flops']:.2f}x" if ref and measured else "-"
+        wc = f"{ref['wall_s'] / r['wall_s']:.2f}x" if ref and measured else "-"
+        cost = (
+            f"{r['flops'] / 1e12:.2f} | {r['scoring_flops'] / 1e12:.3f} | {fc} | {r['wall_s']:.1f} | {wc} | "
+            f"{r['tokens']} | {r['rejected']}"
+            if measured
+            else "- | - | - | - | - | - | -"
+        )
+        lines.append(
+            f"| {r['name']} | {r['n']} | {_acc(r['verifier'])} | {diff} | {_acc(r['majority'])} | {cost} |"
+        )
+    lines += ["", "## Verdicts", ""] + verdicts(rows)
+    for name, value in stock.get("auroc", {}).items():
+        shown = "n/a" if value is None else f"{value:.3f}"
+        lines.append(f"- AUROC of the {name} score for a right final answer: {shown}.")
+    lines += READING if stock else []
+    png = out.with_suffix(".png")
+    plot(rows, png)
+    lines += ["", f"![accuracy vs FLOPs and wall time]({png.name})", ""]
+    out.write_text("\n".join(lines))
+    data = {
+        "meta": meta,
+        "problems": n,
+        "stock": stock,
+        "rows": [{k: v for k, v in r.items() if k not in BULKY} for r in rows],
+    }
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {out}, {png}")
+
+
+def plot(rows, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, key, label in ((axes[0], "flops", "TFLOP (ledger)"), (axes[1], "wall_s", "wall s")):
+        scale = 1e12 if key == "flops" else 1.0
+        base = [r for r in rows if scorer_of(r) == "best-of-N" and r["flops"] is not None]
+        for sel, style in (("verifier", "-s"), ("majority", "--^")):
+            ax.plot(
+                [r[key] / scale for r in base],
+                [sum(r[sel]) / len(r[sel]) for r in base],
+                style,
+                color="gray",
+                label=f"best-of-N ({sel})",
+            )
+        for r in base:
+            ax.annotate(
+                r["name"].replace("best-of-", "N="),
+                (r[key] / scale, sum(r["verifier"]) / len(r["verifier"])),
+                fontsize=7,
+            )
+        for scorer in dict.fromkeys(scorer_of(r) for r in rows if scorer_of(r) != "best-of-N"):
+            pts = [r for r in rows if scorer_of(r) == scorer]
+            accs = [sum(r["verifier"]) / len(r["verifier"]) for r in pts]
+            cis = [bootstrap_ci(r["verifier"]) for r in pts]
+            ax.errorbar(
+                [r[key] / scale for r in pts],
+                accs,
+                yerr=[[a - lo for a, (lo, _) in zip(accs, cis)], [hi - a for a, (_, hi) in zip(accs, cis)]],
+                fmt="o",
+                capsize=3,
+                label=f"early rejection ({scorer})",
+            )
+            for r, a in zip(pts, accs):
+                ax.annotate(r["name"].split(" ", 1)[1], (r[key] / scale, a), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (verifier pick among finished)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("long chain_sum: best-of-N vs early rejection (95% CIs)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
