@@ -179,8 +179,9 @@ def bench_early_rejection(args) -> int:
         f"bench early-rejection: {model}\n  {hw.describe()}; {len(problems)} chain_sum problems", flush=True
     )
     prompts = _prompts(model, problems)
-    # chunked prefill off: vLLM's CPU runner cannot rewind a seeded request's generator after a partial
-    # prefill ("CPU Generator does not use offset"), and every request here is seeded
+    # chunked prefill off: stock vLLM's CPU runner cannot rewind a seeded request's generator after a partial
+    # prefill ("CPU Generator does not use offset"; flopwise's worker can: flopwise_vllm.seeded), and every
+    # request here is seeded, the stock run's too
     engine = dict(max_model_len=512, block_size=args.block_size, seed=0, enable_chunked_prefill=False)
     llm = LLM(model, **engine)
     llm.engine.generate(prompts[:8], _seeded(8, 32, 8, None), use_tqdm=False)  # warm-up

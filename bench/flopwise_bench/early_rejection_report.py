@@ -118,7 +118,7 @@ def write_report(args, model, problems, rows, stock, versions, meta: dict | None
         f"- Problems: {n} held-out reasoning-gym chain_sum (12-15 one-digit terms, seed 7; answers "
         f"of 11-14 steps, about 120 tokens); temperature 0.8, max {meta['max_tokens']} tokens; per-problem "
         f"seeds (candidate i of problem p: seed 100p+i); KV block size {meta['block_size']}; chunked "
-        "prefill off (vLLM's CPU runner cannot rewind a seeded generator after a partial prefill).",
+        "prefill off (stock vLLM's CPU runner cannot rewind a seeded generator after a partial prefill).",
         "- Accuracy: the finished (not rejected) candidate the exact verifier prefers has the right answer "
         "(`verifier`), or the majority answer of the finished ones is right (`majority`); 95% bootstrap "
         "intervals over problems; `vs best-of-8` is the paired difference.",

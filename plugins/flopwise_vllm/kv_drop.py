@@ -40,6 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from flopwise.techniques import kv_drop as kd
+from flopwise_vllm.seeded import SeededSamplingMixin
 
 WORKER_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUWorker"
 STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
@@ -109,8 +110,9 @@ class WorkerState:
 STATE = WorkerState()
 
 
-class FlopwiseCPUWorker(CPUWorker):
-    """vLLM's CPU worker, telling the attention backend each step's KV jobs and the runner's row order."""
+class FlopwiseCPUWorker(SeededSamplingMixin, CPUWorker):
+    """vLLM's CPU worker, telling the attention backend each step's KV jobs and the runner's row order (and
+    keeping seeded requests alive through chunked prefill: :mod:`flopwise_vllm.seeded`)."""
 
     def init_device(self):
         super().init_device()
