@@ -14,6 +14,7 @@ Accuracies carry a 95% bootstrap interval over problems; differences to best-of-
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,7 @@ from flopwise.reasoning import chain_sum, extract_answer, generator_dir
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
 from flopwise_bench.stats import auroc, bootstrap_ci
 
+KV_CACHE_GIB = 4
 PROBLEM_SEED = 7  # the fine-tune trains on seed 1000, train-prm on 2000
 TEMPERATURE = 0.8
 VERIFIER = "verifier:arithmetic"
@@ -131,7 +133,9 @@ def run_stock(model: str, prompts, n: int, max_tokens: int, engine: dict) -> dic
         scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler",
         **engine,
     )
-    llm.generate(prompts[:8], _seeded(8, 32, 8, None), use_tqdm=False)  # warm-up, as flopwise's
+    llm.generate(
+        prompts[:8], _seeded(8, 32, len(prompts[:8]), None), use_tqdm=False
+    )  # warm-up, as flopwise's
     t0 = time.perf_counter()
     outs = llm.generate(prompts, _seeded(n, max_tokens, len(prompts), None), use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -183,8 +187,10 @@ def bench_early_rejection(args) -> int:
     # prefill ("CPU Generator does not use offset"; flopwise's worker can: flopwise_vllm.seeded), and every
     # request here is seeded, the stock run's too
     engine = dict(max_model_len=512, block_size=args.block_size, seed=0, enable_chunked_prefill=False)
+    # 1600 candidates at once: a 4 GiB KV cache keeps about 300 of them running (1 GiB: about 80)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
     llm = LLM(model, **engine)
-    llm.engine.generate(prompts[:8], _seeded(8, 32, 8, None), use_tqdm=False)  # warm-up
+    llm.engine.generate(prompts[:8], _seeded(8, 32, len(prompts[:8]), None), use_tqdm=False)  # warm-up
     rows, stock = [], {}
     plan = [(f"best-of-{n}", n, dict(prm="confidence", keep=1.0)) for n in args.best_of]
     plan += [(name, *SETTINGS[name]) for name in args.settings]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 from flopwise import hw
@@ -14,7 +15,7 @@ TARGET = (2.0, 1.7)  # FLOP and wall-time cut vs best-of-8 at accuracy >= best-o
 COMPASS = (4.0, 2.5)
 READING = [
     "",
-    "## Reading",
+    "## Reading (written for the committed run of 2026-12-03; a new run needs its own)",
     "",
     "- The exact verifier with `threshold: 0.5` (a candidate stops at its first wrong line; every candidate "
     "that is right so far lives) is the setting that pays: best-of-8's accuracy at 1.53x fewer FLOPs and "
@@ -105,6 +106,7 @@ def write_report(args, model, problems, rows, stock, versions, meta: dict | None
         "hardware": hw.describe(),
         "max_tokens": args.max_tokens,
         "block_size": args.block_size,
+        "kv_cache_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
     }
     ref = next((r for r in rows if r["name"] == "best-of-8"), None)
     one = next((r for r in rows if r["name"] == "best-of-1"), None)
@@ -117,7 +119,8 @@ def write_report(args, model, problems, rows, stock, versions, meta: dict | None
         + (f"; single-sample accuracy {_acc(one['verifier'])}" if one else ""),
         f"- Problems: {n} held-out reasoning-gym chain_sum (12-15 one-digit terms, seed 7; answers "
         f"of 11-14 steps, about 120 tokens); temperature 0.8, max {meta['max_tokens']} tokens; per-problem "
-        f"seeds (candidate i of problem p: seed 100p+i); KV block size {meta['block_size']}; chunked "
+        f"seeds (candidate i of problem p: seed 100p+i); KV block size {meta['block_size']}, KV cache "
+        f"{meta.get('kv_cache_gib')} GiB; chunked "
         "prefill off (stock vLLM's CPU runner cannot rewind a seeded generator after a partial prefill).",
         "- Accuracy: the finished (not rejected) candidate the exact verifier prefers has the right answer "
         "(`verifier`), or the majority answer of the finished ones is right (`majority`); 95% bootstrap "
