@@ -1,15 +1,15 @@
 """``flopwise bench early-rejection``: best-of-N vs early rejection, one engine, one run, same problems.
 
 Generator: SmolLM2-135M-Instruct fine-tuned on long chain sums by ``bench/scripts/finetune_chain_sum.py``
-(12-15 terms, about 135-token step-per-line answers). Every setting runs the same held-out reasoning-gym
-problems, all at once, through the flopwise scheduler; each problem has its own seed (candidate i of
-problem p samples with seed ``100 p + i``), so every setting sees the same candidates until it rejects
-some, and a rerun repeats. The best-of-N baselines run with ``keep=1`` and the ``confidence`` scorer, so
-their candidates carry a confidence score (for its AUROC) and nothing is rejected; their FLOPs are shown
-without that scoring. Answers are chosen among the candidates that finished (not rejected) by the exact
-verifier (free here) and, separately, by majority vote. Stock vLLM (its own scheduler) runs best-of-8 on
-the same problems and seeds for the wall-time reference. FLOPs are the ledger's: prefill, decode, scoring.
-Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one.
+(12-15 one-digit terms, about 120-token step-per-line answers). Every setting runs the same held-out
+reasoning-gym problems, all at once, through the flopwise scheduler; each problem has its own seed
+(candidate i of problem p samples with seed ``100 p + i``), so every setting sees the same candidates until
+it rejects some, and a rerun repeats. The best-of-N baselines run with ``keep=1`` and the ``confidence``
+scorer, so their candidates carry a confidence score (for its AUROC) and nothing is rejected; their FLOPs
+are shown without that scoring. Answers are chosen among the candidates that finished (not rejected) by the
+exact verifier (free here) and, separately, by majority vote. Stock vLLM (its own scheduler) runs best-of-8
+on the same problems and seeds for the wall-time reference. FLOPs are the ledger's: prefill, decode,
+scoring. Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one.
 """
 
 from __future__ import annotations
@@ -133,9 +133,8 @@ def run_stock(model: str, prompts, n: int, max_tokens: int, engine: dict) -> dic
         scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler",
         **engine,
     )
-    llm.generate(
-        prompts[:8], _seeded(8, 32, len(prompts[:8]), None), use_tqdm=False
-    )  # warm-up, as flopwise's
+    # warm-up, as flopwise's
+    llm.generate(prompts[:8], _seeded(8, 32, len(prompts[:8]), None), use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, _seeded(n, max_tokens, len(prompts), None), use_tqdm=False)
     wall = time.perf_counter() - t0
