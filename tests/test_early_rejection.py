@@ -248,3 +248,32 @@ def test_prm_pass_that_would_cross_the_budget_is_skipped(setup):
     assert stats["error"].startswith("skipped") and "flop_budget" in stats["error"], stats
     assert stats["scores"] == {} and payload["prm"] == 0 and payload["total"] == budget
     assert [len(c.token_ids) for c in out.outputs] == [tokens] * n  # every candidate served in full
+
+
+def test_seeded_requests_through_chunked_prefill_sample_as_the_oracle(setup):
+    """More prompt tokens than one step's budget: some seeded prompt is prefilled in chunks. Stock vLLM-CPU's
+    runner rewinds its generator with a CUDA-only call there and the engine dies; flopwise's worker restores
+    it (flopwise_vllm.seeded), so every request samples what the seeded plain-HF oracle samples."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    llm, base, _ = setup
+    budget = llm.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    count = 16
+    length = min(480, budget // count * 2 + 7)  # the 16 prompts need about two steps' budget, not a multiple
+    prompts = [[(7 * i + 3 * k) % 1900 + 20 for i in range(length)] for k in range(count)]
+    assert count * length > budget
+    params = [
+        SamplingParams(temperature=TEMPERATURE, seed=SEED + k, max_tokens=6, ignore_eos=True)
+        for k in range(count)
+    ]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for k, (prompt, out) in enumerate(zip(prompts, outs)):
+        sample = vllm_cpu_sampler(SEED + k, TEMPERATURE)
+        ids, expected = list(prompt), []
+        with torch.no_grad():
+            for _ in range(6):
+                expected.append(sample(0, model(input_ids=torch.tensor([ids])).logits[0, -1].float()))
+                ids.append(expected[-1])
+        assert list(out.outputs[0].token_ids) == expected, f"prompt {k}"

