@@ -138,6 +138,26 @@ def test_confidence_scores():
         resolve("confidence:mean")
 
 
+def test_auroc_is_the_pairwise_win_rate():
+    import itertools
+    import random
+
+    from flopwise.prm.train import auroc
+
+    def run(scores, labels):
+        return auroc(torch.tensor(scores), torch.tensor(labels, dtype=torch.long))
+
+    rng = random.Random(3)
+    scores = [round(rng.random(), 1) for _ in range(60)]  # rounded: many ties
+    labels = [rng.random() < 0.4 + 0.4 * s for s in scores]
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum((p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg))
+    assert run(scores, labels) == pytest.approx(wins / (len(pos) * len(neg)))
+    assert run([0.1, 0.9], [False, True]) == 1.0 and run([0.5, 0.5], [False, True]) == 0.5
+    assert math.isnan(run([0.3, 0.4], [True, True]))  # one class only: undefined
+
+
 def test_unknown_prm_names_the_field(tmp_path):
     for name in ["verifier:nope", "no/such/dir", ""]:
         with pytest.raises(PRMError, match="early_rejection.prm"):

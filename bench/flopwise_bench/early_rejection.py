@@ -23,7 +23,7 @@ from flopwise import hw
 from flopwise.prm import load_prm
 from flopwise.reasoning import chain_sum, extract_answer, generator_dir
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
-from flopwise_bench.stats import auroc, bootstrap_ci
+from flopwise_bench.stats import bootstrap_ci
 
 KV_CACHE_GIB = 4
 PROBLEM_SEED = 7  # the fine-tune trains on seed 1000, train-prm on 2000
@@ -218,11 +218,8 @@ def bench_early_rejection(args) -> int:
     if ref is not None:  # same seeds, same model: stock's candidates should be flopwise's
         stock["same_tokens"] = sum(a == b for a, b in zip(stock.pop("tokens"), ref["token_ids"]))
     stock.pop("tokens", None)
-    stock["auroc"] = {
-        f"confidence (final answers, best-of-{max(args.best_of)})": auroc(
-            *_final_scores(rows, f"best-of-{max(args.best_of)}")
-        )
-    }
+    largest = f"best-of-{max(args.best_of)}"
+    stock["auroc"] = {f"confidence (final answers, {largest})": _final_auroc(rows, largest)}
     write_report(args, model, problems, _sorted(rows), stock, versions())
     return 0
 
@@ -233,9 +230,19 @@ def _sorted(rows: list[dict]) -> list[dict]:
     return base + [r for r in rows if not r["name"].startswith("best-of")]
 
 
-def _final_scores(rows, name: str):
+def _final_auroc(rows, name: str) -> float | None:
+    """AUROC of the finished candidates' final scores in row ``name`` for a right answer (None: undefined)."""
+    import math
+
+    import torch
+
+    from flopwise.prm.train import auroc
+
     row = next((r for r in rows if r["name"] == name), None)
-    return (row["cand_scores"], row["cand_right"]) if row else ([], [])
+    if row is None:
+        return None
+    value = auroc(torch.tensor(row["cand_scores"]), torch.tensor(row["cand_right"], dtype=torch.long))
+    return None if math.isnan(value) else value
 
 
 def _prompts(model: str, problems) -> list[str]:
