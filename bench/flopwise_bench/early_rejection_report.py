@@ -36,7 +36,9 @@ READING = [
     "candidates held at a checkpoint leave their slots to other problems' candidates.",
     "- flopwise's best-of-8 ran at 0.96 of stock vLLM's speed with the same 200 x 8 candidates token for "
     "token; its baselines carry the confidence scorer's per-token log-softmax (for the AUROC), which stock "
-    "does not compute.",
+    "does not compute, so the wall cuts above flatter the verifier settings (which compute none) a little: "
+    "against stock's best-of-8 wall the threshold setting's cut is 1.59x, not 1.66x. A rerun should time "
+    "the baselines without the scorer and take the AUROC from a run of its own.",
     "- Not run in this report (machine time): best-of-16 and n=16 settings, the `self:` value head and an "
     "external PRM that keeps its KV between checkpoints (issue 18, items 1-2).",
 ]
