@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test lint test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-scale clean
+.PHONY: setup model demo test test-long lint test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-scale clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ model: setup
 demo: model
 	$(BIN)/flopwise demo
 
+# CI's budget: tests marked `long` (a feature's further minutes-long end-to-end cases) run with test-long.
 test: setup lint
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -m "not long" $(PYTEST_ARGS)
+
+test-long: setup
+	$(BIN)/python -m pytest -q -ra -m long $(PYTEST_ARGS)
 
 # ruff (configured in pyproject.toml: line length 110) lints and checks the formatting of every Python file.
 lint: setup

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flopwise.ledger import FlopModel
-from flopwise.prm import confidence, is_confidence, load_prm
+from flopwise.prm import confidence, in_engine, load_prm, self_head
 from flopwise.prm.hf import save_head
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, newline_ids, reference_generate
 
@@ -29,8 +29,16 @@ def setup(tiny_model, tmp_path_factory):
         torch.zeros(1),
         dtype="float32",
     )
+    # A random self head on the generator's own hidden states (its config names the tiny model).
+    self_dir = self_head.save(
+        tmp_path_factory.mktemp("self") / "head",
+        FlopModel.from_pretrained(base).spec.architecture,
+        d,
+        torch.randn(d, generator=torch.Generator().manual_seed(2)),
+        torch.zeros(1),
+    )
     llm = LLM(base, dtype="float32", max_model_len=512, max_num_seqs=16, seed=0)
-    yield llm, base, str(head)
+    yield llm, base, {"head": str(head), "self": f"self:{self_dir}"}
     llm.shutdown()
     del llm
     gc.collect()
@@ -56,7 +64,7 @@ def run_both(setup, config: EarlyRejectionConfig, n: int = 6, logprobs: int | No
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
-    llm, base, head = setup
+    llm, base, _ = setup
     tok = llm.get_tokenizer()
     prompt_ids = tok.encode("def add(a, b):\n    return")
     params = SamplingParams(
@@ -76,12 +84,13 @@ def run_both(setup, config: EarlyRejectionConfig, n: int = 6, logprobs: int | No
         tok.decode(prompt_ids),
         n,
         config,
-        None if is_confidence(config.prm) else load_prm(config.prm),
+        None if in_engine(config.prm) else load_prm(config.prm),
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         max_tokens=MAX_TOKENS,
         eos_ids=set(),
         sample=vllm_cpu_sampler(SEED, TEMPERATURE),
         newlines=newline_ids(tok),
+        head=self_head.load(config.prm) if self_head.is_self(config.prm) else None,
     )
     return out, ref, prompt_ids
 
@@ -108,9 +117,9 @@ def assert_same(out, ref, n: int) -> dict:
 
 @pytest.mark.parametrize("every,steps,keep,min_keep", [(4, None, 0.5, 1), (3, None, 0.6, 2), (6, 1, 0.5, 1)])
 def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_keep):
-    llm, base, head = setup
+    llm, base, prms = setup
     config = EarlyRejectionConfig(
-        prm=head, every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep
+        prm=prms["head"], every_tokens=every, every_steps=steps, keep=keep, min_keep=min_keep
     )
     n = 6
     out, ref, prompt_ids = run_both(setup, config, n)
@@ -118,8 +127,10 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
     if steps:  # the random model does write newlines, so some checkpoints come from steps, not the token cap
         assert any(t in newline_ids(tok) for c in ref.candidates for t in c.tokens)
     payload = assert_same(out, ref, n)
-    # every PRM pass is charged, and the total is generation + PRM
+    # every PRM pass is charged (each candidate's KV kept between its checkpoints, as the oracle's), and the
+    # total is generation + PRM; the time the engine waited for the PRM is reported
     assert payload["prm"] == ref.prm_flops > 0
+    assert payload["early_rejection"]["prm_s"] > 0
     ledger = FlopModel.from_pretrained(base)
     P = len(prompt_ids)
     generated = sum(len(c.tokens) for c in ref.candidates)
@@ -135,35 +146,48 @@ def test_engine_rejects_what_the_oracle_rejects(setup, every, steps, keep, min_k
 
 
 @pytest.mark.parametrize(
-    "scorer,rule", [("head", "threshold"), ("confidence", "percentile"), ("confidence:tail", "margin")]
+    "scorer,rule",
+    [
+        ("head", "threshold"),
+        ("confidence", "percentile"),
+        ("confidence:tail", "margin"),
+        ("self", "threshold"),
+    ],
 )
 def test_keep_rules_equal_the_oracle(setup, scorer, rule):
     """Each score rule once, each scorer once (the fraction rule is the test above). The threshold and the
     margin are read off the first checkpoint's scores (a percentile run: the candidates' tokens up to it
-    do not depend on the rule), so that each rule rejects some and spares some."""
-    _, base, head = setup
-    prm = head if scorer == "head" else scorer
+    do not depend on the rule), so that each rule rejects some and spares some. A self head scores 0.5 until
+    a candidate's first line ends, so its threshold is the median final score of a run without rejection
+    (the lowest over a candidate's lines: those below it fell below at some line)."""
+    _, base, prms = setup
+    prm = prms.get(scorer, scorer)
     base_config = dict(prm=prm, every_tokens=4, confidence_window=3, min_keep=2)
-    warm = EarlyRejectionConfig(**base_config, percentile=50)
+    warm = EarlyRejectionConfig(**base_config, **({"keep": 1.0} if scorer == "self" else {"percentile": 50}))
     n = 6
     out, ref, _ = run_both(setup, warm, n)
-    cut = warm.warmup_cut(ref.first_scores)
+    if scorer == "self":
+        cut = sorted(c.score for c in ref.candidates)[n // 2]
+    else:
+        cut = warm.warmup_cut(ref.first_scores)
     rules = {
-        "percentile": {"percentile": 50},
-        "threshold": {"threshold": cut},
-        "margin": {"margin": max(ref.first_scores) - cut},
+        "percentile": lambda: {"percentile": 50},
+        "threshold": lambda: {"threshold": cut},
+        "margin": lambda: {"margin": max(ref.first_scores) - cut},
     }
-    config = EarlyRejectionConfig(**base_config, **rules[rule])
+    config = EarlyRejectionConfig(**base_config, **rules[rule]())
     if rule != "percentile":
         out, ref, _ = run_both(setup, config, n)
     payload = assert_same(out, ref, n)
     assert 0 < len(ref.rejected) < n
-    if scorer != "head":
+    ledger = FlopModel.from_pretrained(base)
+    generated = sum(len(c.tokens) for c in ref.candidates)
+    if scorer.startswith("confidence"):
         # confidence costs a log-softmax per generated token, nothing else; no logprobs reach the client
-        ledger = FlopModel.from_pretrained(base)
-        generated = sum(len(c.tokens) for c in ref.candidates)
         assert payload["prm"] == generated * confidence.flops_per_token(ledger.spec.vocab, 20)
         assert all(c.logprobs is None for c in out.outputs)
+    if scorer == "self":  # a dot product per generated token
+        assert payload["prm"] == ref.prm_flops == generated * 2 * ledger.spec.hidden
 
 
 def test_confidence_gives_the_client_the_logprobs_it_asked_for(setup):
@@ -178,8 +202,8 @@ def test_confidence_gives_the_client_the_logprobs_it_asked_for(setup):
 def test_keep_one_is_best_of_n_with_final_scores(setup):
     from vllm import SamplingParams
 
-    llm, _, head = setup
-    config = EarlyRejectionConfig(prm=head, every_tokens=2, keep=1.0)
+    llm, _, prms = setup
+    config = EarlyRejectionConfig(prm=prms["head"], every_tokens=2, keep=1.0)
     params = SamplingParams(
         n=4,
         temperature=1.0,
@@ -197,7 +221,7 @@ def test_keep_one_is_best_of_n_with_final_scores(setup):
 def test_prm_failing_at_run_time_serves_without_rejection(setup, tmp_path):
     from vllm import SamplingParams
 
-    llm, base, head = setup
+    llm, base, _ = setup
     broken = tmp_path / "broken"
     broken.mkdir()
     # no head.safetensors
@@ -227,7 +251,8 @@ def test_prm_pass_that_would_cross_the_budget_is_skipped(setup):
     the pass that does not fit."""
     from vllm import SamplingParams
 
-    llm, base, head = setup
+    llm, base, prms = setup
+    head = prms["head"]
     ledger = FlopModel.from_pretrained(base)
     tok = llm.get_tokenizer()
     prompt_ids = tok.encode("def add(a, b):\n    return a + b\n")

@@ -26,6 +26,8 @@ from flopwise.techniques import OptionError
         ({"early_rejection": {}}, 1, "n", "n > 1"),
         ({"early_rejection": {"prm": "verifier:nope"}}, 4, "early_rejection.prm", "verifier:nope"),
         ({"early_rejection": {"prm": "confidence:mean"}}, 4, "early_rejection.prm", "confidence scorer"),
+        ({"early_rejection": {"prm": "self:nope"}}, 4, "early_rejection.prm", "not a self head"),
+        ({"early_rejection": {"prm": "self:"}}, 4, "early_rejection.prm", "self:chain-sum"),
         ({"early_rejection": {"threshold": 1.5}}, 4, "early_rejection.threshold", "less than or equal to 1"),
         ({"early_rejection": {"threshold": -0.1}}, 4, "early_rejection.threshold", "greater than or equal"),
         ({"early_rejection": {"margin": -0.1}}, 4, "early_rejection.margin", "greater than or equal to 0"),

@@ -88,13 +88,15 @@ def test_serve_command_wires_flopwise_in_and_keeps_user_choices(monkeypatch):
     assert "--enforce-eager" in argv
 
 
-def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tiny_model):
-    """What a GPU platform would do (no flopwise KV worker there): charging and budgets on, KV dropping a
-    400."""
+def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tiny_model, tmp_path):
+    """What a GPU platform would do (no flopwise KV worker there): charging and budgets on, KV dropping and
+    self heads a 400."""
     from types import SimpleNamespace
 
+    import torch
     from transformers import AutoConfig
 
+    from flopwise.prm import self_head
     from flopwise.techniques import OptionError
     from flopwise_vllm import options
     from flopwise_vllm.platform import activate
@@ -120,6 +122,14 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
         with pytest.raises(OptionError, match="KV dropping is not available here") as e:
             options.prepare({"kv_keep": 0.25}, 1, paths={"kv_keep": "vllm_xargs.kv_keep"})
         assert e.value.field == "vllm_xargs.kv_keep"
+        hf = config.model_config.hf_config
+        head = self_head.save(
+            tmp_path / "head", hf.architectures[0], hf.hidden_size, torch.ones(hf.hidden_size), torch.zeros(1)
+        )
+        own = {"early_rejection": {"prm": f"self:{head}"}}
+        with pytest.raises(OptionError, match="flopwise's CPU worker") as e:
+            options.prepare(own, 4)
+        assert e.value.field == "early_rejection.prm"
         # The CPU platform passes its worker: KV dropping is accepted there.
         config.scheduler_config.scheduler_cls = None
         config.parallel_config.worker_cls = "vllm.v1.worker.cpu_worker.CPUWorker"
@@ -134,6 +144,16 @@ def test_activation_on_a_non_cpu_platform_keeps_the_scheduler_and_refuses_kv(tin
             options.prepare(bad, 4, paths={"early_rejection": "vllm_xargs.early_rejection"})
         assert e.value.field == "vllm_xargs.early_rejection.prm"
         assert options.prepare({"early_rejection": {"prm": "verifier:arithmetic"}}, 4)[0].early_rejection
+        # a self head runs on flopwise's worker, on the model it was fitted on only
+        assert options.prepare(own, 4)[0].early_rejection.prm == f"self:{head}"
+        other = self_head.save(tmp_path / "other", "Qwen2ForCausalLM", 8, torch.ones(8), torch.zeros(1))
+        with pytest.raises(OptionError, match="Qwen2ForCausalLM with hidden size 8") as e:
+            options.prepare(
+                {"early_rejection": {"prm": f"self:{other}"}},
+                4,
+                paths={"early_rejection": "vllm_xargs.early_rejection"},
+            )
+        assert e.value.field == "vllm_xargs.early_rejection.prm"
     finally:
         options.set_served(None, None)
 

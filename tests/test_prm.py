@@ -198,6 +198,35 @@ def test_head_prm_scores_each_step_and_charges_its_forward(head_prm):
     )
 
 
+def test_head_prm_keeps_each_candidates_kv_between_checkpoints(head_prm):
+    """Keyed by candidate, a call reads only the steps added since the last one: the same scores as reading
+    everything, charged the new tokens over the cached context; released or evicted, it reads it all again."""
+    path, base = head_prm
+    prm = load_prm(path)
+    ledger = FlopModel.from_pretrained(base)
+    prompt, answer = "Compute 1 + 2 + 3.", "1 + 2 = 3\n3 + 3 = 6\nAnswer: 6"
+    d = prm.weight.numel()
+    n1 = len(prm._encode(prompt, ["1 + 2 = 3"], "\n")[0])
+    n3 = len(prm._encode(prompt, ["1 + 2 = 3", "3 + 3 = 6", "Answer: 6"], "\n")[0])
+    first = prm.score(prompt, "1 + 2 = 3\n3", key="a")
+    assert first[1] == ledger.forward(n1, start=0, logits=0).total + 2 * d
+    assert prm.cost(prompt, "1 + 2 = 3\n3", key="a") == 0  # nothing new since
+    full = prm.score(prompt, answer, final=True)  # no key: reads everything
+    again = prm.score(prompt, answer, final=True, key="a")
+    assert again[0] == pytest.approx(full[0], abs=1e-5)
+    assert again[1] == ledger.forward(n3 - n1, start=n1, logits=0).total + 2 * d * 2 < full[1]
+    prm.release("a")
+    assert prm.cost(prompt, answer, final=True, key="a") == full[1]
+    prm.max_sessions = 1
+    try:
+        prm.score(prompt, "1 + 2 = 3\n", key="a")
+        prm.score(prompt, "1 + 2 = 3\n", key="b")  # evicts a
+        assert prm.cost(prompt, answer, final=True, key="a") == full[1]
+    finally:
+        prm.max_sessions = 256
+        prm.release("b")
+
+
 def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
     import json
     import shutil
@@ -212,7 +241,11 @@ def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
     assert isinstance(prm, StepTagPRM)
     scores = prm.score_steps("q", ["a b", "c d", "e"])
     ids, ends = prm._encode("q", ["a b", "c d", "e"], " #\n")
-    logits = prm.model(input_ids=ids).logits[0]
+    logits = prm.model(input_ids=torch.tensor([ids])).logits[0]
+    # keyed: the steps added later are read over the cached ones, same scores
+    assert prm.score_steps("q", ["a b"], key="c") == pytest.approx(scores[:1], abs=1e-5)
+    assert prm.score_steps("q", ["a b", "c d", "e"], key="c") == pytest.approx(scores, abs=1e-5)
+    prm.release("c")
     good, bad = prm.good_bad
     for s, e in zip(scores, ends):
         expected = torch.softmax(logits[e - 1, [good, bad]].float(), -1)[0].item()
@@ -223,3 +256,91 @@ def test_step_tag_prm_reads_good_label_probability(tiny_model, tmp_path):
     load_prm.cache_clear()
     with pytest.raises(PRMError, match="not in the tokenizer"):
         load_prm(str(ckpt))
+
+
+def test_self_head_steps_labels_and_scores():
+    from flopwise.prm import self_head
+
+    nl = frozenset({9})
+    # a step value where each newline was emitted, and at the last token of a final answer not ending on one
+    assert self_head.step_rows([1, 9, 2, 2, 9, 3], nl, final=False) == [1, 4]
+    assert self_head.step_rows([1, 9, 2, 2, 9, 3], nl, final=True) == [1, 4, 5]
+    assert self_head.step_rows([1, 9], nl, final=True) == [1]
+    assert self_head.prefix_label("Let's see\n", final=False) is None
+    assert self_head.prefix_label("1 + 2 = 3\n4 + 4 = ", final=False) == 1  # the open line is not a step
+    assert self_head.prefix_label("1 + 2 = 3\n3 + 4 = 8\n8 + 1 = 9\n", final=False) == 0  # wrong from one on
+    assert self_head.score([]) == 0.5
+    assert self_head.score([2.0, -1.0, 3.0]) == pytest.approx(1 / (1 + math.exp(1.0)))  # the lowest step
+
+
+def test_self_head_refuses_other_models_and_bad_dirs(tmp_path):
+    from flopwise.prm import self_head
+
+    out = self_head.save(
+        tmp_path / "h", "LlamaForCausalLM", 4, torch.tensor([1.0, 0, 0, 0]), torch.tensor(0.5)
+    )
+    name = f"self:{out}"
+    assert resolve(name) == name
+    head = self_head.load(name)
+    assert head.values(torch.tensor([[2.0, 9, 9, 9]])) == [2.5] and head.flops_per_token == 8
+    self_head.check_fits(name, "LlamaForCausalLM", 4)
+    with pytest.raises(PRMError, match="a LlamaForCausalLM with hidden size 4; the served model is a Qwen2"):
+        self_head.check_fits(name, "Qwen2ForCausalLM", 4)
+    with pytest.raises(PRMError, match="hidden size 8"):
+        self_head.check_fits(name, "LlamaForCausalLM", 8)
+    with pytest.raises(PRMError, match="early_rejection.prm='self:nope': not a self head"):
+        resolve("self:nope")
+    with pytest.raises(PRMError, match="computed by the engine"):
+        load_prm(name)
+    (tmp_path / "h" / "flopwise_prm.json").write_text('{"type": "head"}')
+    with pytest.raises(PRMError, match="not a self head's config"):
+        self_head.read_config(name)
+
+
+def test_self_examples_read_the_emitting_positions(tiny_model):
+    """Training features for a self head: the last hidden state at the position that emitted each step's
+    token, the same in a padded batch as read alone."""
+    from transformers import AutoModelForCausalLM
+
+    from flopwise.prm.train import self_examples
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama-gqa"), dtype=torch.float32).eval()
+    traces = [([1, 2, 3], [4, 9, 5, 6]), ([1, 2], [9, 7, 9])]
+    texts = {(4, 9): "1 + 1 = 2\n", (9,): "\n", (9, 7, 9): "\n1 + 1 = 3\n"}
+    out = self_examples(model, traces, frozenset({9}), lambda ids: texts.get(tuple(ids), "x"), batch=2)
+    alone = model(input_ids=torch.tensor([[1, 2, 3, 4, 9, 5, 6]]), output_hidden_states=True).hidden_states[
+        -1
+    ][0]
+    x, labels = out[0]
+    assert torch.allclose(x, alone[[3 + 1 - 1, 3 + 3 - 1]], atol=1e-5)  # emitted the newline; the last token
+    assert labels == [1, None]
+    assert out[1][1] == [None, 0]
+
+
+def test_train_prm_self_fits_a_head_that_loads_on_its_generator_only(tiny_model, tmp_path):
+    """``flopwise train-prm --self`` past its sampling step: verifier labels on the generator's own hidden
+    states, a fitted head that loads on that model and is refused on another."""
+    from transformers import AutoTokenizer
+
+    from flopwise.prm import self_head
+    from flopwise.prm.train import fit_head
+    from flopwise_serve.train_prm import self_features
+
+    gen = tiny_model("llama-gqa")
+    tok = AutoTokenizer.from_pretrained(gen)
+    answers = ["1 + 2 = 3\n3 + 3 = 6\nAnswer: 6", "1 + 2 = 3\n3 + 3 = 7\nAnswer: 7", "1 + 2 = 4\nAnswer: 4"]
+    traces = [
+        {"problem": i, "prompt_ids": tok.encode("Compute 1 + 2 + 3."), "output_ids": tok.encode(a)}
+        for i, a in enumerate(answers)
+    ]
+    feats, labels, groups, config = self_features(gen, traces)
+    # a value where each line ends and at the last token; right so far: the second answer errs on line 2
+    assert labels == [1, 1, 1, 1, 0, 0, 0, 0] and groups == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert torch.cat(feats).shape == (8, config.hidden_size)
+    weight, bias = fit_head(torch.cat(feats), torch.tensor(labels))
+    out = self_head.save(tmp_path / "self", config.architectures[0], config.hidden_size, weight, bias)
+    spec = FlopModel.from_pretrained(gen).spec
+    self_head.check_fits(f"self:{out}", spec.architecture, spec.hidden)
+    other = FlopModel.from_pretrained(tiny_model("qwen2-gqa")).spec
+    with pytest.raises(PRMError, match="the served model is a Qwen2ForCausalLM"):
+        self_head.check_fits(f"self:{out}", other.architecture, other.hidden)

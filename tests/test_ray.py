@@ -145,6 +145,7 @@ def _result(rec: dict):
     return texts, body["usage"]
 
 
+@pytest.mark.long  # minutes of Ray start-up; `make test-long` runs it
 def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
     """`--ray` with no address: flopwise starts a Ray instance for the run, and nothing of it outlives the
     run. First in the file, so that no cluster of the other tests is there to start processes meanwhile."""
@@ -253,6 +254,7 @@ def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluste
     assert f"FLOPs charged {charged:.4g} (all replicas)" in r.stderr
 
 
+@pytest.mark.long  # minutes of Ray start-up; `make test-long` runs it
 def test_ray_batch_survives_losing_a_replica(cluster, tiny_model, tmp_path):
     address, env = cluster
     model = tiny_model("llama-gqa")

@@ -395,6 +395,8 @@ def test_early_rejection_streams_rejections_as_abort(server, client):
         ({"early_rejection": "yes"}, "early_rejection"),
         ({"early_rejection": {}, "n": 1}, "n"),
         ({"early_rejection": {"prm": "confidence:mean"}}, "early_rejection.prm"),
+        ({"early_rejection": {"prm": "self:nope"}}, "early_rejection.prm"),
+        ({"early_rejection": {"prm": "self:chain-sum"}}, "early_rejection.prm"),  # fitted on another model
         ({"early_rejection": {"threshold": 1.5}}, "early_rejection.threshold"),
         ({"early_rejection": {"margin": -1}}, "early_rejection.margin"),
         ({"early_rejection": {"percentile": 100}}, "early_rejection.percentile"),

@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     budget.add_argument("--small", type=positive_int, default=24)
     budget.add_argument("--latency-reps", type=positive_int, default=2)
     early_rejection = bsub.add_parser(
-        "early-rejection", help="best-of-N vs early rejection (verifier, confidence) on long chain sums"
+        "early-rejection",
+        help="best-of-N vs early rejection (verifier, confidence, self head) on long chain sums",
     )
     early_rejection.add_argument(
         "--model", default=None, help="generator (default: the chain_sum fine-tune of SmolLM2)"

@@ -3,13 +3,14 @@
 Generator: SmolLM2-135M-Instruct fine-tuned on long chain sums by ``bench/scripts/finetune_chain_sum.py``
 (12-15 one-digit terms, about 120-token step-per-line answers). Every setting runs the same held-out
 reasoning-gym problems, all at once, through the flopwise scheduler; each problem has its own seed
-(candidate i of problem p samples with seed ``100 p + i``), so every setting sees the same candidates until
-it rejects some, and a rerun repeats. The best-of-N baselines run with ``keep=1`` and the ``confidence``
-scorer, so their candidates carry a confidence score (for its AUROC) and nothing is rejected; their FLOPs
-are shown without that scoring. Answers are chosen among the candidates that finished (not rejected) by the
-exact verifier (free here) and, separately, by majority vote. Stock vLLM (its own scheduler) runs best-of-8
-on the same problems and seeds for the wall-time reference. FLOPs are the ledger's: prefill, decode,
-scoring. Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one.
+(candidate i of problem p samples with seed ``100 p + i``), so every setting sees the same candidates
+until it rejects some, and a rerun repeats. The best-of-N baselines run with ``keep=1`` and the
+``self:chain-sum`` head, so their candidates carry its score (for its AUROC: a dot product per token, 2 *
+576 FLOPs next to the ~0.27 GFLOP of the token's forward pass) and nothing is rejected; their FLOPs are
+shown without it. Answers are chosen among the candidates that finished (not rejected) by the exact
+verifier (free here) and, separately, by majority vote. Stock vLLM (its own scheduler) runs best-of-8 on
+the same problems and seeds for the wall-time reference. FLOPs are the ledger's: prefill, decode, scoring.
+Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from flopwise import hw
-from flopwise.prm import load_prm
+from flopwise.prm import in_engine, load_prm
 from flopwise.reasoning import chain_sum, extract_answer, generator_dir
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
 from flopwise_bench.stats import bootstrap_ci
@@ -29,6 +30,7 @@ KV_CACHE_GIB = 4
 PROBLEM_SEED = 7  # the fine-tune trains on seed 1000, train-prm on 2000
 TEMPERATURE = 0.8
 VERIFIER = "verifier:arithmetic"
+SELF = "self:chain-sum"  # flopwise train-prm --self on the generator's own traces
 
 # name -> (n, early_rejection fields); checkpoints every 2 lines (capped at 48 tokens) or every 32 tokens
 SETTINGS = {
@@ -53,12 +55,20 @@ SETTINGS = {
         8,
         dict(prm=VERIFIER, every_steps=2, every_tokens=48, threshold=0.5, keep=0.5, min_keep=2),
     ),
+    # self:chain-sum rules from bench/scripts/calibrate_threshold.py on train-prm's problems (seed 2000)
+    "self thr0.05 n=8 /1 step": (8, dict(prm=SELF, every_steps=1, every_tokens=48, threshold=0.05)),
+    "self thr0.1 min2 n=8 /1 step": (
+        8,
+        dict(prm=SELF, every_steps=1, every_tokens=48, threshold=0.1, min_keep=2),
+    ),
+    "self margin0.3 n=8 /1 step": (8, dict(prm=SELF, every_steps=1, every_tokens=48, margin=0.3)),
 }
 # what fits an hour on 2 cores beside the baselines
 DEFAULT_SETTINGS = [
     "verifier thr0.5 n=8 /1 step",
-    "verifier thr0.5 keep0.5 min2 n=8 /2 steps",
     "confidence pct50 n=8 /32 tok",
+    "self thr0.1 min2 n=8 /1 step",
+    "self margin0.3 n=8 /1 step",
 ]
 
 
@@ -191,11 +201,11 @@ def bench_early_rejection(args) -> int:
     llm = LLM(model, **engine)
     llm.engine.generate(prompts[:8], _seeded(8, 32, len(prompts[:8]), None), use_tqdm=False)  # warm-up
     rows, stock = [], {}
-    plan = [(f"best-of-{n}", n, dict(prm="confidence", keep=1.0)) for n in args.best_of]
+    plan = [(f"best-of-{n}", n, dict(prm=SELF, keep=1.0)) for n in args.best_of]
     plan += [(name, *SETTINGS[name]) for name in args.settings]
     for name, n, fields in plan:
         row = run_setting(llm, prompts, problems, name, n, fields, args.max_tokens)
-        if name.startswith("best-of"):  # the confidence scores are for the AUROC, not part of best-of-N
+        if name.startswith("best-of"):  # the head's scores are for the AUROC, not part of best-of-N
             row["flops"] -= row["scoring_flops"]
             row["scoring_flops"] = 0
         rows.append(row)
@@ -219,7 +229,16 @@ def bench_early_rejection(args) -> int:
         stock["same_tokens"] = sum(a == b for a, b in zip(stock.pop("tokens"), ref["token_ids"]))
     stock.pop("tokens", None)
     largest = f"best-of-{max(args.best_of)}"
-    stock["auroc"] = {f"confidence (final answers, {largest})": _final_auroc(rows, largest)}
+    stock["auroc"] = {f"{SELF} (final answers, {largest})": _final_auroc(rows, largest)}
+    for r in rows:  # the other in-engine scorers: over the candidates that finished in their own settings
+        if (
+            not r["name"].startswith("best-of")
+            and in_engine(r["config"]["prm"])
+            and r["config"]["prm"] != SELF
+        ):
+            stock["auroc"][f"{r['config']['prm']} (finished candidates of {r['name']})"] = _final_auroc(
+                rows, r["name"]
+            )
     write_report(args, model, problems, _sorted(rows), stock, versions())
     return 0
 

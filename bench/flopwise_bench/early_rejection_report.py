@@ -18,29 +18,34 @@ READING = [
     "## Reading (written for the committed run of 2026-12-03; a new run needs its own)",
     "",
     "- The exact verifier with `threshold: 0.5` (a candidate stops at its first wrong line; every candidate "
-    "that is right so far lives) is the setting that pays: best-of-8's accuracy at 1.53x fewer FLOPs and "
-    "1.66x less wall time, and majority vote over its survivors rises from 0.345 to 0.590 because the wrong "
-    "candidates are gone. It does not reach the 2x / 1.7x target: it never stops a right-so-far candidate, "
-    "and with one sample in four right, most of best-of-8's work is in candidates that stay right or go "
-    "wrong late.",
-    "- Adding a fraction rule (keep half of the right-so-far every 2 lines, at least 2) cuts 2.35x / 2.64x "
-    "but loses 0.15 accuracy: the verifier scores every right-so-far candidate 1, so the fraction drops "
-    "them blindly, and those kept may still err later.",
+    "that is right so far lives) is still the only setting at best-of-8's accuracy: 0.580 vs 0.575 at 1.53x "
+    "fewer FLOPs and 1.73x less wall time than flopwise's best-of-8 in this run (1.57x against stock vLLM's "
+    "best-of-8 wall, 630.1 s). The FLOP target (2x) is not met, so the target is not met. It never stops a "
+    "right-so-far candidate, and with one sample in four right, most of best-of-8's work is in candidates "
+    "that stay right or go wrong late.",
+    "- `self:chain-sum`, a logistic head on the generator's own last hidden state "
+    "(`flopwise train-prm --self`: 8592 verifier-labelled lines of 160 problems, held-out step AUROC 0.752, "
+    "train 0.874), costs nothing "
+    "that shows (2 x 576 FLOPs a token, 0.0002 TFLOP in a run) but does not pay on this generator: its best "
+    "setting, `margin: 0.3`, loses 0.035 [-0.070, -0.005] for 1.12x fewer FLOPs; `threshold: 0.1, min_keep: "
+    "2` loses 0.21. A candidate's score is its lowest line over about 13 lines, so per-line noise compounds: "
+    "on 60 problems of train-prm's seed (`bench/scripts/calibrate_threshold.py`) thresholds of 0.2 and up "
+    "kept under a quarter of the right answers, and on the benchmark's problems the final score's AUROC "
+    "for a right answer is 0.524 (chance). The thresholds and margin were chosen on those 60 problems, not "
+    "on these.",
     "- `confidence` (DeepConf's lowest group confidence over 64 tokens, warm-up percentile 50) does not "
-    "separate right from wrong on this generator: the AUROC of a finished candidate's confidence for a "
-    "right answer is 0.495 (chance), and pruning by it lands below best-of-4 at more FLOPs. The fine-tuned "
-    "135M model is as sure of an arithmetic slip as of a right sum; early on most candidates are still "
-    "identical, so the warm-up cut sits among ties. Its scoring itself is cheap: 0.035 TFLOP, 0.08% of "
-    "the run.",
-    "- Wall time follows FLOPs: the engine is compute-bound (about 290 tokens/s on these 2 cores) and "
+    "separate right from wrong on this generator either (AUROC 0.437 over the candidates its setting let "
+    "finish; 0.495 over best-of-8's final answers in the previous run) and lands below best-of-4 at more "
+    "FLOPs. Its scoring is cheap: 0.035 TFLOP, 0.08% of the run.",
+    "- Wall time follows FLOPs: the engine is compute-bound (about 280 tokens/s on these 2 cores) and "
     "candidates held at a checkpoint leave their slots to other problems' candidates.",
-    "- flopwise's best-of-8 ran at 0.96 of stock vLLM's speed with the same 200 x 8 candidates token for "
-    "token; its baselines carry the confidence scorer's per-token log-softmax (for the AUROC), which stock "
-    "does not compute, so the wall cuts above flatter the verifier settings (which compute none) a little: "
-    "against stock's best-of-8 wall the threshold setting's cut is 1.59x, not 1.66x. A rerun should time "
-    "the baselines without the scorer and take the AUROC from a run of its own.",
-    "- Not run in this report (machine time): best-of-16 and n=16 settings, the `self:` value head and an "
-    "external PRM that keeps its KV between checkpoints (issue 18, items 1-2).",
+    "- flopwise's best-of-8 (with the self head scoring every token, for its AUROC) ran at 0.90 of stock "
+    "vLLM's speed with the same 200 x 8 candidates token for token; the previous run (with the confidence "
+    "scorer instead) measured 0.96, and its best-of-4 took 351 s against 331 s here: run-to-run variation on "
+    "this machine is several percent, so ratios are only compared within one run.",
+    "- Not run in this report (machine time): best-of-16 and n=16 settings, and an external PRM "
+    "(`head:chain-sum`, trained on the earlier short task) now that it keeps each candidate's KV cache "
+    "between checkpoints.",
 ]
 
 

@@ -96,6 +96,9 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", ()),
     ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("scheduler_output",)),
+    # seeded sampling and self heads (flopwise_vllm.seeded, flopwise_vllm.self_values)
+    ("vllm.v1.worker.gpu_worker", "Worker.sample_tokens", ("grammar_output",)),
+    ("vllm.v1.worker.gpu_model_runner", "ExecuteModelState", ("scheduler_output", "sample_hidden_states")),
     ("vllm.v1.core.sched.output", "SchedulerOutput", ("finished_req_ids", "preempted_req_ids")),
     (
         "vllm.v1.core.single_type_kv_cache_manager",

@@ -7,29 +7,30 @@ weak children are finished on the spot (finish_reason ``abort``, stop_reason ``e
 KV blocks freed at once. Everything runs in the engine process, so decisions are exact and synchronous:
 no candidate runs past a checkpoint while the PRM decides, and no work goes uncharged.
 
+A text PRM keeps each candidate's KV cache between its checkpoints (keyed by request id, released when the
+candidate ends), so a checkpoint reads only the text written since the last one and is charged for that.
+It runs inside ``schedule()``: the whole engine waits for it, and the stats say how long (``prm_s``).
+
 A PRM that fails (cannot load, raises) turns rejection off for that request; it is served in full and the
 stats say why. PRM FLOPs are charged to the group (and its budget); a scoring pass that would cross the
 budget is skipped rather than run.
 
-The ``confidence`` scorers (:mod:`flopwise.prm.confidence`) need no PRM: the scheduler asks vLLM's sampler
-for each candidate's top-k log-probabilities (``SamplingParams.logprobs`` on the engine's copy of the
-request), folds each new token's into the candidate's confidences in :meth:`RejectionController.observe`
-and takes them out of the output again unless the client asked for logprobs itself. Each scored token is
-charged (``prm``) as it arrives, and the budget gate bounds a step with that cost
-(:meth:`RejectionController.pending_scoring`).
+The scorers the engine computes as it generates (``confidence``, ``self:<head>``) live in
+:mod:`flopwise_vllm.engine_scores`: charged per token as it arrives, bounded by the budget gate.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+import time
 from dataclasses import dataclass, field
 
 from vllm.v1.request import Request, RequestStatus
 
-from flopwise.prm import ProcessRewardModel, confidence, is_confidence, load_prm
+from flopwise.prm import ProcessRewardModel, is_confidence, load_prm, self_head
 from flopwise.techniques import early_rejection as er
 from flopwise_vllm.accountant import Accountant, Group, group_of, index_of
+from flopwise_vllm.engine_scores import EngineScores
 
 logger = logging.getLogger("flopwise")
 
@@ -45,6 +46,7 @@ class Rejection:
     started: int = 0
     checkpoints: int = 0
     prm_flops: int = 0
+    prm_seconds: float = 0.0  # spent in a text PRM inside schedule(), while the whole engine waits
     error: str | None = None
     scores: dict[int, float] = field(default_factory=dict)  # candidate index -> latest score
     rejected: dict[int, int] = field(default_factory=dict)  # candidate index -> checkpoint that rejected it
@@ -52,11 +54,18 @@ class Rejection:
     cut: float | None = None  # the percentile rule's cut, set by the first checkpoint
     # candidate index -> its tokens' confidences (confidence scorers only)
     confidences: dict[int, list[float]] = field(default_factory=dict)
+    # candidate index -> a self head's logits where its steps ended / at its last token (if not a step end)
+    step_values: dict[int, list[float]] = field(default_factory=dict)
+    last_value: dict[int, float | None] = field(default_factory=dict)
     _prm: ProcessRewardModel | None = None
 
     @property
     def by_confidence(self) -> bool:
         return is_confidence(self.config.prm)
+
+    @property
+    def by_self(self) -> bool:
+        return self_head.is_self(self.config.prm)
 
     def prm(self) -> ProcessRewardModel:
         if self._prm is None:
@@ -79,6 +88,7 @@ class Rejection:
             "checkpoints": self.checkpoints,
             "tokens_saved": round(saved),
             "prm_flops": self.prm_flops,
+            "prm_s": round(self.prm_seconds, 4),
             "scores": {str(i): s for i, s in sorted(self.scores.items())},
             "rejected_at": {str(i): c for i, c in sorted(self.rejected.items())},
         }
@@ -96,12 +106,9 @@ class RejectionController:
         self.accountant = accountant
         self.tokenizer_name = tokenizer_name
         self.groups: dict[str, Rejection] = {}  # group id -> its state, while the group lives
-        # request id -> the logprobs its client asked for, for requests whose confidence is read
-        self.client_logprobs: dict[str, int | None] = {}
-        self._closed: list[str] = []  # ... of which these finished this step (their last output is stripped)
         self._tokenizer = None
         self._newlines: frozenset[int] | None = None
-        self._vocab = accountant.model.spec.vocab
+        self.engine_scores = EngineScores(accountant, self.newlines)
 
     def open(self, request: Request, group: Group, config: er.EarlyRejectionConfig | None) -> None:
         if config is None:
@@ -114,69 +121,31 @@ class RejectionController:
             # usage.flops.prm is there even when the PRM costs nothing
             group.settled.extra.setdefault("prm", 0)
         rej.started += 1
-        if rej.by_confidence:
-            self._ask_logprobs(request, config.confidence_top_k)
-
-    def _ask_logprobs(self, request: Request, k: int) -> None:
-        """Make the sampler return ``k`` top logprobs for ``request`` (on the engine's own copy of its
-        sampling parameters: the client's object may be shared with other requests)."""
-        params = request.sampling_params
-        asked = params.logprobs
-        self.client_logprobs[request.request_id] = asked
-        if asked is None or (0 <= asked < k):
-            request.sampling_params = copy.copy(params)
-            request.sampling_params.logprobs = k
+        self.engine_scores.open(request, rej)
 
     def pending_scoring(self, request: Request) -> int:
-        """FLOPs the next step's confidence scoring of ``request`` will charge (for the budget gate)."""
+        """FLOPs the next step's in-engine scoring of ``request`` will charge (for the budget gate)."""
         rej = self.groups.get(group_of(request.request_id))
-        if rej is None or not rej.active or not rej.by_confidence:
-            return 0
-        return confidence.flops_per_token(self._vocab, rej.config.confidence_top_k)
+        return 0 if rej is None else self.engine_scores.per_token(rej)
+
+    def plan(self, scheduler_output) -> None:
+        """Tell the worker this step's self-head candidates."""
+        self.engine_scores.plan(scheduler_output, self.groups)
 
     def observe(self, model_runner_output) -> None:
-        """Fold the new tokens' top-k logprobs into their candidates' confidences (and charge them)."""
-        logprobs = getattr(model_runner_output, "logprobs", None)
-        if not self.client_logprobs or logprobs is None:
-            return
-        for rid in self.client_logprobs:
-            row = model_runner_output.req_id_to_index.get(rid)
-            rej = self.groups.get(group_of(rid))
-            if row is None or rej is None or not rej.active:
-                continue
-            count = len(model_runner_output.sampled_token_ids[row])
-            if not count:
-                continue
-            k = rej.config.confidence_top_k
-            rows = logprobs.slice_request(row, count).logprobs
-            confs = rej.confidences.setdefault(index_of(rid), [])
-            # column 0 is the sampled token's, then the top ones in order
-            confs += [confidence.token_confidence([float(x) for x in r[1 : k + 1]]) for r in rows]
-            cost = count * confidence.flops_per_token(self._vocab, k)
-            rej.prm_flops += cost
-            self.accountant.charge_group_extra(rej.group, "prm", cost)
+        """Fold the new tokens' in-engine scores into their candidates (and charge them)."""
+        self.engine_scores.observe(model_runner_output, self.groups)
 
     def strip(self, outputs) -> None:
         """Give each client the logprobs it asked for, not the ones the confidence scorer needed."""
-        if not self.client_logprobs:
-            return
-        for engine_outputs in outputs.values():
-            for out in engine_outputs.outputs:
-                if out.request_id not in self.client_logprobs or out.new_logprobs is None:
-                    continue
-                asked = self.client_logprobs[out.request_id]
-                if asked is None:
-                    out.new_logprobs = None
-                elif 0 <= asked < out.new_logprobs.logprobs.shape[1] - 1:
-                    lp = out.new_logprobs
-                    out.new_logprobs = type(lp)(
-                        lp.logprob_token_ids[:, : asked + 1],
-                        lp.logprobs[:, : asked + 1],
-                        lp.sampled_token_ranks,
-                    )
-        for rid in self._closed:
-            self.client_logprobs.pop(rid, None)
-        self._closed.clear()
+        self.engine_scores.strip(outputs)
+
+    def newlines(self) -> frozenset[int]:
+        """Token ids that end a step (loads the tokenizer once)."""
+        if self._newlines is None:
+            self._text((), False)
+            self._newlines = er.newline_ids(self._tokenizer)
+        return self._newlines
 
     def _text(self, token_ids, special: bool) -> str:
         if self._tokenizer is None:
@@ -187,34 +156,34 @@ class RejectionController:
 
     def _score(self, rej: Rejection, requests: list[Request], final: bool) -> list[float] | None:
         """PRM scores of ``requests``' answers so far, charged to the group; None if it cannot run."""
-        if rej.by_confidence:
-            mode = confidence.NAMES[rej.config.prm]
-            scores = [
-                confidence.score(
-                    rej.confidences.get(index_of(r.request_id), []), rej.config.confidence_window, mode
-                )
-                for r in requests
-            ]
+        if rej.by_confidence or rej.by_self:
+            scores = [self.engine_scores.score(rej, r, final) for r in requests]
             for r, s in zip(requests, scores):
                 rej.scores[index_of(r.request_id)] = s
             return scores
         budget = rej.group.budget
+        t0 = time.perf_counter()
         try:
             prm = rej.prm()
             texts = [
-                (self._text(r.prompt_token_ids, True), self._text(r.output_token_ids, False))
+                (r.request_id, self._text(r.prompt_token_ids, True), self._text(r.output_token_ids, False))
                 for r in requests
             ]
-            cost = sum(prm.cost(p, a, final) for p, a in texts)
+            cost = sum(prm.cost(p, a, final, key) for key, p, a in texts)
             if budget is not None and budget.charged + cost > budget.budget:
                 rej.fail("skipped", f"scoring would cross the flop_budget ({cost:,} PRM FLOPs)")
                 return None
-            scores = [prm.score(p, a, final=final)[0] for p, a in texts]
+            # keyed by candidate: the PRM reads only what each wrote since its last checkpoint
+            results = [prm.score(p, a, final=final, key=key) for key, p, a in texts]
         except Exception as e:  # any PRM failure: serve the request without rejection, and say so
             rej.fail("PRM failed", f"{type(e).__name__}: {e}")
             return None
-        rej.prm_flops += cost
-        self.accountant.charge_group_extra(rej.group, "prm", cost)
+        finally:
+            # the scheduler waits for the PRM: every request in the engine stalls this long
+            rej.prm_seconds += time.perf_counter() - t0
+        scores, spent = [s for s, _ in results], sum(f for _, f in results)
+        rej.prm_flops += spent
+        self.accountant.charge_group_extra(rej.group, "prm", spent)
         for r, s in zip(requests, scores):
             rej.scores[index_of(r.request_id)] = s
         return scores
@@ -222,10 +191,8 @@ class RejectionController:
     def _reached(self, rej: Rejection, request: Request) -> bool:
         steps = 0
         if rej.config.every_steps is not None:
-            if self._newlines is None:
-                self._text((), False)  # loads the tokenizer
-                self._newlines = er.newline_ids(self._tokenizer)
-            steps = sum(t in self._newlines for t in request.output_token_ids)
+            newlines = self.newlines()
+            steps = sum(t in newlines for t in request.output_token_ids)
         return rej.config.reached(rej.next_checkpoint, request.num_output_tokens, steps)
 
     def checkpoints(self, requests: dict[str, Request]) -> tuple[list[Request], list[Request]]:
@@ -263,8 +230,7 @@ class RejectionController:
 
     def close(self, request: Request, group: Group, status: RequestStatus) -> None:
         """Record a candidate's length; a candidate that finished on its own gets its final PRM score."""
-        if request.request_id in self.client_logprobs:
-            self._closed.append(request.request_id)
+        self.engine_scores.close(request.request_id)
         rej = self.groups.get(group_of(request.request_id))
         if rej is None:
             return
@@ -273,5 +239,7 @@ class RejectionController:
         natural = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         if natural and i not in rej.rejected and rej.error is None:
             self._score(rej, [request], final=True)
+        if rej._prm is not None:
+            rej._prm.release(request.request_id)
         if group.live <= 1:  # the last one: the group is settled next
             del self.groups[group_of(request.request_id)]

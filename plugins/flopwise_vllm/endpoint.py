@@ -21,12 +21,14 @@ class FlopwiseEndpointPlugin:
         check_surfaces()
         from flopwise.ledger import FlopModel, LedgerError
         from flopwise_vllm import options
-        from flopwise_vllm.kv_drop import kv_supported
+        from flopwise_vllm.kv_drop import kv_supported, runs_worker
 
         config = engine_client.vllm_config
         try:  # admission and the KV check need the served model's ledger in this process
             model = FlopModel.from_pretrained(config.model_config.hf_config.to_dict())
-            options.set_served(model, kv_supported(config, model), config.model_config.logprobs_mode)
+            options.set_served(
+                model, kv_supported(config, model), config.model_config.logprobs_mode, runs_worker(config)
+            )
         except LedgerError:
             pass  # served as stock vLLM would (the platform logged why)
         # Routes look the handler up on app.state per request, so extending the instances is enough.

@@ -41,17 +41,23 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from flopwise.techniques import kv_drop as kd
 from flopwise_vllm.seeded import SeededSamplingMixin
+from flopwise_vllm.self_values import SelfValueMixin
 
 WORKER_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUWorker"
 STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 OUTPUT_ATTR = "flopwise_kv"  # SchedulerOutput attribute carrying {request id: KVJob}
 
 
+def runs_worker(vllm_config) -> bool:
+    """Whether the engine runs flopwise's CPU worker (KV dropping and ``self:`` heads need it)."""
+    return vllm_config.parallel_config.worker_cls == WORKER_CLS
+
+
 def kv_supported(vllm_config, flop_model) -> bool:
     """KV dropping frees blocks that only flopwise's KV worker + attention backend compact: it needs them
     running, full attention (a sliding window already limits reads) and an unquantized KV cache."""
     return (
-        vllm_config.parallel_config.worker_cls == WORKER_CLS
+        runs_worker(vllm_config)
         and not flop_model.spec.windowed
         and vllm_config.cache_config.cache_dtype in ("auto", None)
     )
@@ -110,9 +116,10 @@ class WorkerState:
 STATE = WorkerState()
 
 
-class FlopwiseCPUWorker(SeededSamplingMixin, CPUWorker):
+class FlopwiseCPUWorker(SelfValueMixin, SeededSamplingMixin, CPUWorker):
     """vLLM's CPU worker, telling the attention backend each step's KV jobs and the runner's row order (and
-    keeping seeded requests alive through chunked prefill: :mod:`flopwise_vllm.seeded`)."""
+    keeping seeded requests alive through chunked prefill: :mod:`flopwise_vllm.seeded`; computing the
+    ``self:`` heads' values: :mod:`flopwise_vllm.self_values`)."""
 
     def init_device(self):
         super().init_device()

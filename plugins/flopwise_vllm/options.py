@@ -21,7 +21,7 @@ from flopwise.budget import FIELD as BUDGET_FIELD
 from flopwise.budget import BudgetError, check_admission
 from flopwise.ledger import FlopModel, LedgerError
 from flopwise.options import Defaults, RequestOptions
-from flopwise.prm import is_confidence
+from flopwise.prm import PRMError, is_confidence, self_head
 from flopwise.techniques import OptionError
 from flopwise.techniques import early_rejection as er
 from flopwise.techniques import kv_drop as kd
@@ -31,6 +31,7 @@ DEFAULTS_ENV = "FLOPWISE_DEFAULTS"
 _ledger: FlopModel | None = None  # the served model's, for admission (set where the model is known)
 _kv_ok: bool | None = None  # whether this server's engine can drop KV (None: not known here)
 _logprobs_mode: str | None = None  # what the engine's sampler returns as logprobs (None: not known here)
+_worker_ok: bool | None = None  # whether the engine runs flopwise's CPU worker (None: not known here)
 
 
 def server_defaults() -> Defaults:
@@ -46,11 +47,17 @@ def _defaults(text: str) -> Defaults:  # parsed once per value, not once per req
         raise RuntimeError(f"{DEFAULTS_ENV}: {e}") from None
 
 
-def set_served(model: FlopModel | None, kv_ok: bool | None = None, logprobs_mode: str | None = None) -> None:
+def set_served(
+    model: FlopModel | None,
+    kv_ok: bool | None = None,
+    logprobs_mode: str | None = None,
+    worker_ok: bool | None = None,
+) -> None:
     """The served model's ledger, for admission checks in this process (the front end's), whether its
-    engine runs flopwise's KV worker and attention backend, and its ``--logprobs-mode``."""
-    global _ledger, _kv_ok, _logprobs_mode
-    _ledger, _kv_ok, _logprobs_mode = model, kv_ok, logprobs_mode
+    engine can drop KV (flopwise's worker and attention backend), its ``--logprobs-mode``, and whether it
+    runs flopwise's CPU worker (``self:`` heads)."""
+    global _ledger, _kv_ok, _logprobs_mode, _worker_ok
+    _ledger, _kv_ok, _logprobs_mode, _worker_ok = model, kv_ok, logprobs_mode, worker_ok
 
 
 def ledger() -> FlopModel | None:
@@ -128,6 +135,8 @@ def prepare(
             f"returns {_logprobs_mode} (--logprobs-mode); use a PRM or serve with raw_logprobs",
             where,
         )
+    if rejection is not None and self_head.is_self(rejection.prm):
+        _check_self_head(rejection.prm, model or _ledger, (paths or {}).get(er.FIELD, er.FIELD) + ".prm")
     for engine_input in engine_inputs:
         admit(opts, model or _ledger, engine_input, (paths or {}).get(BUDGET_FIELD, BUDGET_FIELD))
     rest = {k: v for k, v in extra.items() if k not in options.FIELDS}
@@ -135,6 +144,21 @@ def prepare(
     if opts.kv is None and (defaults.kv_keep is not None or defaults.kv_keep_tokens is not None):
         canonical[kd.KEEP_FIELD] = 1.0  # turned off by the request: stays off when checked again (idempotent)
     return opts, {**rest, **canonical} or None
+
+
+def _check_self_head(name: str, model: FlopModel | None, where: str) -> None:
+    """A ``self:`` head needs flopwise's worker and the model it was fitted on."""
+    if _worker_ok is False:
+        raise OptionError(
+            f"{where}: {name!r} is computed by flopwise's CPU worker, which this engine does not run "
+            "(--worker-cls)",
+            where,
+        )
+    if model is not None:
+        try:
+            self_head.check_fits(name, model.spec.architecture, model.spec.hidden)
+        except PRMError as e:
+            raise OptionError(str(e).replace("early_rejection.prm", where, 1), where) from None
 
 
 def engine_options(extra: Mapping | None) -> RequestOptions:

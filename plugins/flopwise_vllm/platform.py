@@ -68,7 +68,7 @@ def activate(vllm_config, kv_worker: str | None = None) -> None:
     platform; KV dropping needs that worker, and requests asking for it elsewhere get a 400
     (:func:`flopwise_vllm.options.prepare`)."""
     from flopwise_vllm import SCHEDULER_CLS
-    from flopwise_vllm.kv_drop import STOCK_WORKER, WORKER_CLS, kv_supported
+    from flopwise_vllm.kv_drop import STOCK_WORKER, WORKER_CLS, kv_supported, runs_worker
 
     sched, model = vllm_config.scheduler_config, vllm_config.model_config
     if model is None or getattr(model, "runner_type", "generate") != "generate":
@@ -87,10 +87,12 @@ def activate(vllm_config, kv_worker: str | None = None) -> None:
             "auto",
         ):  # KV dropping: the worker tells attention each step's drops
             parallel.worker_cls = kv_worker
+    worker = kv_worker == WORKER_CLS and runs_worker(vllm_config)
     options.set_served(
         ledger,
-        kv_supported(vllm_config, ledger) and kv_worker == WORKER_CLS,
+        kv_supported(vllm_config, ledger) and worker,
         vllm_config.model_config.logprobs_mode,
+        worker,
     )
 
 

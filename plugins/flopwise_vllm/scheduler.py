@@ -90,6 +90,7 @@ class FlopwiseScheduler(Scheduler):
                 self.running[:0] = held
         # before charging: an eviction planned now shortens this step's context
         self.kv.plan(out, self.requests)
+        self.rejection.plan(out)
         self.ledger.charge_scheduled(out, self.requests)
         return out
 

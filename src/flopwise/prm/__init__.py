@@ -5,6 +5,8 @@ Names accepted wherever a PRM is named (``early_rejection.prm``, ``--prm``):
 * ``verifier:arithmetic`` - the exact rule-based step verifier (:mod:`flopwise.prm.arithmetic`);
 * ``confidence`` / ``confidence:tail`` - the generator's own token confidence (:mod:`flopwise.prm.confidence`,
   DeepConf): no model of its own, computed by the engine from the logits it has;
+* ``self:<head>`` - a value head on the generator's own last hidden state (:mod:`flopwise.prm.self_head`):
+  a dot product per token, computed by the engine; ``self:chain-sum`` is the committed one;
 * ``head:chain-sum`` - the committed learned head on SmolLM2-135M (``flopwise train-prm`` makes it);
 * a directory with ``flopwise_prm.json`` (:mod:`flopwise.prm.hf`): a step-tag checkpoint or a head.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from flopwise.prm import confidence
+from flopwise.prm import confidence, self_head
 from flopwise.prm.arithmetic import ArithmeticVerifier
 from flopwise.prm.base import NEUTRAL, PRMError, ProcessRewardModel, aggregate, split_steps
 
@@ -28,6 +30,9 @@ def resolve(name: str) -> str:
         raise PRMError(f"early_rejection.prm must be a PRM name or path, got {name!r}")
     if name in VERIFIERS or name in confidence.NAMES:
         return name
+    if self_head.is_self(name):
+        self_head.read_config(name)
+        return name
     if name in BUILTIN_HEADS:
         return str(BUILTIN_HEADS[name])
     if name.startswith("verifier:"):
@@ -39,7 +44,7 @@ def resolve(name: str) -> str:
     from flopwise.prm.hf import read_config
 
     if not Path(name).expanduser().is_dir():
-        known = ", ".join([*VERIFIERS, *confidence.NAMES, *BUILTIN_HEADS])
+        known = ", ".join([*VERIFIERS, *confidence.NAMES, *BUILTIN_HEADS, "self:<head>"])
         raise PRMError(f"early_rejection.prm={name!r}: not a known PRM ({known}) nor a PRM directory")
     read_config(name)
     return name
@@ -50,11 +55,17 @@ def is_confidence(name: str) -> bool:
     return name in confidence.NAMES
 
 
+def in_engine(name: str) -> bool:
+    """Whether the engine computes ``name``'s scores as it generates (confidence, a self head): no PRM
+    reads the text."""
+    return is_confidence(name) or self_head.is_self(name)
+
+
 @lru_cache(maxsize=4)
 def load_prm(name: str) -> ProcessRewardModel:
-    """The PRM called ``name`` (loaded once per process); not for :func:`is_confidence` names."""
+    """The PRM called ``name`` (loaded once per process); not for :func:`in_engine` names."""
     resolved = resolve(name)
-    if is_confidence(resolved):
+    if in_engine(resolved):
         raise PRMError(f"early_rejection.prm={name!r} is computed by the engine, not loaded")
     if resolved in VERIFIERS:
         return VERIFIERS[resolved]()
@@ -69,8 +80,10 @@ __all__ = [
     "ProcessRewardModel",
     "aggregate",
     "confidence",
+    "in_engine",
     "is_confidence",
     "load_prm",
     "resolve",
+    "self_head",
     "split_steps",
 ]

@@ -70,5 +70,5 @@ def check_line(line: str) -> float | None:
 class ArithmeticVerifier(ProcessRewardModel):
     name = "verifier:arithmetic"
 
-    def score_steps(self, prompt: str, steps: list[str]) -> list[float | None]:
+    def score_steps(self, prompt: str, steps: list[str], key: str | None = None) -> list[float | None]:
         return [check_line(s) for s in steps]

@@ -34,26 +34,36 @@ def aggregate(step_scores: list[float | None]) -> float:
 
 
 class ProcessRewardModel(ABC):
-    """Scores steps. Implementations are stateless between calls, so any process may hold one."""
+    """Scores steps. A ``key`` names one candidate across calls: a PRM may keep that candidate's state
+    between them (the neural ones keep its KV cache, so a call costs only the text added since the last),
+    until :meth:`release`; without a key every call starts from nothing. Any process may hold one."""
 
     name: str
 
     @abstractmethod
-    def score_steps(self, prompt: str, steps: list[str]) -> list[float | None]:
+    def score_steps(self, prompt: str, steps: list[str], key: str | None = None) -> list[float | None]:
         """One score per step of the answer to ``prompt``."""
 
-    def flops(self, prompt: str, steps: list[str]) -> int:
-        """FLOPs one :meth:`score_steps` call costs (0 for rule-based verifiers)."""
+    def flops(self, prompt: str, steps: list[str], key: str | None = None) -> int:
+        """FLOPs the next :meth:`score_steps` call costs (0 for rule-based verifiers)."""
         return 0
 
-    def cost(self, prompt: str, answer: str, final: bool = False) -> int:
+    def release(self, key: str) -> None:
+        """Forget what is kept for candidate ``key`` (it is finished or rejected); stateless PRMs keep
+        nothing."""
+        return None
+
+    def cost(self, prompt: str, answer: str, final: bool = False, key: str | None = None) -> int:
         """FLOPs :meth:`score` will spend on this answer (known before it runs, for budgets)."""
         steps = split_steps(answer, final)
-        return self.flops(prompt, steps) if steps else 0
+        return self.flops(prompt, steps, key) if steps else 0
 
-    def score(self, prompt: str, answer: str, final: bool = False) -> tuple[float, int]:
+    def score(
+        self, prompt: str, answer: str, final: bool = False, key: str | None = None
+    ) -> tuple[float, int]:
         """(candidate score, FLOPs spent) for a partial (or ``final``) answer."""
         steps = split_steps(answer, final)
         if not steps:
             return NEUTRAL, 0
-        return aggregate(self.score_steps(prompt, steps)), self.flops(prompt, steps)
+        spent = self.flops(prompt, steps, key)  # before scoring: it measures what the call will add
+        return aggregate(self.score_steps(prompt, steps, key)), spent

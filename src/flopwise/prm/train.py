@@ -58,3 +58,30 @@ def fit_head(
     weight = (w / std).detach()
     bias = (b - (w * mean / std).sum()).detach()
     return weight, bias
+
+
+@torch.no_grad()
+def self_examples(
+    model, traces: list[tuple[list[int], list[int]]], newlines: frozenset[int], decode, batch: int = 8
+) -> list[tuple[torch.Tensor, list[int | None]]]:
+    """For a ``self:`` head: per (prompt ids, output ids) trace, the generator's last hidden state at each
+    step value's position (:func:`flopwise.prm.self_head.step_rows`, the position that emitted the token)
+    and its label (right so far through that token, :func:`flopwise.prm.self_head.prefix_label`). The
+    traces are read in right-padded batches of ``batch``: one forward pass each, no generation."""
+    from flopwise.prm.self_head import prefix_label, step_rows
+
+    out = []
+    for b in range(0, len(traces), batch):
+        chunk = traces[b : b + batch]
+        seqs = [p + o for p, o in chunk]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        for i, (prompt, output) in enumerate(chunk):
+            rows = step_rows(output, newlines, final=True)
+            labels = [prefix_label(decode(output[: j + 1]), final=j == len(output) - 1) for j in rows]
+            out.append((hidden[i, [len(prompt) + j - 1 for j in rows]].float(), labels))
+    return out

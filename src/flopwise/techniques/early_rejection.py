@@ -1,4 +1,4 @@
-"""Early rejection of partial candidates with a process reward model (or the model's own confidence).
+"""Early rejection of partial candidates with a process reward model (or the generator's own signals).
 
 "Accelerating LLM Reasoning via Early Rejection with Partial Reward Modeling" (arXiv:2508.01969): of N
 candidates generated together, score the partial answers every ``every_tokens`` tokens with a PRM and
@@ -218,22 +218,40 @@ def reference_generate(
     eos_ids: set[int],
     sample: Callable[[int, torch.Tensor], int],
     newlines: frozenset[int] = frozenset(),
+    head=None,
 ) -> ReferenceResult:
     """The oracle: ``n`` candidates on a plain HF causal LM, one KV cache each, rejected by the rule above.
 
     ``sample(candidate, logits[vocab])`` picks each next token (the test passes vLLM's seeded sampler);
-    ``newlines`` (:func:`newline_ids`) counts steps for ``every_steps``. ``prm`` is None for the
-    ``confidence`` scorers: their scores come from each sampled position's logits.
+    ``newlines`` (:func:`newline_ids`) counts steps for ``every_steps`` (and ends a self head's steps).
+    ``prm`` is None for the scorers computed as tokens are generated: ``confidence`` (from each sampled
+    position's logits) and a ``self:`` head (``head``, a :class:`flopwise.prm.self_head.SelfHead`, on each
+    sampled position's last hidden state).
     """
     import copy
 
-    from flopwise.prm import confidence
+    from flopwise.prm import confidence, self_head
 
-    prefill = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-    caches = [copy.deepcopy(prefill.past_key_values) for _ in range(n)]
-    last_logits = [prefill.logits[0, -1].float() for _ in range(n)]
+    hidden = head is not None  # the last hidden state is only read for a self head
+
+    def forward(ids, cache=None):
+        out = model(
+            input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, output_hidden_states=hidden
+        )
+        return (
+            out.past_key_values,
+            out.logits[0, -1].float(),
+            out.hidden_states[-1][0, -1] if hidden else None,
+        )
+
+    cache, logits, state = forward(prompt_ids)
+    caches = [copy.deepcopy(cache) for _ in range(n)]
+    last_logits = [logits for _ in range(n)]
+    last_hidden = [state for _ in range(n)]
     cands = [Candidate() for _ in range(n)]
     confs: list[list[float]] = [[] for _ in range(n)]
+    step_values: list[list[float]] = [[] for _ in range(n)]  # self head: its logit where each step ended
+    last_value: list[float | None] = [None] * n  # ... and where the last token came from (if not a newline)
     result = ReferenceResult(cands)
     ckpt = 1
     steps = [0] * n
@@ -246,13 +264,19 @@ def reference_generate(
     def score(i: int, final: bool) -> float:
         if mode is not None:
             return confidence.score(confs[i], config.confidence_window, mode)
-        s, f = prm.score(prompt_text, decode(cands[i].tokens), final=final)
+        if head is not None:
+            last = [last_value[i]] if final and last_value[i] is not None else []
+            return self_head.score(step_values[i] + last)
+        # keyed by candidate, as the engine does: the PRM reads only what was written since the last call
+        s, f = prm.score(prompt_text, decode(cands[i].tokens), final=final, key=f"reference-{i}")
         result.prm_flops += f
         return s
 
     while True:
         live = [i for i, c in enumerate(cands) if not c.finished and c.rejected_at is None]
         if not live:
+            for i in range(n if prm is not None else 0):
+                prm.release(f"reference-{i}")
             return result
         if not config.rejects_at(len(live)):
             ckpt = None  # no checkpoint can reject any more: run to the end
@@ -278,9 +302,14 @@ def reference_generate(
             token = sample(i, last_logits[i])
             cands[i].tokens.append(token)
             steps[i] += token in newlines
+            if head is not None:
+                value = head.values(last_hidden[i][None])[0]
+                result.prm_flops += head.flops_per_token
+                if token in newlines:
+                    step_values[i].append(value)
+                last_value[i] = None if token in newlines else value
             if token in eos_ids or len(cands[i].tokens) >= max_tokens:
                 cands[i].finished = True
                 cands[i].score = score(i, final=True)
                 continue
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=caches[i], use_cache=True)
-            caches[i], last_logits[i] = out.past_key_values, out.logits[0, -1].float()
+            caches[i], last_logits[i], last_hidden[i] = forward([token], caches[i])
