@@ -68,7 +68,8 @@ class EngineScores:
             return 0
         if rej.by_confidence:
             return confidence.flops_per_token(self._vocab, rej.config.confidence_top_k)
-        return 2 * self._hidden if rej.by_self else 0
+        # the head's own cost formula (loaded once per process; check_fits made its hidden the model's)
+        return self_head.load(rej.config.prm).flops_per_token if rej.by_self else 0
 
     def plan(self, scheduler_output, groups: dict) -> None:
         """Name this step's candidates with a self head for the worker."""
