@@ -170,6 +170,27 @@ def test_reference_without_drop_is_plain_greedy(hf):
 
 
 # -- vLLM --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("isa,block_size,head_dim", [("vec", 32, 64), ("vec16", 16, 48), ("vec", 128, 64)])
+def test_read_cache_reads_back_what_the_kernel_wrote(isa, block_size, head_dim):
+    """Prefix-cache hits are read back from vLLM's CPU cache (keys are stored transposed per block): what
+    the kernel's own writer put in blocks 3, 0, 2 (in that order) comes back in that order."""
+    from vllm import _custom_ops as ops
+
+    from flopwise_vllm.kv_cache_io import caches, read_cache
+
+    heads, n = 2, 3 * block_size
+    cache = torch.zeros(4, heads, block_size, 2 * head_dim)
+    k, v = torch.randn(n, heads, head_dim), torch.randn(n, heads, head_dim)
+    order = torch.tensor([3, 0, 2])
+    slots = (order.repeat_interleave(block_size) * block_size + torch.arange(n) % block_size).long()
+    key_cache, value_cache = caches(cache)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
+    got_k, got_v = read_cache(cache, order, isa)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    with pytest.raises(ValueError, match="amx"):
+        read_cache(cache, order, "amx")
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     from flopwise_serve.offline import LLM
@@ -202,22 +223,29 @@ def _greedy(n: int, **kv):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, extra_args=kv or None)
 
 
+def _hit(policy: str, prompt: int) -> int:
+    """The prefix-cache hit a request that drops may read: never its policy's query window (h2o: none)."""
+    window = kd.get_policy(policy).query_window
+    return 0 if window is None else min(prompt - 1, prompt - window) // BS * BS
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", [0.5, 0.25])
 def test_engine_keeps_what_the_reference_keeps(engine, hf, keep):
     """Every policy: vLLM's tokens equal the HF reference's on the same kept positions, and the charge is
-    the ledger's with decode attention on the kept context plus the policy's scoring."""
+    the ledger's with decode attention on the kept context plus the policy's scoring. The first request
+    computes the prompt; a drop copies its kept tokens to fresh blocks, so the prompt stays cached and
+    every later policy reads it from the prefix cache (all but its query window)."""
     from flopwise.hf import kv as hk
 
     llm, ledger = engine
-    # A request that drops takes its region's blocks out of the prefix cache, so the same prompt is
-    # computed afresh each time below (one prompt per keep: the full run, last, leaves its blocks cached).
     ids = _prompt(300, seed=7 if keep == 0.5 else 19)
     one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab  # per extra prefill chunk
     tokens = []
-    for policy in POLICIES:
+    for i, policy in enumerate(POLICIES):
         out = llm.generate([{"prompt_token_ids": ids}], _greedy(12, kv_policy=policy, kv_keep=keep))[0]
-        assert not out.num_cached_tokens
+        hit = 0 if i == 0 else _hit(policy, 300)
+        assert (out.num_cached_tokens or 0) == hit, policy
         ref = hk.generate(hf, ids, kd.parse_options(policy, keep), 12, BS)
         assert list(out.outputs[0].token_ids) == ref.tokens, policy
         tokens.append(ref.tokens)
@@ -232,32 +260,60 @@ def test_engine_keeps_what_the_reference_keeps(engine, hf, keep):
             kd.get_policy(policy).scoring_flops(300, layer.q_heads, layer.head_dim)
             for layer in ledger.spec.layers
         )
-        assert (
-            charge["total"]
-            == ledger.request(300, 12, kv_dropped=lay.dropped_tokens).total + 2 * one_logit_row + scoring
-        )
-        assert charge["dense_baseline"] == ledger.request(300, 12).total + 2 * one_logit_row
+        chunks = -(-(300 - hit) // 128)
+        expect = ledger.request(300, 12, cached_tokens=hit, kv_dropped=lay.dropped_tokens).total
+        assert charge["total"] == expect + (chunks - 1) * one_logit_row + scoring, policy
         assert charge["components"].get("kv_scoring", 0) == scoring
     full = llm.generate([{"prompt_token_ids": ids}], _greedy(12))[0]
-    assert not full.num_cached_tokens
+    assert full.num_cached_tokens == 288  # the first request's blocks, intact
     # the drop really changes what the model attends to
     assert sum(t != list(full.outputs[0].token_ids) for t in tokens) >= 3
+    assert list(full.outputs[0].token_ids) == hk.generate(hf, ids, None, 12, BS).tokens
 
 
 @pytest.mark.slow
-def test_prefix_cache_blocks_shared_with_others_are_never_dropped(engine, hf):
+def test_a_cached_prompt_is_dropped_again_and_stays_cached(engine, hf):
+    """Drop, no drop, drop on one prompt (the shared-document pattern): the second request reads the
+    first's prompt from the prefix cache, and the third, whose prompt is then cached, drops exactly as the
+    first did (reading the hits, recomputing the query window) and says what the reference says."""
+    from flopwise.hf import kv as hk
+
+    llm, ledger = engine
+    ids = _prompt(400, seed=23)
+    kv = dict(kv_policy="snapkv", kv_keep=0.25)
+    first = llm.generate([{"prompt_token_ids": ids}], _greedy(10, **kv))[0]
+    plain = llm.generate([{"prompt_token_ids": ids}], _greedy(10))[0]
+    third = llm.generate([{"prompt_token_ids": ids}], _greedy(10, **kv))[0]
+    assert (first.num_cached_tokens or 0) == 0 and plain.num_cached_tokens == 384
+    assert third.num_cached_tokens == _hit("snapkv", 400) == 320  # 400 - 64 queries, in whole blocks
+    ref = hk.generate(hf, ids, kd.parse_options("snapkv", 0.25), 10, BS)
+    assert list(first.outputs[0].token_ids) == list(third.outputs[0].token_ids) == ref.tokens
+    assert list(plain.outputs[0].token_ids) == hk.generate(hf, ids, None, 10, BS).tokens
+    a, c = first.ec_transfer_params["flopwise"], third.ec_transfer_params["flopwise"]
+    assert a["kv"] == c["kv"] and c["kv"]["dropped_blocks"] == ref.layout.dropped_blocks == 9
+    scoring = sum(
+        kd.get_policy("snapkv").scoring_flops(400, x.q_heads, x.head_dim) for x in ledger.spec.layers
+    )
+    assert c["components"]["kv_scoring"] == a["components"]["kv_scoring"] == scoring  # every key, each time
+    assert c["total"] == ledger.request(400, 10, cached_tokens=320, kv_dropped=288).total + scoring
+
+
+@pytest.mark.slow
+def test_a_prefix_shared_with_another_request_is_dropped_by_copy(engine, hf):
+    """B shares A's first 8 blocks through the prefix cache and drops over its whole prompt: it reads
+    A's blocks (and computes its other 200 tokens in two chunks, the first stashed) and never writes them,
+    so A, asked again, still hits them and says the same."""
     from flopwise.hf import kv as hk
 
     llm, _ = engine
     shared = _prompt(256, seed=11)
-    a_ids, b_ids = shared + _prompt(44, seed=5), shared + _prompt(100, seed=13)
+    a_ids, b_ids = shared + _prompt(44, seed=5), shared + _prompt(200, seed=13)
     a1 = llm.generate([{"prompt_token_ids": a_ids}], _greedy(8))[0]
     b = llm.generate([{"prompt_token_ids": b_ids}], _greedy(8, kv_policy="snapkv", kv_keep=0.25))[0]
     assert b.num_cached_tokens == 256  # its first 8 blocks are A's
-    ref = hk.generate(hf, b_ids, kd.parse_options("snapkv", 0.25), 8, BS, protected_blocks=8, offset=256)
+    ref = hk.generate(hf, b_ids, kd.parse_options("snapkv", 0.25), 8, BS)
     assert list(b.outputs[0].token_ids) == ref.tokens
-    assert b.ec_transfer_params["flopwise"]["kv"]["dropped_blocks"] == ref.layout.dropped_blocks == 3
-    # A's blocks are intact and still in the prefix cache: A again hits them and says the same.
+    assert b.ec_transfer_params["flopwise"]["kv"]["dropped_blocks"] == ref.layout.dropped_blocks == 10
     a2 = llm.generate([{"prompt_token_ids": a_ids}], _greedy(8))[0]
     assert a2.num_cached_tokens >= 256
     assert a2.outputs[0].token_ids == a1.outputs[0].token_ids

@@ -472,16 +472,18 @@ def test_kv_keep_cuts_attention_and_blocks(server, client, where):
     kv = {"kv_policy": "snapkv", "kv_keep": 0.25}
     before = _metrics(s.url)
     extra = kv if where == "top" else {"vllm_xargs": kv}
+    # The prompt in full first: it leaves the prompt in the prefix cache, and the drop after it still drops
+    # (it reads the cached blocks, recomputing only the 64-query window, in whole 128-token blocks).
+    full = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=8, temperature=0)
     cut = client.completions.create(
         model=client.model_id, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra
     )
     after = _metrics(s.url)
-    # The same prompt again, in full: the drop took its blocks out of the prefix cache, so it is recomputed.
-    full = client.completions.create(model=client.model_id, prompt=prompt, max_tokens=8, temperature=0)
     f, g = cut.usage.flops, full.usage.flops
     assert f["kv"] == {"prompt_tokens": 700, "kept_tokens": 188, "dropped_tokens": 512, "dropped_blocks": 4}
-    assert f["dense_baseline"] == g["total"] == ledger.request(700, 8).total
-    assert f["total"] == ledger.request(700, 8, kv_dropped=512).total + f["kv_scoring"]
+    assert g["total"] == ledger.request(700, 8).total
+    assert f["dense_baseline"] == ledger.request(700, 8, cached_tokens=512).total
+    assert f["total"] == ledger.request(700, 8, cached_tokens=512, kv_dropped=512).total + f["kv_scoring"]
     full_attention = ledger.request(700, 8).decode.flops["attention"]
     assert (
         full_attention - ledger.request(700, 8, kv_dropped=512).decode.flops["attention"]
@@ -510,6 +512,24 @@ def test_kv_keep_holds_fewer_blocks_while_generating(server, client):
         readings = [_gauge(s.url, "vllm:kv_cache_usage_perc") for i, _ in enumerate(stream) if i < 3]
         usage[keep] = max(readings)
     assert usage[1.0] > 0 and usage[1.0] / usage[0.25] == pytest.approx(3, rel=0.01), usage
+
+
+def test_kv_usage_says_why_nothing_was_dropped_and_no_block_leaks(server, client):
+    """A prompt whose kept share covers all its whole blocks drops nothing, and ``usage.flops.kv`` says so;
+    once the KV tests' requests are done the engine holds no block (vLLM's own usage gauge reads 0)."""
+    s, _ = server
+    r = client.completions.create(
+        model=client.model_id,
+        prompt=_long_prompt(47, n=150),
+        max_tokens=4,
+        temperature=0,
+        extra_body={"kv_policy": "snapkv", "kv_keep": 0.9},
+    )
+    kv = r.usage.flops["kv"]
+    assert (
+        kv["dropped_tokens"] == 0 and kv["kept_tokens"] == 150 and "covers every whole block" in kv["reason"]
+    )
+    assert _gauge(s.url, "vllm:kv_cache_usage_perc") == 0
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,18 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("request_id", "first_block", "last_block"),
     ),
     ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", ("block",)),
+    ("vllm.v1.core.block_pool", "BlockPool.get_new_blocks", ("num_blocks",)),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._get_local_prefix_cache_hit", ("request",)),
+    (
+        "vllm.v1.core.kv_cache_manager",
+        "KVCacheManager.truncate_computed_blocks",
+        ("blocks", "num_computed_tokens"),
+    ),
+    (
+        "vllm.v1.attention.backends.cpu_attn",
+        "_get_attn_isa",
+        ("dtype", "block_size", "head_size", "kv_cache_dtype"),
+    ),
 )
 
 _registered = False

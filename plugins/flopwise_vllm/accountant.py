@@ -235,7 +235,7 @@ class Accountant:
             for rid, inputs in out.scheduled_encoder_inputs.items():
                 self.charge_encoder(requests[rid], inputs)
 
-    def set_kv_stats(self, request_id: str, stats: dict[str, int]) -> None:
+    def set_kv_stats(self, request_id: str, stats: dict) -> None:
         charge = self.charges.get(request_id)
         if charge is not None:
             charge.kv = stats

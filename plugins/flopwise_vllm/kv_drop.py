@@ -1,19 +1,21 @@
 """KV token dropping inside vLLM's paged cache (CPU attention backend + CPU worker).
 
-The scheduler (:class:`flopwise_vllm.scheduler.FlopwiseScheduler`) decides, per request, *where*: when a
-request's last prefill chunk is scheduled it fixes the :class:`flopwise.techniques.kv_drop.Layout`
-(protected prefix-cache blocks, the compressible region, how many blocks stay), takes the blocks about to
-be rewritten out of the prefix cache, and sends a :class:`KVJob` to the worker on the scheduler output
-(``SchedulerOutput.flopwise_kv``). After that step it returns the region's emptied blocks to the pool.
+The scheduler (:class:`flopwise_vllm.scheduler.FlopwiseScheduler`, :mod:`flopwise_vllm.kv_planner`)
+decides, per request, *where*: when a request's last prefill chunk is scheduled it fixes the
+:class:`flopwise.techniques.kv_drop.Layout` (the compressible region, how many blocks stay) and the blocks
+the kept tokens go to, and sends a :class:`KVJob` to the worker on the scheduler output
+(``SchedulerOutput.flopwise_kv``). After that step it returns the region's other blocks to the pool.
 
 The worker side, here, decides *what*, layer by layer, in the forward pass that completes the prompt:
 
 * :class:`FlopwiseCPUAttentionImpl` runs stock attention (the prompt sees its whole context), then scores
   the prompt's tokens with the policy and writes each KV head's kept keys/values compacted into the
-  region's first blocks, through the kernel's own cache writer (so the ISA-specific block layout is
-  respected). Earlier prefill chunks of such a request are stashed so the last one sees the whole prompt.
+  job's destination blocks, through the kernel's own cache writer (so the ISA-specific block layout is
+  respected). Earlier prefill chunks of such a request are stashed so the last one sees the whole
+  prompt; prefix-cache hits it did not compute are read back from their shared blocks
+  (:func:`read_cache`), which it never writes.
 * :class:`FlopwiseCPUAttentionMetadataBuilder` rewrites, for every later step, that request's
-  block-table row to [protected + kept blocks, tail blocks] (minus the tail blocks evicted under a token
+  block-table row to [kept blocks, tail blocks] (minus the tail blocks evicted under a token
   budget) and shortens its ``seq_len`` to match, before the kernel's scheduler metadata is built:
   attention reads only kept positions, never a freed block. Positions (RoPE, slot mapping) stay the
   original ones.
@@ -40,6 +42,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from flopwise.techniques import kv_drop as kd
+from flopwise_vllm.kv_cache_io import caches, read_cache
 from flopwise_vllm.seeded import SeededSamplingMixin
 from flopwise_vllm.self_values import SelfValueMixin
 
@@ -72,6 +75,7 @@ class KVJob:
     prompt: int
     layout: kd.Layout | None = None
     evicted: int = 0  # tail blocks evicted so far while decoding (token budget): also sent on its own
+    dest: tuple[int, ...] = ()  # the blocks the region's kept tokens are written to, in order
 
     @property
     def reads(self) -> bool:
@@ -155,6 +159,7 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 row, lay = cm.block_table_tensor[i], view.layout
                 keep, resume = lay.protected + lay.kept, lay.full + view.evicted  # skip blocks [keep, resume)
                 table[i, keep : row.shape[0] - (resume - keep)] = row[resume:]
+                table[i, lay.protected : keep] = torch.tensor(view.dest, dtype=table.dtype)
                 lens[i] -= (resume - keep) * lay.block_size
             elif job is not None and context_start < job.prompt:
                 blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
@@ -189,8 +194,8 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
         return out
 
     def _drop(self, layer, task: _Task, query, key, value, kv_cache) -> None:
-        """Stash one prefill chunk of a request, or (its last chunk) score its prompt and compact the kept
-        KV."""
+        """Stash one prefill chunk of a request, or (its last chunk) score its whole prompt and write each
+        head's kept KV compacted into the job's destination blocks."""
         index = _layer_index(layer)
         lay = task.job.layout
         if lay is not None and not lay.active:  # nothing to drop after all
@@ -208,6 +213,9 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
             return
         if lay.kept == 0:  # the whole region goes: nothing to score or write
             return
+        bs, first = lay.block_size, task.job.first
+        if first:  # prefix-cache hits: their KV is read from the shared blocks, which stay as they are
+            parts.insert(0, (*read_cache(kv_cache, task.blocks[: first // bs], layer.isa), None))
         parts.append((k, v, q))
         keys = torch.cat([p[0] for p in parts])
         values = torch.cat([p[1] for p in parts])
@@ -218,18 +226,14 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
             queries=policy.queries_of(torch.cat(queries)) if queries else None,
             start=start,
             end=end,
-            offset=task.job.first,
             layer=index,
         )
-        idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens) - task.job.first  # [Hkv, m] rows of keys
+        idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens)  # [Hkv, m] rows of keys
         heads = torch.arange(idx.shape[0]).unsqueeze(0)
         kept_k, kept_v = keys[idx.T, heads], values[idx.T, heads]  # [m, Hkv, d]: head h's j-th kept token
-        bs = lay.block_size
         j = torch.arange(lay.kept_region_tokens)
-        slots = task.blocks[lay.protected + j // bs].long() * bs + j % bs
-        blocks, heads_n, block_size, _ = kv_cache.size()
-        cache = kv_cache.view((blocks, heads_n, block_size * 2, -1))
-        key_cache, value_cache = cache.chunk(2, dim=2)
+        slots = torch.tensor(task.job.dest, dtype=torch.long)[j // bs] * bs + j % bs
+        key_cache, value_cache = caches(kv_cache)
         ops.cpu_attn_reshape_and_cache(
             kept_k.contiguous(),
             kept_v.contiguous(),

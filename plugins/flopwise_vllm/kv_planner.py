@@ -1,11 +1,19 @@
 """KV dropping, the scheduler's side: where each request's drop goes, and which blocks go back to the pool.
 
 When a request's last prefill chunk is scheduled, the planner fixes its
-:class:`~flopwise.techniques.kv_drop.Layout` (blocks it shares with another request stay protected), takes
-the blocks about to be rewritten out of the prefix cache and attaches a
-:class:`~flopwise_vllm.kv_drop.KVJob` to the scheduler output for the worker (:mod:`flopwise_vllm.kv_drop`
-does the compaction). After that step it frees the emptied blocks; under a token budget it evicts the
-oldest full tail block whenever the kept KV is a block over the budget. The accountant asks it how much
+:class:`~flopwise.techniques.kv_drop.Layout` over the whole prompt, picks the blocks its kept tokens are
+written to and attaches a :class:`~flopwise_vllm.kv_drop.KVJob` to the scheduler output for the worker
+(:mod:`flopwise_vllm.kv_drop` does the compaction). After that step the request's block list becomes
+[kept blocks, tail] and the rest goes back to the pool; under a token budget it evicts the oldest full tail
+block whenever the kept KV is a block over the budget.
+
+Prefix-cache hits are dropped by copy: blocks the request shares (hits, or blocks another request hit) are
+read, never rewritten, and stay cached for the others. The kept tokens go to fresh blocks when the pool has
+them (so a cold request's own prompt blocks stay cached too: many questions over one document each hit it),
+else into the request's own unshared prompt blocks. A hit never covers the policy's query window (those
+queries are recomputed, and charged, :meth:`KVPlanner.cap_hit`); h2o, which reads every prompt query, and
+engines whose cache layout cannot be read back recompute the whole prompt. Blocks written after a drop are
+never cached: their KV attended to the kept context only. The accountant asks it how much
 context a request's attention no longer reads (:meth:`KVPlanner.context_cut`), and the budget gate what
 scoring the next step will charge (:meth:`KVPlanner.pending_scoring`).
 """
@@ -13,7 +21,7 @@ scoring the next step will charge (:meth:`KVPlanner.pending_scoring`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm.v1.request import Request
 
@@ -35,23 +43,38 @@ class KVState:
     applied: bool = False  # the step ran: later steps attend to the kept context only
     stashed: bool = False  # earlier prefill chunks were sent to the worker to keep
     evicted: int = 0  # tail blocks evicted while decoding (token budget)
+    fresh: list = field(default_factory=list)  # pool blocks taken for the kept tokens, not yet the request's
+    dest: tuple[int, ...] = ()  # the blocks holding the kept tokens (KVJob.dest)
 
 
-def kv_stats(lay: kd.Layout) -> dict[str, int]:
-    return {
+def kv_stats(lay: kd.Layout, reason: str | None = None) -> dict:
+    """``usage.flops.kv``: what the drop kept; ``reason`` says why nothing was dropped."""
+    stats = {
         "prompt_tokens": lay.prompt,
         "kept_tokens": lay.kept_tokens,
         "dropped_tokens": lay.dropped_tokens,
         "dropped_blocks": lay.dropped_blocks,
     }
+    return stats if reason is None else {**stats, "reason": reason}
+
+
+UNSUPPORTED = (
+    "this engine cannot drop KV (it needs flopwise's KV worker, full attention, an unquantized cache)"
+)
+TOO_SHORT = "nothing to drop: the prompt's kept share covers every whole block"
+NO_BLOCKS = "nothing dropped: no free or unshared block to write the kept tokens to"
+NULL_CACHED = 1 << 62  # a request's cached-block count that stops vLLM caching its later blocks
 
 
 class KVPlanner:
-    def __init__(self, scheduler, flop_model: FlopModel, accountant: Accountant, supported: bool):
+    def __init__(
+        self, scheduler, flop_model: FlopModel, accountant: Accountant, supported: bool, readable: bool
+    ):
         self.scheduler = scheduler  # its kv_cache_manager and block_size
         self.model = flop_model
         self.accountant = accountant
         self.supported = supported
+        self.readable = readable  # the worker can read cached KV back (kv_drop.readable_isa)
         self.states: dict[str, KVState] = {}
 
     def open(self, request: Request, config: kd.KVDropConfig | None) -> None:
@@ -63,11 +86,34 @@ class KVPlanner:
                 "KV cache; ignored",
                 request.request_id,
             )
+            lay = kd.layout(kd.KVDropConfig(), request.num_prompt_tokens, self.scheduler.block_size)
+            self.accountant.set_kv_stats(request.request_id, kv_stats(lay, UNSUPPORTED))
             return
         self.states[request.request_id] = KVState(config)
 
     def forget(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
+        kv = self.states.pop(request_id, None)
+        if kv is not None:
+            self._release_fresh(kv)
+
+    def _release_fresh(self, kv: KVState) -> None:
+        if kv.fresh:  # the request ended before the step that filled them
+            self.scheduler.kv_cache_manager.block_pool.free_blocks(kv.fresh)
+            kv.fresh = []
+
+    def cap_hit(self, request: Request, blocks, hit: int):
+        """Trim a prefix-cache hit of a request that drops so the policy's queries are computed -> (blocks,
+        hit). The last ``query_window`` prompt tokens are recomputed (all of them for h2o, or where the
+        cache cannot be read back); other policies read every hit."""
+        kv = self.states.get(request.request_id)
+        if kv is None or not hit or not kv.config.active:
+            return blocks, hit
+        window = kd.get_policy(kv.config.policy).query_window
+        prompt, bs = request.num_prompt_tokens, self.scheduler.block_size
+        cap = 0 if window is None or not self.readable else max(0, (prompt - window) // bs * bs)
+        if hit <= cap:
+            return blocks, hit
+        return self.scheduler.kv_cache_manager.truncate_computed_blocks(blocks, cap), cap
 
     # -- what the accountant and the gate ask ------------------------------------------------------
     def context_cut(self, request: Request, start: int) -> int:
@@ -84,12 +130,10 @@ class KVPlanner:
         kv = self.states.get(request.request_id)
         if kv is None or kv.layout is not None or kv.applied:
             return 0
-        first = kv.first if kv.first is not None else request.num_computed_tokens
-        bs = self.scheduler.block_size
-        lay = kd.layout(kv.config, request.num_prompt_tokens, bs, -(-first // bs))
+        lay = kd.layout(kv.config, request.num_prompt_tokens, self.scheduler.block_size)
         if not (lay.active and lay.kept):
             return 0
-        return self._scoring(kv, request.num_prompt_tokens - first).total
+        return self._scoring(kv, request.num_prompt_tokens).total
 
     def _scoring(self, kv: KVState, tokens: int) -> Breakdown:
         policy, scoring = kd.get_policy(kv.config.policy), Breakdown()
@@ -104,6 +148,7 @@ class KVPlanner:
             return
         for rid in out.preempted_req_ids or ():
             if rid in self.states:  # its blocks are gone; it prefills (and drops) again
+                self._release_fresh(self.states[rid])
                 self.states[rid] = KVState(self.states[rid].config)
         jobs: dict[str, KVJob] = {}
         for rid, n in out.num_scheduled_tokens.items():
@@ -122,35 +167,44 @@ class KVPlanner:
             return
         if kv.first is None:
             kv.first = start
-        protected = -(-kv.first // block_size)  # a partly hit block is not ours to rewrite
         if request.num_computed_tokens < prompt:  # an earlier chunk: the worker stashes it
-            if kd.layout(kv.config, prompt, block_size, protected).active:
+            if kd.layout(kv.config, prompt, block_size).active:
                 jobs[rid] = KVJob(kv.config.policy, kv.first, prompt)
                 kv.stashed = True
             return
-        manager = self.scheduler.kv_cache_manager
-        blocks = manager.coordinator.single_type_managers[0].req_to_blocks[rid]
-        for i in range(protected, min(prompt // block_size, len(blocks))):
-            if blocks[i].ref_cnt > 1:  # shared with another request: never dropped under it
-                protected = i + 1
-        lay = kd.layout(kv.config, prompt, block_size, protected)
-        if not lay.active:
-            if kv.stashed:  # nothing to drop after all (shared blocks): the worker lets its stash go
+        lay = kd.layout(kv.config, prompt, block_size)
+        dest = self._destinations(request, kv, lay) if lay.active else ()
+        if dest is None or not lay.active:
+            reason = TOO_SHORT if dest is not None else NO_BLOCKS
+            lay = kd.layout(kv.config, prompt, block_size, prompt // block_size)  # keeps every block
+            if kv.stashed:  # the worker lets its stash go
                 jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
             if kv.config.tokens is not None:  # the budget still holds while generating
                 kv.layout, kv.applied = lay, True
+            self.accountant.set_kv_stats(rid, kv_stats(lay, reason))
             return
-        # The region's blocks leave the prefix cache: the kept ones are about to be rewritten, and the
-        # dropped ones, freed after this step, could never be hit past them (hits are prefix chains).
-        # Unhashed, freed blocks are the first the pool hands out again.
-        for block in blocks[lay.protected : lay.full]:
-            manager.block_pool._maybe_evict_cached_block(block)
-        kv.layout = lay
-        jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
+        kv.layout, kv.dest = lay, dest
+        jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay, dest=dest)
         if lay.kept:  # the whole region going is not scored
-            self.accountant.charge_prompt_extra(
-                request, "kv_scoring", self._scoring(kv, prompt - kv.first).total
-            )
+            self.accountant.charge_prompt_extra(request, "kv_scoring", self._scoring(kv, prompt).total)
+
+    def _blocks(self, rid: str) -> list:
+        return self.scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[rid]
+
+    def _destinations(self, request: Request, kv: KVState, lay: kd.Layout) -> tuple[int, ...] | None:
+        """The blocks the kept tokens go to: fresh ones from the pool, else the request's own unshared
+        prompt blocks (taken out of the prefix cache: they are rewritten); None if neither suffices."""
+        pool = self.scheduler.kv_cache_manager.block_pool
+        if pool.get_num_free_blocks() >= lay.kept:
+            kv.fresh = pool.get_new_blocks(lay.kept)
+            return tuple(b.block_id for b in kv.fresh)
+        blocks = self._blocks(request.request_id)
+        own = [b for b in blocks[kv.first // lay.block_size : lay.full] if b.ref_cnt == 1]
+        if len(own) < lay.kept:
+            return None
+        for block in own[: lay.kept]:
+            pool._maybe_evict_cached_block(block)
+        return tuple(b.block_id for b in own[: lay.kept])
 
     def _evict(self, request: Request, kv: KVState, cached: int, jobs: dict[str, KVJob]) -> None:
         """Free the oldest tail blocks that put the request's KV a block over its token budget."""
@@ -162,16 +216,23 @@ class KVPlanner:
         rid = request.request_id
         for manager in self.scheduler.kv_cache_manager.coordinator.single_type_managers:
             manager._remove_blocks_in_range(rid, lay.full + before, lay.full + kv.evicted)
-        jobs[rid] = KVJob(kv.config.policy, kv.first, lay.prompt, lay, kv.evicted)
+        jobs[rid] = KVJob(kv.config.policy, kv.first, lay.prompt, lay, kv.evicted, kv.dest)
         self.accountant.set_kv_stats(rid, {**kv_stats(lay), "evicted_tokens": kv.evicted * lay.block_size})
 
     def apply(self, scheduler_output) -> None:
-        """After the step that dropped: the region's emptied blocks go back to the pool."""
+        """After the step that dropped: the request's blocks become [kept, tail]; the rest go back to the
+        pool (cached ones stay cached)."""
         for rid, job in (getattr(scheduler_output, OUTPUT_ATTR, None) or {}).items():
             kv, lay = self.states.get(rid), job.layout
             if kv is None or lay is None or not lay.active or kv.layout is not lay or kv.applied:
                 continue  # (an eviction update is applied when planned)
-            for manager in self.scheduler.kv_cache_manager.coordinator.single_type_managers:
-                manager._remove_blocks_in_range(rid, lay.protected + lay.kept, lay.full)
-            kv.applied = True
+            manager = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+            blocks = manager.req_to_blocks[rid]
+            by_id = {b.block_id: b for b in [*blocks[: lay.full], *kv.fresh]}
+            kept = [by_id[i] for i in job.dest]
+            gone = [b for b in blocks[: lay.full] if b not in kept and not b.is_null]
+            blocks[: lay.full] = kept + [manager._null_block] * (lay.full - lay.kept)
+            manager.block_pool.free_blocks(reversed(gone))
+            manager.num_cached_block[rid] = NULL_CACHED
+            kv.fresh, kv.applied = [], True
             self.accountant.set_kv_stats(rid, kv_stats(lay))

@@ -21,6 +21,16 @@ PAYLOAD_KEY = "flopwise"
 USAGE_FIELDS = ("prompt", "completion", "total", "dense_baseline")
 
 
+def merge_kv(stats: list[dict]) -> dict:
+    """KV stats summed; the reasons nothing was dropped (where given), each once."""
+    keys = dict.fromkeys(k for d in stats for k in d if k != "reason")
+    merged = {k: sum(d.get(k, 0) for d in stats) for k in keys}
+    reasons = dict.fromkeys(d["reason"] for d in stats if "reason" in d)
+    if reasons:
+        merged["reason"] = "; ".join(reasons)
+    return merged
+
+
 @dataclass
 class Charge:
     """FLOPs charged: ``prompt`` = prefill forwards (and vision), ``completion`` = decode forwards; ``extra``:
@@ -31,7 +41,7 @@ class Charge:
     dense_baseline: int = 0  # the same work with no flopwise technique on
     requests: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-    kv: dict[str, int] = field(default_factory=dict)  # KV dropping: prompt / kept / dropped tokens
+    kv: dict = field(default_factory=dict)  # KV dropping: prompt / kept / dropped tokens (+ a reason)
 
     @property
     def total(self) -> int:
@@ -44,8 +54,8 @@ class Charge:
         self.requests += other.requests
         for k, v in other.extra.items():
             self.extra[k] = self.extra.get(k, 0) + v
-        for k, v in other.kv.items():
-            self.kv[k] = self.kv.get(k, 0) + v
+        if other.kv:
+            self.kv = merge_kv([d for d in (self.kv, other.kv) if d])
 
 
 def make_payload(
@@ -113,7 +123,7 @@ class FlopTotals:
             usage["language"] = usage["prompt"] + usage["completion"] - vision
         kv = [p["kv"] for p in self.groups.values() if "kv" in p]
         if kv:  # KV dropping: what was kept, and the attention it left (scoring charged apart)
-            usage["kv"] = {k: sum(d[k] for d in kv) for k in kv[0]}
+            usage["kv"] = merge_kv(kv)
             for part in ("attention", "kv_scoring"):
                 usage[part] = sum(p.get("components", {}).get(part, 0) for p in self.groups.values())
         if any("prm" in p for p in self.groups.values()):

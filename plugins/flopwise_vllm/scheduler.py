@@ -30,6 +30,7 @@ from flopwise.techniques import early_rejection as er
 from flopwise_vllm.accountant import Accountant
 from flopwise_vllm.budget_gate import BudgetGate
 from flopwise_vllm.early_rejection import RejectionController
+from flopwise_vllm.kv_cache_io import readable_isa
 from flopwise_vllm.kv_drop import kv_supported
 from flopwise_vllm.kv_planner import KVPlanner
 from flopwise_vllm.options import engine_options, server_defaults
@@ -48,7 +49,8 @@ class FlopwiseScheduler(Scheduler):
         self.budget_policy = server_defaults().budget_policy
         # data_parallel_rank reads 0 in every engine of a dense model; the index tells the engines apart.
         self.ledger = Accountant(model, getattr(vllm_config.parallel_config, "data_parallel_index", 0))
-        self.kv = KVPlanner(self, model, self.ledger, kv_supported(vllm_config, model))
+        supported = kv_supported(vllm_config, model)
+        self.kv = KVPlanner(self, model, self.ledger, supported, supported and readable_isa(vllm_config))
         self.ledger.context_cuts.append(self.kv.context_cut)
         self.rejection = RejectionController(self.ledger, vllm_config.model_config.tokenizer)
         self.gate = BudgetGate(self.ledger, [self.kv.pending_scoring, self.rejection.pending_scoring])
@@ -71,6 +73,11 @@ class FlopwiseScheduler(Scheduler):
             budget = opts.flop_budget
             request.priority = int(min(budget, 2**62)) if budget is not None else 2**62
         super().add_request(request)
+
+    def _get_local_prefix_cache_hit(self, request: Request):
+        blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
+        blocks, hit = self.kv.cap_hit(request, blocks, hit)
+        return blocks, hit, boundary, diverged
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         for request in self.gate.over_budget([*self.running, *self.waiting]):

@@ -31,11 +31,10 @@ def compress(
     captured: dict[int, torch.Tensor],
     config: kd.KVDropConfig,
     lay: kd.Layout,
-    offset: int = 0,
     seed: int = 0,
 ):
-    """Drop, in place, what ``config`` drops of each layer of a prefilled ``DynamicCache``; -> kept positions.
-    The policy sees positions ``offset..`` only: what an engine computed after its prefix-cache hits."""
+    """Drop, in place, what ``config`` drops of each layer of a prefilled ``DynamicCache``; -> kept
+    positions."""
     policy = kd.get_policy(config.policy)
     start, end = lay.region
     kept = []
@@ -43,11 +42,10 @@ def compress(
         keys, values = layer.keys[0], layer.values[0]  # [Hkv, P, d]
         queries = captured.get(i)
         ctx = kd.KVContext(
-            keys=keys[:, offset:].transpose(0, 1),
-            queries=policy.queries_of(None if queries is None else queries[offset:]),
+            keys=keys.transpose(0, 1),
+            queries=policy.queries_of(queries),
             start=start,
             end=end,
-            offset=offset,
             layer=i,
             seed=seed,
         )
@@ -68,13 +66,10 @@ def generate(
     config: kd.KVDropConfig | None,
     max_tokens: int,
     block_size: int,
-    protected_blocks: int = 0,
-    offset: int = 0,
     seed: int = 0,
     forced: list[int] | None = None,
 ) -> KVRun:
     """Greedy ``max_tokens`` tokens after ``prompt_ids`` with ``config``'s KV drop applied after prefill.
-    ``protected_blocks`` / ``offset``: as the engine had them (prefix-cache hits it did not recompute).
     ``forced``: decode these tokens instead (teacher forcing); ``logprobs`` then holds each one's."""
     from transformers import AttentionInterface
     from transformers.cache_utils import DynamicCache
@@ -103,8 +98,8 @@ def generate(
 
         tokens: list[int] = []
         tokens.append(pick(out.logits[0, -1]))
-        lay = kd.layout(config, P, block_size, protected_blocks) if config is not None else None
-        kept = compress(cache, captured, config, lay, offset, seed) if lay is not None and lay.active else []
+        lay = kd.layout(config, P, block_size) if config is not None else None
+        kept = compress(cache, captured, config, lay, seed) if lay is not None and lay.active else []
         evicted = 0
         for t in range(max_tokens - 1):
             while (

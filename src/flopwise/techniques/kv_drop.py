@@ -7,12 +7,12 @@ Shared mechanics for the policies (one per file: :mod:`.streaming_llm`, :mod:`.s
 The layout is what makes this work in a paged cache. A prompt of P tokens fills blocks of ``block_size``
 tokens; three regions:
 
-* ``protected`` blocks at the start (prefix-cache hits, blocks shared with another request) are kept
-  verbatim: they are not this request's to change;
+* ``protected`` blocks at the start, kept verbatim (none when a drop is made: the engine drops over the
+  whole prompt, copying out of blocks it shares with others; a layout that drops nothing protects all);
 * the *compressible* region, the blocks after them that the prompt fills entirely: the policy picks
-  which of its tokens to keep, per layer and KV head, and they are written compacted into its first
-  ``kept`` blocks (a whole number of blocks, so attention never reads a slot that holds no kept token);
-  the rest of its blocks go back to the pool;
+  which of its tokens to keep, per layer and KV head, and they are written compacted into ``kept``
+  blocks (a whole number of blocks, so attention never reads a slot that holds no kept token); the
+  region's other blocks go back to the pool;
 * the *tail*: the prompt's last partial block and everything generated after it, kept, except that
   under a token budget (``kv_keep_tokens``) its oldest full blocks are evicted as generation goes on
   (:func:`evicts`), so a request's KV stays within about the budget however long it runs.
