@@ -354,17 +354,28 @@ def test_eviction_rule():
     assert (first, second) == (352, 384)  # block 9 once block 10 is full, then block 10 once 11 is
 
 
+def _decode_charge(ledger, prompt: int, tokens: int, cut) -> int:
+    """The ledger's charge of ``tokens`` greedy tokens after a 300-token prompt prefilled in 3 chunks, each
+    decode step at position n attending to n + 1 - cut(n) tokens."""
+    one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab
+    total = ledger.request(prompt, 1).total + 2 * one_logit_row
+    for n in range(prompt, prompt + tokens - 1):  # decode steps: n tokens cached, the new one at position n
+        total += ledger.forward(1, start=n, logits=1, context=n + 1 - cut(n)).total
+    return total
+
+
 @pytest.mark.slow
 def test_token_budget_evicts_while_decoding(engine, hf):
-    """kv_keep_tokens 128: the prompt is cut to 140 tokens, and generation then evicts the oldest tail
-    block each time the kept KV is a block over the budget: at 352 and 384 cached tokens."""
+    """StreamingLLM under kv_keep_tokens 128: the prompt is cut to 140 tokens, and generation then evicts
+    the oldest tail block each time the kept KV is a block over the budget: at 352 and 384 cached tokens."""
     from flopwise.hf import kv as hk
 
     llm, ledger = engine
     ids = _prompt(300, seed=23)
-    out = llm.generate([{"prompt_token_ids": ids}], _greedy(100, kv_policy="knorm", kv_keep_tokens=128))[0]
-    ref = hk.generate(hf, ids, kd.parse_options("knorm", tokens=128), 100, BS)
-    assert ref.evicted == 2
+    kv = dict(kv_policy="streaming_llm", kv_keep_tokens=128)
+    out = llm.generate([{"prompt_token_ids": ids}], _greedy(100, **kv))[0]
+    ref = hk.generate(hf, ids, kd.parse_options("streaming_llm", tokens=128), 100, BS)
+    assert ref.evicted == 2 and not ref.compactions
     assert list(out.outputs[0].token_ids) == ref.tokens
     charge = out.ec_transfer_params["flopwise"]
     assert charge["kv"] == {
@@ -374,12 +385,48 @@ def test_token_budget_evicts_while_decoding(engine, hf):
         "dropped_blocks": 5,
         "evicted_tokens": 64,
     }
-    one_logit_row = 2 * ledger.spec.hidden * ledger.spec.vocab
-    expected = ledger.request(300, 1).total + 2 * one_logit_row
-    for n in range(300, 399):  # decode steps: n tokens cached, the new one at position n
-        gone = 160 + 32 * ((n >= 352) + (n >= 384))
-        expected += ledger.forward(1, start=n, logits=1, context=n + 1 - gone).total
-    assert charge["total"] == expected
+    assert charge["total"] == _decode_charge(ledger, 300, 100, lambda n: 160 + 32 * ((n >= 352) + (n >= 384)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["snapkv", "knorm", "h2o", "tova", "random"])
+def test_token_budget_rescores_while_decoding(engine, hf, policy):
+    """A scored policy under kv_keep_tokens 128 re-scores its kept context (prompt survivors + generated
+    tokens) with its recent queries each time it is a block over the budget, keeps the best (sinks and the
+    recent window always) and frees the rest: several times over 140 tokens after a 300-token prompt
+    prefilled in three chunks. Tokens, re-scorings and the charge (decode attention on what is kept, each
+    re-scoring's QK^T) are the transformers reference's."""
+    from flopwise.hf import kv as hk
+
+    llm, ledger = engine
+    ids = _prompt(300, seed=71 + POLICIES.index(policy))  # one prompt each: computed cold, in 3 chunks
+    out = llm.generate([{"prompt_token_ids": ids}], _greedy(140, kv_policy=policy, kv_keep_tokens=128))[0]
+    assert not out.num_cached_tokens
+    ref = hk.generate(hf, ids, kd.parse_options(policy, tokens=128), 140, BS)
+    assert len(ref.compactions) >= 2 and ref.evicted == 0
+    assert list(out.outputs[0].token_ids) == ref.tokens
+    charge, lay = out.ec_transfer_params["flopwise"], ref.layout
+    assert charge["kv"] == {
+        **{"prompt_tokens": 300, "kept_tokens": 140, "dropped_tokens": 160, "dropped_blocks": 5},
+        "decode_dropped_tokens": sum(c.dropped_tokens for c in ref.compactions),
+        "compactions": len(ref.compactions),
+    }
+
+    def cut(n: int) -> int:
+        done = [c for c in ref.compactions if c.cached <= n]
+        return (done[-1].new_resume - done[-1].new_kept) * BS if done else lay.dropped_tokens
+
+    p = kd.get_policy(policy)
+    layers = ledger.spec.layers
+    scoring = sum(p.scoring_flops(300, x.q_heads, x.head_dim) for x in layers)
+    scoring += sum(
+        p.decode_scoring_flops(c.rows, x.q_heads, x.head_dim) for c in ref.compactions for x in layers
+    )
+    assert charge["components"].get("kv_scoring", 0) == scoring
+    assert charge["total"] == _decode_charge(ledger, 300, 140, cut) + scoring
+    # the budget holds: after the last re-scoring the request reads about 128 tokens
+    last = ref.compactions[-1]
+    assert 128 <= last.new_kept * BS + last.cached - last.new_resume * BS < 128 + 2 * BS
 
 
 @pytest.mark.slow

@@ -94,11 +94,15 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
     preempted.clear()
 
 
-def test_kv_dropping_starts_over_after_preemption(engine):
+@pytest.mark.parametrize(
+    "policy,kv",
+    [("knorm", {"kv_keep": 0.25}), ("snapkv", {"kv_keep_tokens": 96}), ("knorm", {"kv_keep_tokens": 96})],
+)
+def test_kv_dropping_starts_over_after_preemption(engine, policy, kv):
     """A preempted request with KV dropping recomputes its prompt and output and drops again: its KV layout is
-    reset and fixed anew, the emptied blocks go back, the charge says what was kept. Its recomputed output
-    positions attended to the whole prompt once (in the recompute's prefill), so from there on its tokens
-    may differ from a run that was never preempted: the oracle is matched up to the preemption."""
+    reset and fixed anew, the emptied blocks go back, the charge says what was kept. Under a token budget
+    it re-scores while decoding before and after the preemption. Its tokens are the oracle's told where the
+    engine preempted it (it rebuilds its cache as vLLM recomputes it)."""
     from transformers import AutoModelForCausalLM
 
     from flopwise.hf import kv as hk
@@ -108,18 +112,20 @@ def test_kv_dropping_starts_over_after_preemption(engine):
     start = _free(scheduler)
     ids = _prompt(200, 31)
     others = [{"prompt_token_ids": _prompt(60, seed)} for seed in (40, 41, 42)]
-    params = [_greedy(150, kv_policy="knorm", kv_keep=0.25)] + [_greedy(150)] * 3
-    outs = llm.generate([{"prompt_token_ids": ids}, *others], params)
+    params = [_greedy(150)] * 3 + [_greedy(150, kv_policy=policy, **kv)]  # the newest: preempted first
+    outs = llm.generate([*others, {"prompt_token_ids": ids}], params)[::-1]
     kv_req = outs[0].ec_transfer_params["flopwise"]["group"]
-    hits = [(done, total) for rid, done, total in preempted if rid == kv_req]
+    at = tuple(total for rid, _, total in preempted if rid == kv_req)
+    assert at, "the pool was meant to preempt the dropping request"
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ref = hk.generate(hf, ids, kd.parse_options("knorm", 0.25), 150, BS)
-    tokens = list(outs[0].outputs[0].token_ids)
-    upto = min(total for _, total in hits) - len(ids) if hits else len(tokens)
-    assert tokens[:upto] == ref.tokens[:upto]
-    kv = outs[0].ec_transfer_params["flopwise"]["kv"]
-    assert kv["prompt_tokens"] == 200 and kv["dropped_tokens"] == ref.layout.dropped_tokens
-    assert preempted and _free(scheduler) == start
+    config = kd.parse_options(policy, kv.get("kv_keep"), kv.get("kv_keep_tokens"))
+    ref = hk.generate(hf, ids, config, 150, BS, preempted=at)
+    assert list(outs[0].outputs[0].token_ids) == ref.tokens
+    stats = outs[0].ec_transfer_params["flopwise"]["kv"]
+    assert stats["prompt_tokens"] == 200 and stats["dropped_tokens"] == ref.layout.dropped_tokens
+    if "kv_keep_tokens" in kv:  # re-scored after the preemption too
+        assert ref.compactions and stats["compactions"] >= 1
+    assert _free(scheduler) == start
     preempted.clear()
 
 

@@ -206,11 +206,12 @@ class Accountant:
             cost, baseline = self.step_cost(request, start + in_prompt, in_output, 1)
             self.book(request, charge.completion, cost, baseline.total)
 
-    def charge_prompt_extra(self, request: Request, component: str, flops: int) -> None:
-        """Work a technique did for a request's prompt (e.g. KV scoring): charged, not in the baseline."""
-        part = Breakdown()
+    def charge_extra(self, request: Request, component: str, flops: int, decode: bool = False) -> None:
+        """Work a technique did for a request's prompt (or, ``decode``, while generating; e.g. KV scoring):
+        charged, not in the baseline."""
+        part, charge = Breakdown(), self.charges[request.request_id]
         part.add(component, flops)
-        self.book(request, self.charges[request.request_id].prompt, part, 0)
+        self.book(request, charge.completion if decode else charge.prompt, part, 0)
 
     def charge_group_extra(self, group: Group, name: str, flops: int) -> None:
         """Work outside the generator's forwards done for a whole group (e.g. ``prm``: reward-model

@@ -28,7 +28,7 @@ in flight it is stock vLLM.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from vllm import _custom_ops as ops
@@ -43,12 +43,12 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from flopwise.techniques import kv_drop as kd
 from flopwise_vllm.kv_cache_io import caches, read_cache
+from flopwise_vllm.kv_state import STATE, Task
 from flopwise_vllm.seeded import SeededSamplingMixin
 from flopwise_vllm.self_values import SelfValueMixin
 
 WORKER_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUWorker"
 STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
-OUTPUT_ATTR = "flopwise_kv"  # SchedulerOutput attribute carrying {request id: KVJob}
 
 
 def runs_worker(vllm_config) -> bool:
@@ -66,60 +66,6 @@ def kv_supported(vllm_config, flop_model) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class KVJob:
-    """One request's drop, sent with each of its prefill steps. ``layout`` is set on the last one."""
-
-    policy: str
-    first: int  # the first position this request computes (after its prefix-cache hits)
-    prompt: int
-    layout: kd.Layout | None = None
-    evicted: int = 0  # tail blocks evicted so far while decoding (token budget): also sent on its own
-    dest: tuple[int, ...] = ()  # the blocks the region's kept tokens are written to, in order
-
-    @property
-    def reads(self) -> bool:
-        """Does the request attend to less than its whole context from here on?"""
-        return self.layout is not None and (self.layout.active or self.evicted > 0)
-
-
-@dataclass
-class _Task:
-    request_id: str
-    q0: int  # the row's tokens in this step's batch
-    q1: int
-    job: KVJob
-    blocks: torch.Tensor | None  # the row's block ids (the last chunk only)
-
-
-@dataclass
-class WorkerState:
-    """Per worker process: the runner (for row order), this step's jobs, the compacted requests."""
-
-    runner: object | None = None
-    jobs: dict[str, KVJob] = field(default_factory=dict)
-    views: dict[str, KVJob] = field(default_factory=dict)  # requests reading fewer blocks than they hold
-    stash: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(
-        default_factory=dict
-    )
-
-    def begin_step(self, scheduler_output) -> None:
-        gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
-        for rid in gone:
-            self.views.pop(rid, None)
-        if gone and self.stash:
-            self.stash = {k: v for k, v in self.stash.items() if k[0] not in gone}
-        self.jobs = getattr(scheduler_output, OUTPUT_ATTR, None) or {}
-        for rid, job in self.jobs.items():
-            self.views.pop(rid, None)  # a (re-)prefill lays out anew; an eviction replaces the view
-            if job.reads:
-                # Read by the builder only for rows past the prompt, i.e. from the next step on.
-                self.views[rid] = job
-
-
-STATE = WorkerState()
-
-
 class FlopwiseCPUWorker(SelfValueMixin, SeededSamplingMixin, CPUWorker):
     """vLLM's CPU worker, telling the attention backend each step's KV jobs and the runner's row order (and
     keeping seeded requests alive through chunked prefill: :mod:`flopwise_vllm.seeded`; computing the
@@ -131,47 +77,58 @@ class FlopwiseCPUWorker(SelfValueMixin, SeededSamplingMixin, CPUWorker):
 
     def execute_model(self, scheduler_output):
         STATE.begin_step(scheduler_output)
-        return super().execute_model(scheduler_output)
+        try:
+            return super().execute_model(scheduler_output)
+        finally:
+            STATE.end_step()
 
 
 @dataclass
 class FlopwiseCPUAttentionMetadata(CPUAttentionMetadata):
-    kv_tasks: list[_Task] | None = None
+    kv_tasks: list[Task] | None = None
+    kv_queries: list[tuple[str, int, int]] | None = None  # (request, q0, q1): rows whose queries are kept
 
 
 class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
         stock = self.is_cross_attention or self.is_encoder_only_attention
-        if stock or STATE.runner is None or not (STATE.views or STATE.jobs):
+        if stock or STATE.runner is None or not (STATE.views or STATE.jobs or STATE.windows):
             return super().build(common_prefix_len, cm, fast_build)
         req_ids = STATE.runner.input_batch.req_ids[: cm.num_reqs]
         starts = cm.query_start_loc_cpu.tolist()
         seq_lens = cm.seq_lens.tolist()
-        table, lens, tasks = None, None, []
+        table, lens, tasks, queries = None, None, [], []
         for i, rid in enumerate(req_ids):
             q0, q1 = starts[i], starts[i + 1]
             context_start = seq_lens[i] - (q1 - q0)
             view, job = STATE.views.get(rid), STATE.jobs.get(rid)
+            if rid in STATE.windows:
+                queries.append((rid, q0, q1))
             if view is not None and context_start >= view.prompt:
                 if table is None:  # the runner's table is persistent: never edit it in place
                     table, lens = cm.block_table_tensor.clone(), cm.seq_lens.clone()
-                row, lay = cm.block_table_tensor[i], view.layout
-                keep, resume = lay.protected + lay.kept, lay.full + view.evicted  # skip blocks [keep, resume)
-                table[i, keep : row.shape[0] - (resume - keep)] = row[resume:]
-                table[i, lay.protected : keep] = torch.tensor(view.dest, dtype=table.dtype)
-                lens[i] -= (resume - keep) * lay.block_size
-            elif job is not None and context_start < job.prompt:
+                row, keep, resume = cm.block_table_tensor[i], len(view.dest), view.resume
+                table[i, keep : row.shape[0] - (resume - keep)] = row[resume:]  # skip blocks [keep, resume)
+                table[i, :keep] = torch.tensor(view.dest, dtype=table.dtype)
+                lens[i] -= (resume - keep) * self.block_size
+                if job is not None and job.rescore is not None:
+                    tasks.append(Task(rid, q0, q1, job, None))
+            elif job is not None and context_start < job.prompt and (job.stash or job.layout is not None):
                 blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
                 # The prompt's rows only: a request recomputed after preemption prefills its output too.
-                tasks.append(_Task(rid, q0, min(q1, q0 + job.prompt - context_start), job, blocks))
+                tasks.append(Task(rid, q0, min(q1, q0 + job.prompt - context_start), job, blocks))
+            elif job is not None and job.rescore is not None:  # re-scoring what it reads in full
+                tasks.append(Task(rid, q0, q1, job, None))
         if table is not None:
             cm = dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens)
         md = super().build(common_prefix_len, cm, fast_build)
-        if not tasks:
+        if not (tasks or queries):
             return md
         return FlopwiseCPUAttentionMetadata(
-            **{f.name: getattr(md, f.name) for f in dataclasses.fields(md)}, kv_tasks=tasks
+            **{f.name: getattr(md, f.name) for f in dataclasses.fields(md)},
+            kv_tasks=tasks,
+            kv_queries=queries,
         )
 
 
@@ -184,16 +141,24 @@ def _layer_index(layer) -> int:
 class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        tasks = getattr(attn_metadata, "kv_tasks", None)
-        if tasks and self.attn_type == AttentionType.DECODER:
-            q = query.view(-1, self.num_heads, self.head_size)
-            k = key.view(-1, self.num_kv_heads, self.head_size)
-            v = value.view(-1, self.num_kv_heads, self.head_size)
-            for task in tasks:
+        if self.attn_type != AttentionType.DECODER or not isinstance(
+            attn_metadata, FlopwiseCPUAttentionMetadata
+        ):
+            return out
+        q = query.view(-1, self.num_heads, self.head_size)
+        index = _layer_index(layer)
+        for rid, q0, q1 in attn_metadata.kv_queries or ():
+            STATE.keep_queries(rid, index, q[q0:q1])
+        k = key.view(-1, self.num_kv_heads, self.head_size)
+        v = value.view(-1, self.num_kv_heads, self.head_size)
+        for task in attn_metadata.kv_tasks or ():
+            if task.job.rescore is not None:
+                self._rescore(layer, index, task, kv_cache)
+            else:
                 self._drop(layer, task, q, k, v, kv_cache)
         return out
 
-    def _drop(self, layer, task: _Task, query, key, value, kv_cache) -> None:
+    def _drop(self, layer, task: Task, query, key, value, kv_cache) -> None:
         """Stash one prefill chunk of a request, or (its last chunk) score its whole prompt and write each
         head's kept KV compacted into the job's destination blocks."""
         index = _layer_index(layer)
@@ -229,10 +194,33 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
             layer=index,
         )
         idx = kd.keep_indices(policy, ctx, lay.kept_region_tokens)  # [Hkv, m] rows of keys
+        self._write(layer, kv_cache, keys, values, idx, task.job.dest, bs)
+
+    def _rescore(self, layer, index: int, task: Task, kv_cache) -> None:
+        """Re-score a request's kept context (decode, token budget) and compact the best into its first
+        blocks: the rows are read back from the cache, this step's KV included."""
+        r = task.job.rescore
+        comp, policy = r.compaction, kd.get_policy(task.job.policy)
+        keys, values = read_cache(kv_cache, torch.tensor(r.sources), layer.isa)
+        keys, values = keys[: comp.rows], values[: comp.rows]
+        w = policy.decode_window
+        ctx = kd.KVContext(
+            keys=keys,
+            queries=STATE.recent[(task.request_id, index)][-w:] if w else None,
+            start=0,
+            end=comp.candidates,
+            layer=index,
+        )
+        idx = kd.keep_indices(policy, ctx, comp.new_kept * comp.block_size, sinks=kd.SINKS)
+        self._write(layer, kv_cache, keys, values, idx, r.dest, comp.block_size)
+
+    def _write(self, layer, kv_cache, keys, values, idx, dest: tuple[int, ...], bs: int) -> None:
+        """Write each head's kept rows ``idx`` [Hkv, m] of ``keys``/``values`` compacted into ``dest``,
+        through the kernel's own cache writer (so the ISA-specific block layout is respected)."""
         heads = torch.arange(idx.shape[0]).unsqueeze(0)
         kept_k, kept_v = keys[idx.T, heads], values[idx.T, heads]  # [m, Hkv, d]: head h's j-th kept token
-        j = torch.arange(lay.kept_region_tokens)
-        slots = torch.tensor(task.job.dest, dtype=torch.long)[j // bs] * bs + j % bs
+        j = torch.arange(idx.shape[1])
+        slots = torch.tensor(dest, dtype=torch.long)[j // bs] * bs + j % bs
         key_cache, value_cache = caches(kv_cache)
         ops.cpu_attn_reshape_and_cache(
             kept_k.contiguous(),

@@ -2,10 +2,16 @@
 
 When a request's last prefill chunk is scheduled, the planner fixes its
 :class:`~flopwise.techniques.kv_drop.Layout` over the whole prompt, picks the blocks its kept tokens are
-written to and attaches a :class:`~flopwise_vllm.kv_drop.KVJob` to the scheduler output for the worker
+written to and attaches a :class:`~flopwise_vllm.kv_state.KVJob` to the scheduler output for the worker
 (:mod:`flopwise_vllm.kv_drop` does the compaction). After that step the request's block list becomes
-[kept blocks, tail] and the rest goes back to the pool; under a token budget it evicts the oldest full tail
-block whenever the kept KV is a block over the budget.
+[kept blocks, tail] and the rest goes back to the pool.
+
+Under a token budget (``kv_keep_tokens``) the KV stays within about the budget however long the request
+generates: a scored policy re-scores its kept context whenever it is a block over the budget
+(:class:`~flopwise.techniques.kv_drop.Compaction`: kept blocks + the tail before the recent window, with the
+last ``decode_window`` queries, which the worker keeps), and the best tokens are compacted into the first of
+those blocks, the rest freed; StreamingLLM (and any policy where the cache cannot be read back) evicts the
+oldest full tail block instead. Either way a request reads [kept blocks, tail from ``resume``].
 
 Prefix-cache hits are dropped by copy: blocks the request shares (hits, or blocks another request hit) are
 read, never rewritten, and stay cached for the others. The kept tokens go to fresh blocks when the pool has
@@ -13,60 +19,37 @@ them (so a cold request's own prompt blocks stay cached too: many questions over
 else into the request's own unshared prompt blocks. A hit never covers the policy's query window (those
 queries are recomputed, and charged, :meth:`KVPlanner.cap_hit`); h2o, which reads every prompt query, and
 engines whose cache layout cannot be read back recompute the whole prompt. Blocks written after a drop are
-never cached: their KV attended to the kept context only. The accountant asks it how much
+never cached: their KV attended to the kept context only. The accountant asks the planner how much
 context a request's attention no longer reads (:meth:`KVPlanner.context_cut`), and the budget gate what
 scoring the next step will charge (:meth:`KVPlanner.pending_scoring`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field
 
 from vllm.v1.request import Request
 
 from flopwise.ledger import Breakdown, FlopModel
 from flopwise.techniques import kv_drop as kd
 from flopwise_vllm.accountant import Accountant
-from flopwise_vllm.kv_drop import OUTPUT_ATTR, KVJob
+from flopwise_vllm.kv_budget import (
+    NO_BLOCKS,
+    TOO_SHORT,
+    UNSUPPORTED,
+    KVState,
+    TokenBudget,
+    kv_stats,
+)
+from flopwise_vllm.kv_state import OUTPUT_ATTR, KVJob
 
 logger = logging.getLogger("flopwise")
 
-
-@dataclass
-class KVState:
-    """A request's KV dropping: its options, where its prefill started, the layout once dropped."""
-
-    config: kd.KVDropConfig
-    first: int | None = None  # tokens computed before its first prefill chunk (prefix-cache hits)
-    layout: kd.Layout | None = None  # sent to the worker with the last prefill chunk
-    applied: bool = False  # the step ran: later steps attend to the kept context only
-    stashed: bool = False  # earlier prefill chunks were sent to the worker to keep
-    evicted: int = 0  # tail blocks evicted while decoding (token budget)
-    fresh: list = field(default_factory=list)  # pool blocks taken for the kept tokens, not yet the request's
-    dest: tuple[int, ...] = ()  # the blocks holding the kept tokens (KVJob.dest)
-
-
-def kv_stats(lay: kd.Layout, reason: str | None = None) -> dict:
-    """``usage.flops.kv``: what the drop kept; ``reason`` says why nothing was dropped."""
-    stats = {
-        "prompt_tokens": lay.prompt,
-        "kept_tokens": lay.kept_tokens,
-        "dropped_tokens": lay.dropped_tokens,
-        "dropped_blocks": lay.dropped_blocks,
-    }
-    return stats if reason is None else {**stats, "reason": reason}
-
-
-UNSUPPORTED = (
-    "this engine cannot drop KV (it needs flopwise's KV worker, full attention, an unquantized cache)"
-)
-TOO_SHORT = "nothing to drop: the prompt's kept share covers every whole block"
-NO_BLOCKS = "nothing dropped: no free or unshared block to write the kept tokens to"
 NULL_CACHED = 1 << 62  # a request's cached-block count that stops vLLM caching its later blocks
 
 
-class KVPlanner:
+class KVPlanner(TokenBudget):
     def __init__(
         self, scheduler, flop_model: FlopModel, accountant: Accountant, supported: bool, readable: bool
     ):
@@ -89,7 +72,8 @@ class KVPlanner:
             lay = kd.layout(kd.KVDropConfig(), request.num_prompt_tokens, self.scheduler.block_size)
             self.accountant.set_kv_stats(request.request_id, kv_stats(lay, UNSUPPORTED))
             return
-        self.states[request.request_id] = KVState(config)
+        rescores = config.tokens is not None and kd.get_policy(config.policy).rescores and self.readable
+        self.states[request.request_id] = KVState(config, rescores)
 
     def forget(self, request_id: str) -> None:
         kv = self.states.pop(request_id, None)
@@ -110,7 +94,10 @@ class KVPlanner:
             return blocks, hit
         window = kd.get_policy(kv.config.policy).query_window
         prompt, bs = request.num_prompt_tokens, self.scheduler.block_size
-        cap = 0 if window is None or not self.readable else max(0, (prompt - window) // bs * bs)
+        if window is None or not self.readable:
+            cap = 0
+        else:
+            cap = max(0, (prompt - max(window, kv.window)) // bs * bs)
         if hit <= cap:
             return blocks, hit
         return self.scheduler.kv_cache_manager.truncate_computed_blocks(blocks, cap), cap
@@ -121,13 +108,16 @@ class KVPlanner:
         kv = self.states.get(request.request_id)
         if kv is None or not kv.applied or start < kv.layout.prompt:
             return 0
-        return kv.layout.dropped_tokens + kv.evicted * kv.layout.block_size
+        return (kv.resume - len(kv.dest)) * self.scheduler.block_size
 
     def pending_scoring(self, request: Request) -> int:
         """Scoring FLOPs the request's next step may charge: a drop not made yet scores its whole prompt, as
         :meth:`_plan_one` charges it, unless its layout keeps nothing of the region or drops nothing (blocks
         shared with other requests only protect more, so this layout is the most the drop can score)."""
         kv = self.states.get(request.request_id)
+        if kv is not None and kv.applied and kv.rescores:
+            comp = self._compaction(kv, request.num_computed_tokens + 1)
+            return self._scoring(kv, comp.rows, decode=True).total if comp is not None else 0
         if kv is None or kv.layout is not None or kv.applied:
             return 0
         lay = kd.layout(kv.config, request.num_prompt_tokens, self.scheduler.block_size)
@@ -135,10 +125,11 @@ class KVPlanner:
             return 0
         return self._scoring(kv, request.num_prompt_tokens).total
 
-    def _scoring(self, kv: KVState, tokens: int) -> Breakdown:
+    def _scoring(self, kv: KVState, tokens: int, decode: bool = False) -> Breakdown:
         policy, scoring = kd.get_policy(kv.config.policy), Breakdown()
+        cost = policy.decode_scoring_flops if decode else policy.scoring_flops
         for layer in self.model.spec.layers:
-            scoring.add("kv_scoring", policy.scoring_flops(tokens, layer.q_heads, layer.head_dim))
+            scoring.add("kv_scoring", cost(tokens, layer.q_heads, layer.head_dim))
         return scoring
 
     # -- each step ---------------------------------------------------------------------------------
@@ -148,8 +139,9 @@ class KVPlanner:
             return
         for rid in out.preempted_req_ids or ():
             if rid in self.states:  # its blocks are gone; it prefills (and drops) again
-                self._release_fresh(self.states[rid])
-                self.states[rid] = KVState(self.states[rid].config)
+                old = self.states[rid]
+                self._release_fresh(old)
+                self.states[rid] = KVState(old.config, old.rescores)
         jobs: dict[str, KVJob] = {}
         for rid, n in out.num_scheduled_tokens.items():
             kv = self.states.get(rid)
@@ -161,32 +153,38 @@ class KVPlanner:
     def _plan_one(self, request: Request, kv: KVState, n: int, jobs: dict[str, KVJob]) -> None:
         rid, prompt, block_size = request.request_id, request.num_prompt_tokens, self.scheduler.block_size
         start = request.num_computed_tokens - n  # vLLM has advanced num_computed_tokens already
-        if start >= prompt:  # decoding: evict under a token budget
+        if start >= prompt:  # decoding: keep within a token budget
             if kv.applied and kv.config.tokens is not None:
-                self._evict(request, kv, start, jobs)
+                if kv.rescores:
+                    self._rescore(request, kv, jobs)
+                else:
+                    self._evict(request, kv, start, jobs)
             return
         if kv.first is None:
             kv.first = start
+        job = KVJob(kv.config.policy, kv.first, prompt, window=kv.window)
         if request.num_computed_tokens < prompt:  # an earlier chunk: the worker stashes it
-            if kd.layout(kv.config, prompt, block_size).active:
-                jobs[rid] = KVJob(kv.config.policy, kv.first, prompt)
-                kv.stashed = True
+            kv.stashed = kv.stashed or kd.layout(kv.config, prompt, block_size).active
+            if kv.stashed or kv.window:
+                jobs[rid] = dataclasses.replace(job, stash=kv.stashed)
             return
         lay = kd.layout(kv.config, prompt, block_size)
         dest = self._destinations(request, kv, lay) if lay.active else ()
         if dest is None or not lay.active:
             reason = TOO_SHORT if dest is not None else NO_BLOCKS
             lay = kd.layout(kv.config, prompt, block_size, prompt // block_size)  # keeps every block
-            if kv.stashed:  # the worker lets its stash go
-                jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay)
             if kv.config.tokens is not None:  # the budget still holds while generating
                 kv.layout, kv.applied = lay, True
+                if not kv.rescores:  # evicting reads the prompt's blocks as they are, then the tail
+                    kv.dest, kv.resume = tuple(b.block_id for b in self._blocks(rid)[: lay.full]), lay.full
+            if kv.stashed or kv.window:  # the worker lets its stash go, and starts the query window
+                jobs[rid] = dataclasses.replace(job, layout=lay, dest=kv.dest, resume=kv.resume)
             self.accountant.set_kv_stats(rid, kv_stats(lay, reason))
             return
-        kv.layout, kv.dest = lay, dest
-        jobs[rid] = KVJob(kv.config.policy, kv.first, prompt, lay, dest=dest)
+        kv.layout, kv.dest, kv.resume = lay, dest, lay.full
+        jobs[rid] = dataclasses.replace(job, layout=lay, dest=dest, resume=lay.full)
         if lay.kept:  # the whole region going is not scored
-            self.accountant.charge_prompt_extra(request, "kv_scoring", self._scoring(kv, prompt).total)
+            self.accountant.charge_extra(request, "kv_scoring", self._scoring(kv, prompt).total)
 
     def _blocks(self, rid: str) -> list:
         return self.scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[rid]
@@ -206,33 +204,32 @@ class KVPlanner:
             pool._maybe_evict_cached_block(block)
         return tuple(b.block_id for b in own[: lay.kept])
 
-    def _evict(self, request: Request, kv: KVState, cached: int, jobs: dict[str, KVJob]) -> None:
-        """Free the oldest tail blocks that put the request's KV a block over its token budget."""
-        lay, before = kv.layout, kv.evicted
-        while kd.evicts(lay, kv.evicted, cached, kv.config.tokens):
-            kv.evicted += 1
-        if kv.evicted == before:
-            return
-        rid = request.request_id
-        for manager in self.scheduler.kv_cache_manager.coordinator.single_type_managers:
-            manager._remove_blocks_in_range(rid, lay.full + before, lay.full + kv.evicted)
-        jobs[rid] = KVJob(kv.config.policy, kv.first, lay.prompt, lay, kv.evicted, kv.dest)
-        self.accountant.set_kv_stats(rid, {**kv_stats(lay), "evicted_tokens": kv.evicted * lay.block_size})
-
     def apply(self, scheduler_output) -> None:
-        """After the step that dropped: the request's blocks become [kept, tail]; the rest go back to the
-        pool (cached ones stay cached)."""
+        """After the step that dropped (or re-scored): the request's blocks become [kept, tail]; the rest go
+        back to the pool (cached ones stay cached)."""
         for rid, job in (getattr(scheduler_output, OUTPUT_ATTR, None) or {}).items():
-            kv, lay = self.states.get(rid), job.layout
-            if kv is None or lay is None or not lay.active or kv.layout is not lay or kv.applied:
+            kv = self.states.get(rid)
+            if kv is None:
+                continue
+            if job.rescore is not None and kv.compaction is job.rescore.compaction:
+                self._apply_rescore(rid, kv, job.rescore)
+                continue
+            lay = job.layout
+            if lay is None or not lay.active or kv.layout is not lay or kv.applied:
                 continue  # (an eviction update is applied when planned)
-            manager = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-            blocks = manager.req_to_blocks[rid]
-            by_id = {b.block_id: b for b in [*blocks[: lay.full], *kv.fresh]}
-            kept = [by_id[i] for i in job.dest]
-            gone = [b for b in blocks[: lay.full] if b not in kept and not b.is_null]
-            blocks[: lay.full] = kept + [manager._null_block] * (lay.full - lay.kept)
-            manager.block_pool.free_blocks(reversed(gone))
-            manager.num_cached_block[rid] = NULL_CACHED
+            self._reorder(rid, lay.full, job.dest, kv.fresh)
             kv.fresh, kv.applied = [], True
             self.accountant.set_kv_stats(rid, kv_stats(lay))
+
+    def _reorder(self, rid: str, end: int, dest: tuple[int, ...], fresh: list) -> None:
+        """The request's blocks [0, end) become ``dest`` (of them, or ``fresh``) then null blocks; the
+        others among them go back to the pool."""
+        manager = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        blocks = manager.req_to_blocks[rid]
+        held = [b for b in blocks[:end] if not b.is_null]
+        by_id = {b.block_id: b for b in [*held, *fresh]}
+        kept = [by_id[i] for i in dest]
+        gone = [b for b in held if b not in kept]
+        blocks[:end] = kept + [manager._null_block] * (end - len(kept))
+        manager.block_pool.free_blocks(reversed(gone))
+        manager.num_cached_block[rid] = NULL_CACHED

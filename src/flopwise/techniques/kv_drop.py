@@ -69,6 +69,7 @@ class KVPolicy(ABC):
 
     # Queries the policy needs: 0 none, None every query the request computed, W the last W.
     query_window = 0
+    rescores = True  # under a token budget, re-scored while decoding (False: the oldest blocks are evicted)
 
     def queries_of(self, queries: torch.Tensor | None) -> torch.Tensor | None:
         """The part of ``queries`` (oldest first) this policy reads."""
@@ -89,6 +90,15 @@ class KVPolicy(ABC):
     def scoring_flops(self, prompt: int, q_heads: int, head_dim: int) -> int:
         """Matmul FLOPs of one layer's scoring (charged to the request)."""
         return 0
+
+    @property
+    def decode_window(self) -> int:
+        """The recent queries a decode-time re-scoring reads."""
+        return self.query_window or 0
+
+    def decode_scoring_flops(self, rows: int, q_heads: int, head_dim: int) -> int:
+        """Matmul FLOPs of one layer's decode-time re-scoring of ``rows`` kept keys: the window's QK^T."""
+        return 2 * q_heads * head_dim * self.decode_window * rows
 
 
 def policy_names() -> list[str]:
@@ -228,9 +238,66 @@ def evicts(lay: Layout, evicted: int, cached: int, budget: int) -> bool:
     return kept - lay.block_size >= budget and (block + 2) * lay.block_size <= cached
 
 
-def keep_indices(policy: KVPolicy, ctx: KVContext, count: int) -> torch.Tensor:
-    """[kv_heads, count] positions (absolute, ascending per head) ``policy`` keeps of the region."""
+SINKS = 4  # the oldest kept tokens of each head survive every decode-time re-scoring (attention sinks)
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """One decode-time re-scoring under a token budget (``kv_keep_tokens``).
+
+    A request's KV is, in its block list, ``kept`` blocks of compacted tokens (each head's, oldest first)
+    followed by the tail from block ``resume`` on, as computed. When the kept KV is a block or more over
+    the budget, the policy re-scores the kept blocks plus the tail's blocks before ``new_resume`` (the
+    *candidates*) with the last ``decode_window`` queries, and the best per head are compacted into
+    ``new_kept`` blocks; the tail from ``new_resume`` on (the recent window, at least the queries') stays
+    as it is, and so do the first :data:`SINKS` candidates of each head. Rows below count tokens in this
+    order, the same in the engine's blocks and the transformers reference's cache."""
+
+    block_size: int
+    kept: int
+    resume: int
+    cached: int  # tokens in the cache, this step's included
+    new_resume: int
+    new_kept: int
+
+    @property
+    def candidates(self) -> int:
+        """Rows re-scored: the kept blocks' and the tail's before ``new_resume``."""
+        return (self.kept + self.new_resume - self.resume) * self.block_size
+
+    @property
+    def rows(self) -> int:
+        """Rows attended before the re-scoring: the candidates and the recent window."""
+        return self.kept * self.block_size + self.cached - self.resume * self.block_size
+
+    @property
+    def dropped_tokens(self) -> int:
+        return self.candidates - self.new_kept * self.block_size
+
+
+def compaction(
+    kept: int, resume: int, cached: int, budget: int, block_size: int, window: int
+) -> Compaction | None:
+    """The re-scoring a request with ``cached`` tokens makes now, or None while it is within a block of
+    ``budget`` (see :class:`Compaction`)."""
+    new_resume = (cached - max(window, 1)) // block_size
+    if new_resume <= resume:
+        return None
+    recent = cached - new_resume * block_size
+    candidates = kept + new_resume - resume
+    new_kept = min(candidates, max(math.ceil((budget - recent) / block_size), 1))
+    if new_kept >= candidates:
+        return None
+    return Compaction(block_size, kept, resume, cached, new_resume, new_kept)
+
+
+def keep_indices(policy: KVPolicy, ctx: KVContext, count: int, sinks: int = 0) -> torch.Tensor:
+    """[kv_heads, count] positions (absolute, ascending per head) ``policy`` keeps of the region, its first
+    ``sinks`` always among them."""
     scores = policy.score(ctx).float()
+    if sinks:
+        scores = scores.clone()  # (a policy may return one row expanded over the heads)
+        scores[:, :sinks] = float("inf")
     # A stable sort (ties to the lower position) so the reference and the engine agree on ties.
     order = torch.sort(-scores, dim=-1, stable=True).indices[:, :count]
     return torch.sort(order, dim=-1).values + ctx.start

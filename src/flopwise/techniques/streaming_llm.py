@@ -1,6 +1,8 @@
 """StreamingLLM ("Efficient Streaming Language Models with Attention Sinks", Xiao et al., 2023,
 arXiv:2309.17453): keep the first ``sinks`` tokens, which soak up attention whatever they say, plus the
-most recent window. Position alone decides; no scoring cost."""
+most recent window. Position alone decides; no scoring cost. Under a token budget (``kv_keep_tokens``)
+generation evicts the oldest tail blocks behind the kept prompt (:func:`~flopwise.techniques.kv_drop.evicts`)
+instead of re-scoring."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from flopwise.techniques.kv_drop import KVContext, KVPolicy, register
 @dataclass(frozen=True)
 class StreamingLLM(KVPolicy):
     sinks: int = 4  # the paper's four attention-sink tokens
+    rescores = False  # position alone decides: under a token budget it evicts the oldest tail blocks
 
     @property
     def min_tokens(self) -> int:
