@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-long lint test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-scale clean
+.PHONY: setup model demo test test-long lint test-fast bench-overhead bench-early-rejection bench-visual bench-kv bench-kv-decode bench-scale clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-visual: setup
 
 bench-kv: model
 	$(BIN)/flopwise bench kv
+
+bench-kv-decode: model
+	$(BIN)/flopwise bench kv-decode
 
 bench-scale: model
 	$(BIN)/flopwise bench scale

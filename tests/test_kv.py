@@ -389,7 +389,16 @@ def test_token_budget_evicts_while_decoding(engine, hf):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["snapkv", "knorm", "h2o", "tova", "random"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "snapkv",
+        "knorm",
+        "h2o",
+        pytest.param("tova", marks=pytest.mark.long),
+        pytest.param("random", marks=pytest.mark.long),
+    ],
+)
 def test_token_budget_rescores_while_decoding(engine, hf, policy):
     """A scored policy under kv_keep_tokens 128 re-scores its kept context (prompt survivors + generated
     tokens) with its recent queries each time it is a block over the budget, keeps the best (sinks and the
@@ -427,6 +436,23 @@ def test_token_budget_rescores_while_decoding(engine, hf, policy):
     # the budget holds: after the last re-scoring the request reads about 128 tokens
     last = ref.compactions[-1]
     assert 128 <= last.new_kept * BS + last.cached - last.new_resume * BS < 128 + 2 * BS
+
+
+@pytest.mark.slow
+def test_a_budget_reached_while_decoding_rescores_from_there(engine, hf):
+    """A 100-token prompt under a 128-token budget keeps all of it (and says why); generation passes the
+    budget and re-scores from then on, every block, as the reference does."""
+    from flopwise.hf import kv as hk
+
+    llm, _ = engine
+    ids = _prompt(100, seed=83)
+    out = llm.generate([{"prompt_token_ids": ids}], _greedy(200, kv_policy="snapkv", kv_keep_tokens=128))[0]
+    ref = hk.generate(hf, ids, kd.parse_options("snapkv", tokens=128), 200, BS)
+    assert len(ref.compactions) >= 3 and ref.compactions[0].kept == 0
+    assert list(out.outputs[0].token_ids) == ref.tokens
+    kv = out.ec_transfer_params["flopwise"]["kv"]
+    assert (kv["dropped_tokens"], kv["compactions"]) == (0, len(ref.compactions))
+    assert kv["decode_dropped_tokens"] == sum(c.dropped_tokens for c in ref.compactions)
 
 
 @pytest.mark.slow

@@ -96,7 +96,11 @@ def test_recompute_after_preemption_is_charged_exactly(engine):
 
 @pytest.mark.parametrize(
     "policy,kv",
-    [("knorm", {"kv_keep": 0.25}), ("snapkv", {"kv_keep_tokens": 96}), ("knorm", {"kv_keep_tokens": 96})],
+    [
+        ("knorm", {"kv_keep": 0.25}),
+        ("snapkv", {"kv_keep_tokens": 96}),
+        pytest.param("knorm", {"kv_keep_tokens": 96}, marks=pytest.mark.long),
+    ],
 )
 def test_kv_dropping_starts_over_after_preemption(engine, policy, kv):
     """A preempted request with KV dropping recomputes its prompt and output and drops again: its KV layout is

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from flopwise.techniques.kv_drop import policy_names
 from flopwise_serve.common import keep_ratio, non_negative_int, positive_int, visual_method
 
 # benchmark -> (module, function)
@@ -15,6 +16,7 @@ BENCHMARKS = {
     "convert": ("flopwise_bench.convert", "bench_convert"),
     "early-rejection": ("flopwise_bench.early_rejection", "bench_early_rejection"),
     "kv": ("flopwise_bench.kv_drop", "bench_kv"),
+    "kv-decode": ("flopwise_bench.kv_decode", "bench_kv_decode"),
     "visual": ("flopwise_bench.visual_drop", "bench_visual"),
     "scale": ("flopwise_bench.scale", "bench_scale"),
 }
@@ -165,6 +167,52 @@ def add_parser(sub) -> None:
         help="run only these parts; the others are kept from the existing JSON",
     )
     kv.add_argument("--out", default="bench/results/kv.md")
+
+    kvd = bsub.add_parser(
+        "kv-decode",
+        help="KV dropping while decoding vs stock vLLM: decode throughput at long context, and the "
+        "perplexity of long generations under a token budget",
+    )
+    kvd.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    kvd.add_argument(
+        "--policies",
+        nargs="+",
+        default=["snapkv", "tova", "h2o", "streaming_llm", "knorm"],
+        choices=policy_names(),
+        help="KV policies of the speed part",
+    )
+    kvd.add_argument(
+        "--keep", type=keep_ratio, nargs="+", default=[0.25, 0.1], help="fractions of prompt KV kept"
+    )
+    kvd.add_argument(
+        "--requests", type=positive_int, default=16, help="speed part: requests decoding together"
+    )
+    kvd.add_argument("--prompt-tokens", type=positive_int, default=3000)
+    kvd.add_argument("--output-tokens", type=positive_int, default=256)
+    kvd.add_argument("--docs", type=positive_int, default=16, help="long-generation part: documents")
+    kvd.add_argument(
+        "--context", type=positive_int, default=512, help="tokens before the forced continuation"
+    )
+    kvd.add_argument(
+        "--continuation", type=positive_int, default=1536, help="tokens teacher-forced and scored"
+    )
+    kvd.add_argument(
+        "--budget", type=positive_int, default=512, help="kv_keep_tokens of the long generations"
+    )
+    kvd.add_argument(
+        "--long-policies",
+        nargs="+",
+        default=["streaming_llm", "snapkv", "tova", "h2o", "knorm"],
+        help="policies of the long-generation part",
+    )
+    kvd.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["speed", "long"],
+        default=["speed", "long"],
+        help="run only these parts; the other is kept from the existing JSON",
+    )
+    kvd.add_argument("--out", default="bench/results/kv_decode.md")
 
     visual = bsub.add_parser(
         "visual", help="visual token dropping vs stock vLLM on the tiny shapes LLaVA: FLOPs, wall, accuracy"

@@ -46,7 +46,8 @@ def _extra(setting: dict) -> dict | None:
     )
 
 
-def _engine(model: str, stock: bool, **kwargs):
+def make_engine(model: str, stock: bool, **kwargs):
+    """An offline engine on ``model``: stock vLLM, or with flopwise's scheduler and the forcing processor."""
     from vllm import LLM
 
     base = dict(
@@ -66,7 +67,7 @@ def quality(spec: dict) -> dict:
 
     from flopwise import longctx
 
-    llm = _engine(spec["model"], False, max_model_len=spec["max_model_len"], max_num_seqs=32)
+    llm = make_engine(spec["model"], False, max_model_len=spec["max_model_len"], max_num_seqs=32)
     tok = llm.get_tokenizer()
     settings = spec["settings"]
     retrieval, perplexity = {}, {}
@@ -134,7 +135,7 @@ def speed(spec: dict) -> dict:
 
     from flopwise import longctx
 
-    llm = _engine(
+    llm = make_engine(
         spec["model"],
         spec["stock"],
         max_model_len=spec["prompt_tokens"] + spec["output_tokens"] + 256,

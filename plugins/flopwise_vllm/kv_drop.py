@@ -14,11 +14,13 @@ The worker side, here, decides *what*, layer by layer, in the forward pass that 
   respected). Earlier prefill chunks of such a request are stashed so the last one sees the whole
   prompt; prefix-cache hits it did not compute are read back from their shared blocks
   (:func:`read_cache`), which it never writes.
+* Under a token budget, the same impl re-scores a decoding request's kept context when its job says so
+  (after that step's attention, with the recent queries it keeps for it: :mod:`flopwise_vllm.kv_state`)
+  and compacts the best in place into the first of those blocks.
 * :class:`FlopwiseCPUAttentionMetadataBuilder` rewrites, for every later step, that request's
-  block-table row to [kept blocks, tail blocks] (minus the tail blocks evicted under a token
-  budget) and shortens its ``seq_len`` to match, before the kernel's scheduler metadata is built:
-  attention reads only kept positions, never a freed block. Positions (RoPE, slot mapping) stay the
-  original ones.
+  block-table row to [kept blocks ``dest``, its blocks from ``resume`` on] and shortens its ``seq_len``
+  to match, before the kernel's scheduler metadata is built: attention reads only kept positions, never a
+  freed block. Positions (RoPE, slot mapping) stay the original ones.
 * :class:`FlopwiseCPUWorker` gives the builder the runner's row order and takes each step's jobs.
 
 The backend replaces ``CPU_ATTN`` (``register_backend`` from :func:`flopwise_vllm.register`); with no job

@@ -112,8 +112,8 @@ class KVPlanner(TokenBudget):
 
     def pending_scoring(self, request: Request) -> int:
         """Scoring FLOPs the request's next step may charge: a drop not made yet scores its whole prompt, as
-        :meth:`_plan_one` charges it, unless its layout keeps nothing of the region or drops nothing (blocks
-        shared with other requests only protect more, so this layout is the most the drop can score)."""
+        :meth:`_plan_one` charges it, unless its layout keeps nothing of the region or drops nothing; while
+        decoding under a budget, the re-scoring that step would make (:meth:`_rescore`)."""
         kv = self.states.get(request.request_id)
         if kv is not None and kv.applied and kv.rescores:
             comp = self._compaction(kv, request.num_computed_tokens + 1)

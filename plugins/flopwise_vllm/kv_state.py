@@ -99,7 +99,7 @@ class WorkerState:
     def end_step(self) -> None:
         """A re-scoring made in this step is read from the next one on."""
         for rid, job in self.jobs.items():
-            if job.rescore is not None and rid in self.views:
+            if job.rescore is not None:  # (also the first one of a request that read everything so far)
                 self.views[rid] = job.after()
 
     def keep_queries(self, rid: str, layer: int, queries: torch.Tensor) -> None:

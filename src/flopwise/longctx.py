@@ -75,7 +75,7 @@ def paragraphs() -> tuple[str, ...]:
                 obj
                 for _, obj in sorted(vars(module).items())
                 if (inspect.isclass(obj) or inspect.isfunction(obj))
-                and getattr(obj, "__module__", "").startswith(name)
+                and (getattr(obj, "__module__", None) or "").startswith(name)  # (None on some objects)
             ]
             for obj in objects:
                 doc = inspect.getdoc(obj) or ""

@@ -13,9 +13,11 @@ tokens; three regions:
   which of its tokens to keep, per layer and KV head, and they are written compacted into ``kept``
   blocks (a whole number of blocks, so attention never reads a slot that holds no kept token); the
   region's other blocks go back to the pool;
-* the *tail*: the prompt's last partial block and everything generated after it, kept, except that
-  under a token budget (``kv_keep_tokens``) its oldest full blocks are evicted as generation goes on
-  (:func:`evicts`), so a request's KV stays within about the budget however long it runs.
+* the *tail*: the prompt's last partial block and everything generated after it, kept, except under a
+  token budget (``kv_keep_tokens``): there a scored policy re-scores the kept blocks and the tail's older
+  blocks whenever they are a block over the budget and compacts the best (:class:`Compaction`), and
+  StreamingLLM evicts the oldest full tail block (:func:`evicts`), so a request's KV stays within about
+  the budget however long it runs.
 
 Kept keys keep the RoPE rotation of their original position (keys are cached rotated), and new tokens
 keep their original positions, so nothing is re-indexed. Both the vLLM adapter
@@ -134,8 +136,9 @@ class KVDropConfig(BaseModel):
     tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget for the request's KV, instead of keep: the "
-        "prompt is cut to it, and generation evicts its oldest blocks beyond it.",
+        description="Token budget for the request's KV, instead of keep: the prompt is cut to it, and "
+        "while generating a scored policy re-scores the kept context each time it is a block over the budget "
+        "(StreamingLLM evicts its oldest blocks).",
     )
 
     @property
