@@ -221,7 +221,7 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"Hardware: {result['hardware']}. {versions()}. Model: SmolLM2-135M-Instruct ({hw.default_dtype()}), "
         f"block size {BLOCK}, prefix caching off. Made by `flopwise bench kv-decode`; raw numbers in "
-        "kv_decode.json. One run.",
+        "kv_decode.json. Each part in one run (`--parts` reruns one and keeps the other).",
         "",
         "## Decode speed",
         "",
