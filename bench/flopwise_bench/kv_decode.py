@@ -278,34 +278,19 @@ def write_report(result: dict, out: Path) -> None:
         lo, hi = paired_ci(v["nll"], full) if name != "full" else (0.0, 0.0)
         diff = sum(v["nll"]) / len(v["nll"]) - sum(full) / len(full)
         comp = sum(k.get("compactions", 0) for k in v["kv"]) / len(v["kv"])
-        end = args["context"] + args["continuation"]
-        kept = v.get("tokens") and min(end, _kept_at_end(args, v, end))
+        # what the engine dropped and evicted (its usage.flops.kv), off the whole text
+        gone = ("dropped_tokens", "decode_dropped_tokens", "evicted_tokens")
+        kept = (
+            args["context"]
+            + args["continuation"]
+            - sum(k.get(g, 0) for k in v["kv"] for g in gone) / len(v["kv"])
+        )
         lines.append(
             f"| {name} | {ppl:.3f} | {math.exp(diff):.4f} | [{math.exp(lo):.4f}, {math.exp(hi):.4f}] | "
-            f"{comp:.1f} | {kept or end} |"
+            f"{comp:.1f} | {kept:.0f} |"
         )
     out.write_text("\n".join(lines) + "\n")
     _plot(result, out.with_suffix(".png"))
-
-
-def _kept_at_end(args: dict, v: dict, end: int) -> int:
-    """Tokens a request under the budget attends to at its last step (the same rule the planner uses)."""
-    from flopwise.techniques import kv_drop as kd
-
-    policy = kd.get_policy(v["policy"])
-    if not policy.rescores:
-        lay = kd.layout(kd.parse_options(v["policy"], tokens=v["tokens"]), args["context"], BLOCK)
-        evicted = 0
-        for cached in range(args["context"], end):
-            while kd.evicts(lay, evicted, cached, v["tokens"]):
-                evicted += 1
-        return end - lay.dropped_tokens - evicted * BLOCK
-    kept = resume = 0
-    for cached in range(args["context"] + 1, end + 1):
-        comp = kd.compaction(kept, resume, cached, v["tokens"], BLOCK, policy.decode_window)
-        if comp is not None:
-            kept, resume = comp.new_kept, comp.new_resume
-    return kept * BLOCK + end - resume * BLOCK
 
 
 def _plot(result: dict, path: Path) -> None:
