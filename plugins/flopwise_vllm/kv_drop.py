@@ -114,13 +114,11 @@ class FlopwiseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 table[i, keep : row.shape[0] - (resume - keep)] = row[resume:]  # skip blocks [keep, resume)
                 table[i, :keep] = torch.tensor(view.dest, dtype=table.dtype)
                 lens[i] -= (resume - keep) * self.block_size
-                if job is not None and job.rescore is not None:
-                    tasks.append(Task(rid, q0, q1, job, None))
             elif job is not None and context_start < job.prompt and (job.stash or job.layout is not None):
                 blocks = cm.block_table_tensor[i].clone() if job.layout is not None else None
                 # The prompt's rows only: a request recomputed after preemption prefills its output too.
                 tasks.append(Task(rid, q0, min(q1, q0 + job.prompt - context_start), job, blocks))
-            elif job is not None and job.rescore is not None:  # re-scoring what it reads in full
+            if job is not None and job.rescore is not None:  # (decoding: with or without a view yet)
                 tasks.append(Task(rid, q0, q1, job, None))
         if table is not None:
             cm = dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens)
