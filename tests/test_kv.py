@@ -125,6 +125,41 @@ def test_h2o_normalises_by_how_many_queries_saw_a_token():
     assert torch.allclose(scores[0], received / torch.arange(10, 0, -1))
 
 
+@pytest.mark.parametrize("P, W", [(300, 300), (300, 70), (300, 1)])
+def test_window_attention_is_the_causal_softmax_summed_over_the_window(P, W):
+    torch.manual_seed(P + W)
+    keys, queries = torch.randn(P, 2, 8), torch.randn(W, 6, 8)
+    k = keys.repeat_interleave(3, dim=1)  # [P, Hq, d]: each query head's KV head
+    logits = torch.einsum("whd,phd->hwp", queries, k) / 8**0.5
+    pos = torch.arange(P - W, P)
+    logits.masked_fill_(torch.arange(P)[None, None, :] > pos[None, :, None], float("-inf"))
+    want = torch.softmax(logits, dim=-1).sum(1).reshape(2, 3, P).mean(1)
+    assert torch.allclose(kd.window_attention(keys, queries), want, atol=1e-5)
+
+
+def test_h2o_reads_its_window_of_queries():
+    policy = kd.get_policy("h2o")
+    assert policy.query_window == 256 and policy.decode_window == 64
+    torch.manual_seed(0)
+    keys, queries = torch.randn(400, 1, 4), torch.randn(400, 1, 4)
+    full = kd.KVContext(keys, policy.queries_of(queries), 0, 400)
+    seen = torch.arange(400, 0, -1).clamp(max=256)
+    assert full.queries.shape[0] == 256
+    assert torch.allclose(policy.score(full)[0], kd.window_attention(keys, queries[-256:])[0] / seen)
+
+
+def test_query_ring_keeps_the_newest_queries_in_order():
+    from flopwise_vllm.kv_state import QueryRing
+
+    rows = torch.arange(200.0).reshape(200, 1, 1)
+    ring, pushed = QueryRing(64, rows[:1]), 0
+    for n in (5, 1, 1, 70, 1, 30, 64, 1, 27):
+        ring.push(rows[pushed : pushed + n])
+        pushed += n
+        for w in (1, 20, 64):
+            assert torch.equal(ring.last(w), rows[max(0, pushed - 64) : pushed][-w:])
+
+
 def test_random_is_seeded_per_layer():
     keys = torch.randn(64, 2, 8)
     policy = kd.get_policy("random")
@@ -135,7 +170,9 @@ def test_random_is_seeded_per_layer():
 
 def test_scoring_flops():
     assert kd.get_policy("snapkv").scoring_flops(1000, 9, 64) == 2 * 9 * 64 * 64 * 1000
-    assert kd.get_policy("h2o").scoring_flops(1000, 9, 64) == 2 * 9 * 64 * 1000 * 1001 // 2
+    # h2o: its last 256 queries, each over the keys up to it (the first over 745, the last over 1000)
+    assert kd.get_policy("h2o").scoring_flops(1000, 9, 64) == 2 * 9 * 64 * sum(range(745, 1001))
+    assert kd.get_policy("h2o").scoring_flops(100, 9, 64) == 2 * 9 * 64 * 100 * 101 // 2
     assert kd.get_policy("knorm").scoring_flops(1000, 9, 64) == 0
 
 
@@ -224,7 +261,7 @@ def _greedy(n: int, **kv):
 
 
 def _hit(policy: str, prompt: int) -> int:
-    """The prefix-cache hit a request that drops may read: never its policy's query window (h2o: none)."""
+    """The prefix-cache hit a request that drops may read: never its policy's query window."""
     window = kd.get_policy(policy).query_window
     return 0 if window is None else min(prompt - 1, prompt - window) // BS * BS
 

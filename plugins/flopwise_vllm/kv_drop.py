@@ -206,7 +206,7 @@ class FlopwiseCPUAttentionImpl(CPUAttentionBackendImpl):
         w = policy.decode_window
         ctx = kd.KVContext(
             keys=keys,
-            queries=STATE.recent[(task.request_id, index)][-w:] if w else None,
+            queries=STATE.recent[(task.request_id, index)].last(w) if w else None,
             start=0,
             end=comp.candidates,
             layer=index,

@@ -306,22 +306,24 @@ def keep_indices(policy: KVPolicy, ctx: KVContext, count: int, sinks: int = 0) -
     return torch.sort(order, dim=-1).values + ctx.start
 
 
-def window_attention(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def window_attention(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """Attention the last W ``queries`` [W, Hq, d] pay each of ``keys`` [P, Hkv, d] (the queries sit at the
     keys' last W positions): causal softmax, summed over the queries, averaged over each KV head's query
-    group -> [kv_heads, P], float32. Chunks of queries only see the keys before them."""
+    group -> [kv_heads, P], float32. Chunks of queries only see the keys before them; the softmax runs in
+    place (exp(logit - logsumexp)) and only a chunk's own keys need the causal mask."""
     P, kv_heads, d = keys.shape
     W, q_heads, _ = queries.shape
     group = q_heads // kv_heads
     k = keys.float().permute(1, 2, 0)  # [Hkv, d, P]
     total = torch.zeros(kv_heads, P)
     for s in range(0, W, chunk):
-        q = queries[s : s + chunk].float()
+        q = queries[s : s + chunk].float() / math.sqrt(d)
         w = q.shape[0]
-        seen = P - W + s + w  # keys visible to the chunk's last query
+        first, seen = P - W + s, P - W + s + w  # the chunk's queries sit at positions [first, seen)
         q = q.reshape(w, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * w, d)
-        logits = torch.bmm(q, k[:, :, :seen]) / math.sqrt(d)  # [Hkv, group * w, seen]
-        pos = torch.arange(P - W + s, seen).repeat(group)  # each row's query position (group-major)
-        logits.masked_fill_(torch.arange(seen).unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
-        total[:, :seen] += torch.softmax(logits, dim=-1).sum(1) / group
+        logits = torch.bmm(q, k[:, :, :seen])  # [Hkv, group * w, seen]; rows group-major
+        ahead = torch.ones(w, w, dtype=torch.bool).triu(1).repeat(group, 1)  # row g*w+j: keys after query j
+        logits[:, :, first:].masked_fill_(ahead, float("-inf"))
+        logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
+        total[:, :seen] += logits.sum(1) / group
     return total
