@@ -169,3 +169,20 @@ def test_offline_api_budget_keyword_and_admission(engine):
     }
     with pytest.raises(OptionError, match="prefill of 50 tokens"):
         llm.generate([PROMPT], max_tokens=5, flop_budget=ledger.request(50, 1).total - 1)
+
+
+@pytest.mark.skipif(
+    "amx_tile" not in __import__("flopwise.hw", fromlist=["cpu_flags"]).cpu_flags(), reason="no AMX here"
+)
+def test_bf16_one_token_prompt_on_amx(tiny_model, monkeypatch):
+    """bf16 on an AMX CPU, a one-token prompt: vLLM's attention is the process's first AMX user, which
+    dies of SIGILL unless the plugin has asked Linux for the tile state (flopwise.hw.allow_amx)."""
+    from flopwise_serve.offline import LLM
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # a fresh engine process: nothing asked yet
+    llm = LLM(tiny_model("llama-gqa"), dtype="bfloat16", max_model_len=256)
+    try:
+        (out,) = llm.generate({"prompt_token_ids": [7]}, _greedy(4))
+        assert len(out.outputs[0].token_ids) == 4
+    finally:
+        llm.shutdown()

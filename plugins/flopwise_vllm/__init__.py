@@ -174,6 +174,9 @@ def register() -> None:
     if _registered:
         return
     check_surfaces()
+    from flopwise.hw import allow_amx
+
+    allow_amx()  # before any kernel of this process runs: vLLM's bf16 attention uses AMX without asking
     from flopwise_vllm.options import server_defaults
 
     server_defaults()  # a malformed FLOPWISE_DEFAULTS stops every vLLM process at start-up, naming the field

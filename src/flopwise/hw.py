@@ -37,6 +37,19 @@ def default_dtype() -> str:
     return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
+def allow_amx() -> bool:
+    """Ask Linux for this process's AMX tile state (a no-op where the CPU has none).
+
+    vLLM's CPU attention runs AMX instructions in bf16 without asking; a process whose first AMX
+    instruction is its own (a one-token prompt: no oneDNN matmul has asked first) dies of SIGILL.
+    """
+    if "amx_tile" not in cpu_flags():
+        return False
+    import torch
+
+    return bool(torch._C._cpu._init_amx())
+
+
 def describe() -> str:
     """One line naming the hardware and dtype, for benchmark reports."""
     return f"{cpu_name()}, {os.cpu_count()} cores, dtype {default_dtype()}"
