@@ -1,5 +1,9 @@
 """--budget-policy smallest-budget: with one slot free, the smaller budget is admitted first."""
 
+import asyncio
+import json
+import re
+
 import httpx
 import pytest
 
@@ -71,57 +75,67 @@ def test_admission_order_follows_the_policy(tiny_model, monkeypatch, policy, fir
         llm.shutdown()
 
 
+def _waiting(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M))
+
+
 def test_smallest_budget_through_flopwise_serve(policy_server):
     """Over HTTP: with the one slot taken, a big-budget request and then a small-budget one queue; the
-    server's --budget-policy smallest-budget admits the small one first."""
-    import asyncio
-    import json
-
+    server's --budget-policy smallest-budget admits the small one first. The blocker holds the slot until the
+    server reports both waiting, then hangs up (the server aborts it), so no timing decides the order."""
     s, path, ledger, _ = policy_server
     small = ledger.request(40, 8).total * 2
 
-    async def run(url):
-        done = []
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    def body(budget, tokens, **extra):
+        return {
+            "model": path,
+            "prompt": "def f(x):",
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "flop_budget": budget,
+            **extra,
+        }
 
-            async def one(name, budget, tokens, stream=False):
-                body = {
-                    "model": path,
-                    "prompt": "def f(x):",
-                    "max_tokens": tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    "flop_budget": budget,
-                }
-                r = await client.post("/v1/completions", json=body)
+    async def until_waiting(n, blocker):
+        for _ in range(400):  # 20 s
+            if _waiting(s.url) >= n:
+                return
+            assert not blocker.done(), "the blocker finished before both requests queued"
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the server never reported {n} waiting")
+
+    async def run():
+        done = []
+        async with httpx.AsyncClient(base_url=s.url, timeout=120) as client:
+
+            async def one(name, budget):
+                r = await client.post("/v1/completions", json=body(budget, 8))
                 assert r.status_code == 200, r.text
                 done.append(name)
 
-            async def blocker(started):
-                body = {
-                    "model": path,
-                    "prompt": "x",
-                    "max_tokens": 400,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    "stream": True,
-                }
-                async with client.stream("POST", "/v1/completions", json=body) as r:
+            async def blocker(started, release):
+                long = body(1e15, 490, prompt="x", stream=True)  # max-model-len 512
+                async with client.stream("POST", "/v1/completions", json=long) as r:
                     async for line in r.aiter_lines():
                         if line.startswith("data: {") and json.loads(line[6:])["choices"]:
                             started.set()
-                done.append("blocker")
+                        if release.is_set():
+                            return  # leaving the stream hangs up: the server aborts the blocker
 
-            started = asyncio.Event()
-            task = asyncio.create_task(blocker(started))
+            started, release = asyncio.Event(), asyncio.Event()
+            held = asyncio.create_task(blocker(started, release))
             await started.wait()  # the one slot is taken: the next two wait in the queue
-            big = asyncio.create_task(one("big", 1e15, 8))
-            await asyncio.sleep(0.2)
-            await asyncio.gather(task, big, one("small", small, 8))
+            big = asyncio.create_task(one("big", 1e15))
+            await until_waiting(1, held)
+            small_task = asyncio.create_task(one("small", small))
+            await until_waiting(2, held)
+            release.set()
+            await asyncio.gather(held, big, small_task)
         return done
 
-    done = asyncio.run(run(s.url))
-    assert done == ["blocker", "small", "big"], done
+    assert asyncio.run(run()) == ["small", "big"]
 
 
 def test_default_budget_holds_on_responses_and_messages(policy_server):
