@@ -271,6 +271,14 @@ def test_self_head_steps_labels_and_scores():
     assert self_head.prefix_label("1 + 2 = 3\n3 + 4 = 8\n8 + 1 = 9\n", final=False) == 0  # wrong from one on
     assert self_head.score([]) == 0.5
     assert self_head.score([2.0, -1.0, 3.0]) == pytest.approx(1 / (1 + math.exp(1.0)))  # the lowest step
+    # the engine's and the oracle's running record of one candidate: values as its tokens come
+    sv = self_head.StepValues()
+    for value, token in zip([0.5, 2.0, -3.0, 1.0], [1, 9, 2, 9]):
+        sv.add(value, ends_step=token in nl)
+    assert sv.values(final=False) == sv.values(final=True) == [2.0, 1.0]  # it ends on a newline
+    sv.add(-4.0, ends_step=False)
+    assert sv.values(final=False) == [2.0, 1.0] and sv.values(final=True) == [2.0, 1.0, -4.0]
+    assert sv.score(final=True) == pytest.approx(1 / (1 + math.exp(4.0)))
 
 
 def test_self_head_refuses_other_models_and_bad_dirs(tmp_path):

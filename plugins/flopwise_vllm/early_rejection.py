@@ -54,9 +54,8 @@ class Rejection:
     cut: float | None = None  # the percentile rule's cut, set by the first checkpoint
     # candidate index -> its tokens' confidences (confidence scorers only)
     confidences: dict[int, list[float]] = field(default_factory=dict)
-    # candidate index -> a self head's logits where its steps ended / at its last token (if not a step end)
-    step_values: dict[int, list[float]] = field(default_factory=dict)
-    last_value: dict[int, float | None] = field(default_factory=dict)
+    # candidate index -> a self head's logits (self scorers only)
+    step_values: dict[int, self_head.StepValues] = field(default_factory=dict)
     _prm: ProcessRewardModel | None = None
 
     @property

@@ -124,11 +124,8 @@ class EngineScores:
             if rid not in values:
                 rej.fail("self head", "the worker returned no value (is flopwise's CPU worker running?)")
                 continue
-            i = index_of(rid)
-            ends_step = tokens[-1] in newlines
-            if ends_step:
-                rej.step_values.setdefault(i, []).append(values[rid])
-            rej.last_value[i] = None if ends_step else values[rid]
+            sv = rej.step_values.setdefault(index_of(rid), self_head.StepValues())
+            sv.add(values[rid], ends_step=tokens[-1] in newlines)
             self._charge(rej, self.per_token(rej))
 
     def score(self, rej, request: Request, final: bool) -> float:
@@ -137,8 +134,7 @@ class EngineScores:
         if rej.by_confidence:
             mode = confidence.NAMES[rej.config.prm]
             return confidence.score(rej.confidences.get(i, []), rej.config.confidence_window, mode)
-        last = rej.last_value.get(i)
-        return self_head.score(rej.step_values.get(i, []) + ([last] if final and last is not None else []))
+        return rej.step_values.get(i, self_head.StepValues()).score(final)
 
     def strip(self, outputs) -> None:
         """Give each client the logprobs it asked for, not the ones the confidence scorer needed."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -118,13 +118,34 @@ def score(step_values: list[float]) -> float:
     return 1.0 / (1.0 + math.exp(-min(step_values)))
 
 
+@dataclass
+class StepValues:
+    """One candidate's head values as its tokens come: one per step end (a newline token), and the
+    latest token's while it ends no step (a value only once the answer is final)."""
+
+    ended: list[float] = field(default_factory=list)
+    latest: float | None = None
+
+    def add(self, value: float, ends_step: bool) -> None:
+        if ends_step:
+            self.ended.append(value)
+        self.latest = None if ends_step else value
+
+    def values(self, final: bool) -> list[float]:
+        return self.ended + ([self.latest] if final and self.latest is not None else [])
+
+    def score(self, final: bool) -> float:
+        return score(self.values(final))
+
+
 def step_rows(output_ids: list[int], newlines: frozenset[int], final: bool) -> list[int]:
-    """Indices j of the output tokens whose emitting position is a step value: each newline token, and
-    the last token of a ``final`` answer that does not end on one."""
-    rows = [j for j, t in enumerate(output_ids) if t in newlines]
-    if final and output_ids and (not rows or rows[-1] != len(output_ids) - 1):
-        rows.append(len(output_ids) - 1)
-    return rows
+    """Indices j of the output tokens whose emitting position is a step value (the rule of
+    :class:`StepValues`, which training shares): each newline token, and the last token of a ``final``
+    answer that does not end on one."""
+    rows = StepValues()
+    for j, t in enumerate(output_ids):
+        rows.add(j, t in newlines)
+    return rows.values(final)
 
 
 def prefix_label(text: str, final: bool) -> int | None:

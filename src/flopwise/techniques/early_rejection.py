@@ -250,8 +250,7 @@ def reference_generate(
     last_hidden = [state for _ in range(n)]
     cands = [Candidate() for _ in range(n)]
     confs: list[list[float]] = [[] for _ in range(n)]
-    step_values: list[list[float]] = [[] for _ in range(n)]  # self head: its logit where each step ended
-    last_value: list[float | None] = [None] * n  # ... and where the last token came from (if not a newline)
+    step_values = [self_head.StepValues() for _ in range(n)]  # self head only
     result = ReferenceResult(cands)
     ckpt = 1
     steps = [0] * n
@@ -265,8 +264,7 @@ def reference_generate(
         if mode is not None:
             return confidence.score(confs[i], config.confidence_window, mode)
         if head is not None:
-            last = [last_value[i]] if final and last_value[i] is not None else []
-            return self_head.score(step_values[i] + last)
+            return step_values[i].score(final)
         # keyed by candidate, as the engine does: the PRM reads only what was written since the last call
         s, f = prm.score(prompt_text, decode(cands[i].tokens), final=final, key=f"reference-{i}")
         result.prm_flops += f
@@ -305,9 +303,7 @@ def reference_generate(
             if head is not None:
                 value = head.values(last_hidden[i][None])[0]
                 result.prm_flops += head.flops_per_token
-                if token in newlines:
-                    step_values[i].append(value)
-                last_value[i] = None if token in newlines else value
+                step_values[i].add(value, ends_step=token in newlines)
             if token in eos_ids or len(cands[i].tokens) >= max_tokens:
                 cands[i].finished = True
                 cands[i].score = score(i, final=True)
