@@ -24,7 +24,7 @@ demo: model
 
 # CI's budget: tests marked `long` (a feature's further minutes-long end-to-end cases) run with test-long.
 test: setup lint
-	$(BIN)/python -m pytest -q -ra -m "not long" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=25 -m "not long" $(PYTEST_ARGS)
 
 test-long: setup
 	$(BIN)/python -m pytest -q -ra -m long $(PYTEST_ARGS)

@@ -121,18 +121,29 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     ledger = FlopModel.from_pretrained(model)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(_lines()) + "\n\n")
+    # What a run killed mid-write left: r0 done, r1 failed on the server's side, r2's record torn in half.
+    r0 = {"id": "batch_req_0", "custom_id": "r0", "response": {"status_code": 200, "body": {}}, "error": None}
+    r1 = {
+        "id": "batch_req_1",
+        "custom_id": "r1",
+        "response": None,
+        "error": {"code": "internal_error", "message": "engine died", "line": 2, "status_code": 500},
+    }
+    out.write_text(json.dumps(r0) + "\n" + json.dumps(r1) + "\n" + '{"id": "batch_req_2", "custom_')
 
     r = _run(inp, out, model, "--flop-budget", "5e7")  # the default for lines that set no budget
     assert r.returncode == 1, r.stderr[-3000:]  # lines failed: not a success, and it says how many
     assert (
-        "8 done, 8 errors" in r.stderr
-        and "8 of 16 lines failed" in r.stderr
+        "7 done, 8 errors, 1 already" in r.stderr
+        and "8 of 15 lines failed" in r.stderr
         and "stopped by their FLOP budget" in r.stderr
-    )
+    ), r.stderr[-3000:]
     recs = _records(out)
-    assert len(recs) == 16
+    counts = collections.Counter(rec["custom_id"] or ("line", rec["error"]["line"]) for rec in recs)
+    assert len(recs) == 16 and max(counts.values()) == 1  # each line once: r1 and r2 redone, r0 not
     by_id = {rec["custom_id"]: rec for rec in recs if rec["custom_id"]}
-    for i in range(6):
+    assert by_id["r0"] == r0
+    for i in range(1, 6):
         body = by_id[f"r{i}"]["response"]["body"]
         u = body["usage"]
         assert by_id[f"r{i}"]["response"]["status_code"] == 200 and by_id[f"r{i}"]["error"] is None
@@ -161,21 +172,10 @@ def test_batch_survives_bad_lines_and_resumes(tiny_model, tmp_path):
     anonymous = sorted(rec["error"]["code"] for rec in recs if rec["custom_id"] is None)
     assert anonymous == ["duplicate_custom_id", "invalid_line", "invalid_line"]
 
-    # Rerun: everything is there already, nothing is redone or duplicated.
+    # Rerun: everything is there already (client errors included), nothing is redone or duplicated.
     r = _run(inp, out, model)
-    assert r.returncode == 0 and "0 done, 0 errors, 16 already" in r.stderr
-    assert len(_records(out)) == 16
-
-    # A run killed mid-write: one record lost, the last one torn in half. The rerun redoes exactly those.
-    lines = out.read_text().splitlines()
-    lost = json.loads(lines[2])["custom_id"] or json.loads(lines[3])["custom_id"]
-    kept = [line for line in lines if json.loads(line)["custom_id"] != lost]
-    out.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][:25])
-    r = _run(inp, out, model)
-    assert "14 already" in r.stderr, r.stderr[-2000:]
-    recs = _records(out)
-    counts = collections.Counter(rec["custom_id"] or ("line", rec["error"]["line"]) for rec in recs)
-    assert len(recs) == 16 and max(counts.values()) == 1
+    assert r.returncode == 0 and "0 done, 0 errors, 16 already" in r.stderr, r.stderr[-2000:]
+    assert _records(out) == recs
 
 
 def test_batch_cli_errors_are_one_line(tmp_path):

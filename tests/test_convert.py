@@ -221,8 +221,16 @@ def test_reports_and_transformers_loading(converted):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["vllm serve", "flopwise serve"])
-@pytest.mark.parametrize("which", ["sqa", "moe"])
+@pytest.mark.parametrize(
+    "which,server",
+    [
+        ("sqa", "vllm serve"),
+        ("moe", "flopwise serve"),
+        # each transform and each server is in make test once; the other two pairs in make test-long
+        pytest.param("sqa", "flopwise serve", marks=pytest.mark.long),
+        pytest.param("moe", "vllm serve", marks=pytest.mark.long),
+    ],
+)
 def test_converted_checkpoints_are_served_and_charged_their_reduced_cost(converted, tmp_path, server, which):
 
     import httpx

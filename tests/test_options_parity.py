@@ -130,18 +130,33 @@ def _offline(setup, monkeypatch) -> dict[str, tuple[int, str]]:
     return got
 
 
-def test_the_same_request_gets_the_same_answer_on_every_path(setup, monkeypatch):
+def _http_answers(setup) -> tuple[dict, dict]:
     path = setup["path"]
     ours = {name: _http(setup["ours"].url, _body(path, opts, n, xargs=False)) for name, opts, n in CASES}
     plain = {name: _http(setup["plain"].url, _body(path, opts, n, xargs=True)) for name, opts, n in CASES}
-    batch, offline = _batch(setup), _offline(setup, monkeypatch)
+    return ours, plain
+
+
+def _same(ours: dict, others: dict[str, dict]) -> None:
     for name, _, _ in CASES:
         status, message = ours[name]
         assert status == (200 if name.endswith("ok") else 400), (name, ours[name])
-        for other, answers in (("vllm serve", plain), ("batch", batch), ("offline", offline)):
+        for other, answers in others.items():
             assert answers[name][0] == status and message in answers[name][1], (
                 name,
                 other,
                 ours[name],
                 answers[name],
             )
+
+
+def test_the_same_request_gets_the_same_answer_over_http(setup):
+    """`flopwise serve` and plain `vllm serve` + vllm_xargs (the servers the suite shares)."""
+    ours, plain = _http_answers(setup)
+    _same(ours, {"vllm serve": plain})
+
+
+@pytest.mark.long  # two more engine start-ups (a batch run and an offline LLM): ~2 min on 2 cores
+def test_the_same_request_gets_the_same_answer_on_every_path(setup, monkeypatch):
+    ours, plain = _http_answers(setup)
+    _same(ours, {"vllm serve": plain, "batch": _batch(setup), "offline": _offline(setup, monkeypatch)})

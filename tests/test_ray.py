@@ -166,23 +166,16 @@ def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
     assert not left, [p.info["cmdline"][:2] for p in left]
 
 
-def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluster, tiny_model, tmp_path):
-    address, env = cluster
-    model = tiny_model("llama-gqa")
-    ledger = FlopModel.from_pretrained(model)
+def _lines(tmp_path: Path) -> Path:
+    """Ten lines, one capped by its budget, one with a bad budget (400) and one that is not JSON."""
     lines = [_line(i) for i in range(10)]
+    capped = {"prompt": "def g(x):", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     lines.append(
         {
             "custom_id": "capped",
             "method": "POST",
             "url": "/v1/completions",
-            "body": {
-                "prompt": "def g(x):",
-                "max_tokens": 40,
-                "temperature": 0,
-                "ignore_eos": True,
-                "flop_budget": 1.2e7,
-            },
+            "body": {**capped, "flop_budget": 1.2e7},
         }
     )
     lines.append(
@@ -195,13 +188,11 @@ def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluste
     )
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
-    local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    return inp
 
-    r = _batch(inp, local, model, "--flop-budget", "5e7")
-    assert r.returncode == 1 and "2 of 13 lines failed" in r.stderr, r.stderr[-3000:]  # the two bad lines
 
-    # A replica that cannot start (vLLM refuses the engine arguments): a clear error, nothing served written.
-    ray_args = (
+def _ray_args(address: str) -> tuple[str, ...]:
+    return (
         "--flop-budget",
         "5e7",
         "--ray",
@@ -213,22 +204,15 @@ def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluste
         "--concurrent-batches",
         "1",
     )
-    r = _batch(inp, on_ray, model, *ray_args, "--max-model-len", "999999", env=env)
-    assert r.returncode == 2 and "the Ray run stopped" in r.stderr and "max_model_len" in r.stderr, r.stderr[
-        -3000:
-    ]
-    # the invalid line only
-    assert [json.loads(x)["response"] for x in on_ray.read_text().splitlines()] == [None]
 
-    # The same command without the bad argument resumes: every line once, the same results as the local run.
-    r = _batch(inp, on_ray, model, *ray_args, env=env)
-    assert r.returncode == 1, r.stderr[-3000:]  # bad-budget failed in this run
-    # bad-budget is refused (400); the bad JSON line was done
-    assert "11 done, 1 errors, 1 already" in r.stderr
-    want, got = _records(local), _records(on_ray)
-    assert got.keys() == want.keys() and len(got) == 13
-    for cid in want:
-        assert _result(got[cid]) == _result(want[cid]), cid
+
+def _check_ray_run(r, got: dict[str, dict], ledger: FlopModel) -> None:
+    """Budgets held and charged as the ledger says, both replicas served, and the summary adds up."""
+    assert got.keys() == {f"r{i}" for i in range(10)} | {
+        "capped",
+        "bad-budget",
+        None,
+    }  # None: the line that is not JSON
     texts, usage = _result(got["capped"])
     assert (
         texts[0][2] == "flop_budget"
@@ -241,17 +225,55 @@ def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluste
     )
     for i in range(10):
         u = got[f"r{i}"]["response"]["body"]["usage"]
+        assert u["completion_tokens"] == 8
         assert u["flops"]["total"] == ledger.request(u["prompt_tokens"], u["completion_tokens"]).total
         assert u["flops"]["budget"] == 5e7  # the batch default reached every replica
-
-    # Both replicas served lines, and the summary's FLOPs add up over them.
     replicas = [line for line in r.stderr.splitlines() if line.strip().startswith("replica ")]
     assert len(replicas) == 2, r.stderr[-2000:]
     per = [(int(x.split(": ")[1].split()[0]), float(x.rsplit(" ", 1)[1])) for x in replicas]
-    assert all(n > 0 for n, _ in per) and sum(n for n, _ in per) == 12
+    assert all(n > 0 for n, _ in per) and sum(n for n, _ in per) == 12  # the JSON line never reaches one
     charged = sum(_result(rec)[1]["flops"]["total"] for rec in got.values() if not rec["error"])
     assert sum(f for _, f in per) == pytest.approx(charged, rel=1e-3)
     assert f"FLOPs charged {charged:.4g} (all replicas)" in r.stderr
+
+
+def test_ray_batch_serves_every_line_once_on_two_replicas(cluster, tiny_model, tmp_path):
+    address, env = cluster
+    model = tiny_model("llama-gqa")
+    inp, out = _lines(tmp_path), tmp_path / "ray.jsonl"
+    r = _batch(inp, out, model, *_ray_args(address), env=env)
+    assert r.returncode == 1 and "11 done, 2 errors" in r.stderr, r.stderr[-3000:]  # the two bad lines
+    _check_ray_run(r, _records(out), FlopModel.from_pretrained(model))
+
+
+@pytest.mark.long  # three batch runs, two on Ray: ~4 min on 2 cores
+def test_ray_batch_matches_the_local_run_and_resumes_after_a_failed_start(cluster, tiny_model, tmp_path):
+    address, env = cluster
+    model = tiny_model("llama-gqa")
+    inp = _lines(tmp_path)
+    local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+
+    r = _batch(inp, local, model, "--flop-budget", "5e7")
+    assert r.returncode == 1 and "2 of 13 lines failed" in r.stderr, r.stderr[-3000:]  # the two bad lines
+
+    # A replica that cannot start (vLLM refuses the engine arguments): a clear error, nothing served written.
+    r = _batch(inp, on_ray, model, *_ray_args(address), "--max-model-len", "999999", env=env)
+    assert r.returncode == 2 and "the Ray run stopped" in r.stderr and "max_model_len" in r.stderr, r.stderr[
+        -3000:
+    ]
+    # the invalid line only
+    assert [json.loads(x)["response"] for x in on_ray.read_text().splitlines()] == [None]
+
+    # The same command without the bad argument resumes: every line once, the same results as the local run.
+    r = _batch(inp, on_ray, model, *_ray_args(address), env=env)
+    assert r.returncode == 1, r.stderr[-3000:]  # bad-budget failed in this run
+    # bad-budget is refused (400); the bad JSON line was done
+    assert "11 done, 1 errors, 1 already" in r.stderr
+    want, got = _records(local), _records(on_ray)
+    assert got.keys() == want.keys() and len(got) == 13
+    for cid in want:
+        assert _result(got[cid]) == _result(want[cid]), cid
+    _check_ray_run(r, got, FlopModel.from_pretrained(model))
 
 
 @pytest.mark.long  # minutes of Ray start-up; `make test-long` runs it

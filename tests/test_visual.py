@@ -428,6 +428,7 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a Qwen2-VL engine of its own, ~1.5 min; the served and engine tests stay in make test
 def test_batch_lines_take_visual_keep(tiny_model, tmp_path):
     import json
     import subprocess
