@@ -17,9 +17,9 @@ Prefix-cache hits are dropped by copy: blocks the request shares (hits, or block
 read, never rewritten, and stay cached for the others. The kept tokens go to fresh blocks when the pool has
 them (so a cold request's own prompt blocks stay cached too: many questions over one document each hit it),
 else into the request's own unshared prompt blocks. A hit never covers the policy's query window (those
-queries are recomputed, and charged, :meth:`KVPlanner.cap_hit`); h2o, which reads every prompt query, and
-engines whose cache layout cannot be read back recompute the whole prompt. Blocks written after a drop are
-never cached: their KV attended to the kept context only. The accountant asks the planner how much
+queries are recomputed, and charged, :meth:`KVPlanner.cap_hit`); a policy with no window (every prompt
+query) and engines whose cache layout cannot be read back recompute the whole prompt. Blocks written after
+a drop are never cached: their KV attended to the kept context only. The accountant asks the planner how much
 context a request's attention no longer reads (:meth:`KVPlanner.context_cut`), and the budget gate what
 scoring the next step will charge (:meth:`KVPlanner.pending_scoring`).
 """
@@ -87,8 +87,8 @@ class KVPlanner(TokenBudget):
 
     def cap_hit(self, request: Request, blocks, hit: int):
         """Trim a prefix-cache hit of a request that drops so the policy's queries are computed -> (blocks,
-        hit). The last ``query_window`` prompt tokens are recomputed (all of them for h2o, or where the
-        cache cannot be read back); other policies read every hit."""
+        hit). The last ``query_window`` prompt tokens are recomputed (all of them for a policy whose
+        window is None, or where the cache cannot be read back); other policies read every hit."""
         kv = self.states.get(request.request_id)
         if kv is None or not hit or not kv.config.active:
             return blocks, hit

@@ -79,7 +79,8 @@ class QueryRing:
             return
         first = min(n, self.size - self.next)
         self.buf[self.next : self.next + first] = queries[:first]
-        self.buf[: n - first] = queries[first:]
+        if n > first:  # wraps around
+            self.buf[: n - first] = queries[first:]
         self.next, self.filled = (self.next + n) % self.size, min(self.size, self.filled + n)
 
     def last(self, w: int) -> torch.Tensor:
