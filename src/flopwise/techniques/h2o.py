@@ -6,8 +6,9 @@ it (later tokens are seen by fewer).
 Restricted to the prompt's last ``window`` queries (256; ``None``: every query, as the paper and kvpress).
 Every query costs a causal QK^T over the prompt and its softmax: with all of them, at 3k tokens on a 2-core
 CPU, scoring doubled the prefill and h2o ran 0.63x of stock vLLM end to end, though it decoded 1.4x faster.
-The last 256 take 39 ms a layer there instead of 287 (9 query heads of 64), and a prefix-cache hit before
-the window can be read (the window is recomputed). Re-scoring while decoding (under a token budget) reads
+The last 256 take 39 ms a layer there instead of 287 (9 query heads of 64; end to end 0.98x, within that
+machine's noise: bench/results/kv_decode.md), and a prefix-cache hit before the window can be read (the
+window is recomputed). Re-scoring while decoding (under a token budget) reads
 the last ``decode_window`` queries: a token is then seen by the window's queries that follow it."""
 
 from __future__ import annotations
