@@ -1,4 +1,6 @@
 import os
+import re
+import urllib.request
 
 import pytest
 
@@ -52,3 +54,9 @@ def vllm_server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "vllm-serve.log"
     with vllm_serve(path, free_port(), log, ["--max-model-len", "1024"]) as s:
         yield s, FlopModel.from_pretrained(path), path
+
+
+def gauge(url: str, name: str) -> float:
+    """A gauge off a server's /metrics (the first engine's, where there are several)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return float(re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))

@@ -4,6 +4,7 @@ import gc
 
 import pytest
 
+from flopwise.hw import cpu_flags
 from flopwise.ledger import FlopModel
 
 pytestmark = pytest.mark.slow
@@ -171,9 +172,7 @@ def test_offline_api_budget_keyword_and_admission(engine):
         llm.generate([PROMPT], max_tokens=5, flop_budget=ledger.request(50, 1).total - 1)
 
 
-@pytest.mark.skipif(
-    "amx_tile" not in __import__("flopwise.hw", fromlist=["cpu_flags"]).cpu_flags(), reason="no AMX here"
-)
+@pytest.mark.skipif("amx_tile" not in cpu_flags(), reason="no AMX here")
 def test_bf16_one_token_prompt_on_amx(tiny_model, monkeypatch):
     """bf16 on an AMX CPU, a one-token prompt: vLLM's attention is the process's first AMX user, which
     dies of SIGILL unless the plugin has asked Linux for the tile state (flopwise.hw.allow_amx)."""

@@ -2,10 +2,10 @@
 
 import asyncio
 import json
-import re
 
 import httpx
 import pytest
+from conftest import gauge
 
 from flopwise.ledger import FlopModel
 
@@ -75,11 +75,6 @@ def test_admission_order_follows_the_policy(tiny_model, monkeypatch, policy, fir
         llm.shutdown()
 
 
-def _waiting(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(r"^vllm:num_requests_waiting\{[^}]*\} (\S+)$", text, re.M))
-
-
 def test_smallest_budget_through_flopwise_serve(policy_server):
     """Over HTTP: with the one slot taken, a big-budget request and then a small-budget one queue; the
     server's --budget-policy smallest-budget admits the small one first. The blocker holds the slot until the
@@ -100,7 +95,7 @@ def test_smallest_budget_through_flopwise_serve(policy_server):
 
     async def until_waiting(n, blocker):
         for _ in range(400):  # 20 s
-            if _waiting(s.url) >= n:
+            if gauge(s.url, "vllm:num_requests_waiting") >= n:  # one engine
                 return
             assert not blocker.done(), "the blocker finished before both requests queued"
             await asyncio.sleep(0.05)

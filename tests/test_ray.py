@@ -169,13 +169,18 @@ def test_ray_batch_on_a_ray_instance_of_its_own(tiny_model, tmp_path):
 def _lines(tmp_path: Path) -> Path:
     """Ten lines, one capped by its budget, one with a bad budget (400) and one that is not JSON."""
     lines = [_line(i) for i in range(10)]
-    capped = {"prompt": "def g(x):", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     lines.append(
         {
             "custom_id": "capped",
             "method": "POST",
             "url": "/v1/completions",
-            "body": {**capped, "flop_budget": 1.2e7},
+            "body": {
+                "prompt": "def g(x):",
+                "max_tokens": 40,
+                "temperature": 0,
+                "ignore_eos": True,
+                "flop_budget": 1.2e7,
+            },
         }
     )
     lines.append(
@@ -208,11 +213,8 @@ def _ray_args(address: str) -> tuple[str, ...]:
 
 def _check_ray_run(r, got: dict[str, dict], ledger: FlopModel) -> None:
     """Budgets held and charged as the ledger says, both replicas served, and the summary adds up."""
-    assert got.keys() == {f"r{i}" for i in range(10)} | {
-        "capped",
-        "bad-budget",
-        None,
-    }  # None: the line that is not JSON
+    # None: the line that is not JSON
+    assert got.keys() == {f"r{i}" for i in range(10)} | {"capped", "bad-budget", None}
     texts, usage = _result(got["capped"])
     assert (
         texts[0][2] == "flop_budget"

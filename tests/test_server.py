@@ -6,7 +6,7 @@ import urllib.request
 
 import httpx
 import pytest
-from conftest import MAX_BUDGET  # the shared `server` fixture's (conftest.py)
+from conftest import MAX_BUDGET, gauge  # conftest.py: the shared server's --max-flop-budget; a /metrics gauge
 
 pytestmark = pytest.mark.slow
 
@@ -458,22 +458,15 @@ def _long_prompt(seed: int, n: int = 700) -> list[int]:
     return [(seed * i + 5) % 1900 + 20 for i in range(n)]
 
 
-def _gauge(url: str, name: str) -> float:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    return float(re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
-
-
 def _reads_cached_kv(ledger) -> bool:
     """Whether the shared server's dropping requests read prefix-cache hits: flopwise reads the CPU cache
     layout back except AMX's (bf16 on an AMX CPU, packed for its tiles: those requests recompute)."""
     import torch
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from flopwise.hw import default_dtype
-    from flopwise_vllm.kv_cache_io import READABLE_ISAS
+    from flopwise_vllm.kv_cache_io import READABLE_ISAS, attn_isa
 
-    head_dim = ledger.spec.layers[0].head_dim
-    return _get_attn_isa(getattr(torch, default_dtype()), 128, head_dim, "auto") in READABLE_ISAS
+    return attn_isa(getattr(torch, default_dtype()), 128, ledger.spec.layers[0].head_dim) in READABLE_ISAS
 
 
 @pytest.mark.parametrize("where", ["top", "vllm_xargs"])
@@ -524,7 +517,7 @@ def test_kv_keep_holds_fewer_blocks_while_generating(server, client):
         )
         # Read right after the first tokens, while the engine is still generating the other ~57 (it runs ahead
         # of the client, so a late reading can come after the request finished).
-        readings = [_gauge(s.url, "vllm:kv_cache_usage_perc") for i, _ in enumerate(stream) if i < 3]
+        readings = [gauge(s.url, "vllm:kv_cache_usage_perc") for i, _ in enumerate(stream) if i < 3]
         usage[keep] = max(readings)
     assert usage[1.0] > 0 and usage[1.0] / usage[0.25] == pytest.approx(3, rel=0.01), usage
 
@@ -544,7 +537,7 @@ def test_kv_usage_says_why_nothing_was_dropped_and_no_block_leaks(server, client
     assert (
         kv["dropped_tokens"] == 0 and kv["kept_tokens"] == 150 and "covers every whole block" in kv["reason"]
     )
-    assert _gauge(s.url, "vllm:kv_cache_usage_perc") == 0
+    assert gauge(s.url, "vllm:kv_cache_usage_perc") == 0
 
 
 @pytest.mark.parametrize(

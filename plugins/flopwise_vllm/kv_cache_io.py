@@ -38,13 +38,18 @@ def read_cache(
     return keys.reshape(n * block_size, heads, d), values.reshape(n * block_size, heads, d)
 
 
+def attn_isa(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str = "auto") -> str:
+    """The ISA vLLM's CPU attention runs with these settings; its cache layout follows it."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
+
+
 def readable_isa(vllm_config) -> bool:
     """Can the worker read this engine's cached KV back (prefix-cache hits of a request that drops)?
     Checked once by a round trip through the kernel's own writer, so a layout change fails loudly."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
     mc, cc = vllm_config.model_config, vllm_config.cache_config
-    isa = _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
+    isa = attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
     if isa not in READABLE_ISAS:
         return False
     bs, heads, d = cc.block_size, 2, mc.get_head_size()
