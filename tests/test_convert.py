@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from flopwise.convert import sqa
+from flopwise.convert.checkpoint import DistillCheckpoint
 from flopwise.convert.moe import MoEMergeConfig, calibrate
 from flopwise.convert.moe import convert as moe_convert
 from flopwise.convert.sqa import SQAConfig, head_importance
@@ -81,6 +83,98 @@ def test_merging_kv_groups_keeps_shapes_and_is_charged_less():
     assert reduced["attention"] * 2 == full["attention"] and reduced["mlp"] == full["mlp"]
 
 
+def _readout_error(student, teacher) -> list[float]:
+    """Per layer, the relative squared error of the student's attention output against the teacher's, on the
+    teacher's own inputs to that layer, over ROWS (what refit_output minimises)."""
+    num, den = {}, {}
+
+    def visit(i, x, y):
+        w = student.model.layers[i].self_attn.o_proj.weight.double()
+        num[i] = num.get(i, 0.0) + float(((x @ w.T - y) ** 2).sum())
+        den[i] = den.get(i, 0.0) + float((y**2).sum())
+
+    sqa._attention_pairs(teacher, student, ROWS, 4, visit)
+    return [num[i] / den[i] for i in sorted(num)]
+
+
+@pytest.mark.parametrize("method", ["select", "merge"])
+def test_output_refit_is_the_least_squares_readout(method):
+    model = _model("llama-gqa")
+    new = sqa_convert(model, SQAConfig(2, method=method), head_importance(model, ROWS))
+    before = _readout_error(new, model)
+    errors = sqa.refit_output(new, model, ROWS, ridge=1e-9)
+    after = _readout_error(new, model)
+    assert all(a < 0.9 * b for a, b in zip(after, before))
+    assert errors == pytest.approx(after, rel=1e-4)  # what it reports is the error it leaves
+    # a least-squares optimum: nudging the fitted weights any way makes it worse
+    layer = new.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        layer.weight.add_(1e-3 * torch.randn_like(layer.weight))
+    assert _readout_error(new, model)[0] > after[0]
+
+
+def test_output_refit_keeps_an_exact_selection_exact():
+    model = _model("llama-gqa")
+    for layer in model.model.layers:
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.view(-1, 4, 32)[:, [1, 3]] = 0
+    new = sqa_convert(model, SQAConfig(2, method="select"), head_importance(model, ROWS))
+    errors = sqa.refit_output(new, model, ROWS, ridge=1e-9)
+    assert max(errors) < 1e-8
+    torch.testing.assert_close(_logits(new), _logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_distill_schedule_warms_up_then_decays_by_cosine():
+    cfg = sqa.DistillConfig(steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
+    lrs = [cfg.lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising through the warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then falling
+    assert lrs[55] == pytest.approx(0.55e-3, rel=0.02)  # half-way down the cosine
+    assert lrs[99] == pytest.approx(1e-4, rel=0.01)
+
+
+def _distilled(steps, every=0, on_every=None, progress=None, state=None, opt_state=None, align=0.0):
+    teacher = _model("llama-gqa")
+    student = sqa_convert(teacher, SQAConfig(2, method="select"), head_importance(teacher, ROWS))
+    if state is not None:
+        student.load_state_dict(state.pop("student"))
+    cfg = sqa.DistillConfig(steps, lr=1e-3, warmup=2, batch=2, align=align)
+    rows = torch.randint(10, 2000, (6, 32), generator=torch.Generator().manual_seed(1))
+    st = sqa.distill(
+        student,
+        teacher,
+        rows,
+        cfg,
+        state=None if state is None else sqa.DistillState(**state["state"]),
+        optimizer_state=opt_state,
+        every=every,
+        on_every=None if on_every is None else (lambda st, opt: on_every(student, opt, st)),
+        progress=progress,
+    )
+    return student, st
+
+
+@pytest.mark.parametrize("align", [0.0, 1.0])
+def test_an_interrupted_distillation_resumes_to_the_same_weights(tmp_path, align):
+    whole, whole_state = _distilled(6, align=align)
+    ckpt = DistillCheckpoint(tmp_path / "out", {"k": 1})
+
+    def stop(step, _loss):
+        if step == 5:
+            raise KeyboardInterrupt  # killed between two checkpoints: steps 3..5 are lost
+
+    with pytest.raises(KeyboardInterrupt):
+        _distilled(6, every=2, on_every=ckpt.save, progress=stop, align=align)
+    saved = ckpt.load()
+    assert saved["state"]["step"] == 4 and len(saved["state"]["losses"]) == 4
+    resumed, state = _distilled(6, state=saved, opt_state=saved["optimizer"], align=align)
+    assert state.losses == whole_state.losses
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert whole_state.losses[-1] < whole_state.losses[0]  # and it learns
+
+
 @pytest.mark.parametrize("method", ["frequency", "reap"])
 def test_pruning_a_never_routed_expert_is_exact(method):
     """Residual dimension 0 is held at +10 and is all the MoE blocks see, so every token ranks the experts
@@ -142,6 +236,12 @@ def flopwise(*args):
         (["sqa", "LLAMA", "OUT", "--query-heads", "3"], "--query-heads 3"),
         (["sqa", "LLAMA", "OUT", "--query-heads", "4"], "nothing to reduce"),
         (["sqa", "LLAMA", "OUT", "--query-heads", "2", "--kv-heads", "3"], "--kv-heads 3"),
+        (["sqa", "LLAMA", "OUT", "--query-heads", "2", "--resume"], "needs --distill-steps"),
+        (
+            ["sqa", "LLAMA", "OUT", "--query-heads", "2", "--distill-steps", "4", "--resume"],
+            "no distillation",
+        ),
+        (["sqa", "LLAMA", "OUT", "--query-heads", "2", "--lr", "0"], "--lr"),
         (["sqa", "MIXTRAL", "OUT", "--query-heads", "2"], "MixtralForCausalLM"),
         (["moe-merge", "LLAMA", "OUT", "--experts", "2"], "not a MoE model"),
         (["moe-merge", "MIXTRAL", "OUT", "--experts", "4"], "--experts 4"),
@@ -231,7 +331,9 @@ def test_reports_and_transformers_loading(converted):
         pytest.param("moe", "vllm serve", marks=pytest.mark.long),
     ],
 )
-def test_converted_checkpoints_are_served_and_charged_their_reduced_cost(converted, tmp_path, server, which):
+def test_converted_checkpoints_are_served_and_charged_their_reduced_cost(
+    converted, tiny_model, tmp_path, server, which
+):
 
     import httpx
 
@@ -263,3 +365,46 @@ def test_converted_checkpoints_are_served_and_charged_their_reduced_cost(convert
         u["flops"]["total"] if server == "flopwise serve" else r["ec_transfer_params"]["flopwise"]["total"]
     )
     assert u["completion_tokens"] == 8 and charged == expected
+    # the same tokens on the original model are charged more
+    source = tiny_model("llama-gqa" if which == "sqa" else "mixtral")
+    original = FlopModel.from_pretrained(source).request(u["prompt_tokens"], u["completion_tokens"])
+    assert original.total > charged
+
+
+def test_a_killed_distillation_resumes_and_refuses_other_arguments(tiny_model, tmp_path):
+    """A run killed mid-distillation leaves OUT.distill/; a rerun must say --resume, a resume with other
+    arguments is refused naming them (the checkpoint untouched), and the same arguments finish the run from
+    where it stood."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = ["convert", "sqa", tiny_model("llama-gqa"), str(out), "--query-heads", "2", "--calib-blocks", "2"]
+    args += ["--eval-blocks", "2", "--distill-steps", "60", "--eval-every", "2"]
+    ckpt = Path(f"{out}.distill") / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise_serve.cli", *args], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ckpt.exists() and not out.exists()
+    step = torch.load(ckpt, weights_only=False)["state"]["step"]
+    assert 2 <= step < 60
+
+    r = flopwise(*args)
+    assert r.returncode == 2 and "--resume" in r.stderr and f"step {step}" in r.stderr
+    stamp = ckpt.stat().st_mtime_ns
+    r = flopwise(*args, "--resume", "--lr", "1e-3")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "--lr: 0.0002 → 0.001" in last, last
+    assert ckpt.stat().st_mtime_ns == stamp and not out.exists()
+
+    r = flopwise(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "flopwise_report.json").read_text())
+    curve = [p["step"] for p in report["distill"]["curve"]]
+    assert curve[0] == 0 and curve[-1] == 60 and curve == sorted(set(curve))  # one curve across both runs
+    assert report["distill"]["resumed_at"] == [step]
+    assert not ckpt.parent.exists()  # the training state goes once OUT is complete

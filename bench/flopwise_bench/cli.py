@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
         "--report-only", action="store_true", help="write the .md and .png again from the .json (no engine)"
     )
     convert = bsub.add_parser(
-        "convert", help="SQA and MoE-merge checkpoints vs their originals: FLOPs, vLLM throughput, perplexity"
+        "convert", help="SQA and MoE-merge checkpoints vs their originals: FLOPs, vLLM throughput, quality"
     )
     convert.add_argument(
         "--model", default=None, help="model for query-head reduction (default: the embedded SmolLM2)"
@@ -87,22 +87,34 @@ def add_parser(sub) -> None:
     convert.add_argument(
         "--moe-model", default="bench/models/tiny-moe", help="MoE model (default: the committed tiny MoE)"
     )
-    convert.add_argument("--distill-steps", type=non_negative_int, default=40)
     convert.add_argument(
-        "--long-distill-steps",
-        type=non_negative_int,
-        default=0,
-        help="also a merge variant distilled this many steps (0: none)",
+        "--parts",
+        nargs="+",
+        choices=["sqa", "speed", "retrieval", "moe"],
+        default=["sqa", "speed", "retrieval", "moe"],
+        help="run only these parts; the others are kept from the existing JSON",
     )
-    convert.add_argument("--prefill-requests", type=positive_int, default=4)
-    convert.add_argument("--prefill-tokens", type=positive_int, default=4000)
+    convert.add_argument("--calib-blocks", type=positive_int, default=64)
+    convert.add_argument(
+        "--distill-steps", type=positive_int, default=360, help="the long distillation's steps"
+    )
+    convert.add_argument("--eval-every", type=positive_int, default=40)
+    convert.add_argument(
+        "--sqa-distilled",
+        default=None,
+        help="report this already distilled checkpoint (its flopwise_report.json) instead of distilling one",
+    )
+    convert.add_argument("--prefill-tokens", type=positive_int, nargs="+", default=[4000, 8000])
+    convert.add_argument("--repeats", type=positive_int, default=3)
+    convert.add_argument("--decode-requests", type=positive_int, default=32)
+    convert.add_argument("--decode-tokens", type=positive_int, default=128)
+    convert.add_argument("--retrieval-tokens", type=positive_int, default=2000)
+    convert.add_argument("--questions", type=positive_int, default=100)
     convert.add_argument(
         "--reuse",
         action="store_true",
         help="keep checkpoints an earlier run converted with the same settings",
     )
-    convert.add_argument("--decode-requests", type=positive_int, default=32)
-    convert.add_argument("--decode-tokens", type=positive_int, default=128)
     convert.add_argument("--out", default="bench/results/convert.md")
 
     scale = bsub.add_parser(

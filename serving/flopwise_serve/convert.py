@@ -6,7 +6,7 @@ after on a disjoint split. The output directory appears only once complete (temp
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 from flopwise.convert.io import (
@@ -18,10 +18,11 @@ from flopwise.convert.io import (
     save_atomically,
     source_dtype,
 )
+from flopwise_serve.common import say
 
 
 def add_parser(sub) -> None:
-    from flopwise_serve.common import non_negative_int, positive_int
+    from flopwise_serve.common import non_negative_float, non_negative_int, positive_float, positive_int
 
     parser = sub.add_parser("convert", help="offline checkpoint transforms whose output stock vLLM loads")
     cvsub = parser.add_subparsers(dest="transform", required=True)
@@ -57,14 +58,45 @@ def add_parser(sub) -> None:
         default=None,
         help="KV heads to keep (divides the model's; default: all)",
     )
-    sq.add_argument("--method", choices=["select", "merge"], default="select")
+    sq.add_argument(
+        "--method",
+        choices=["select", "merge"],
+        default="select",
+        help="select: keep the heads of largest output norm; merge: fold the others into the kept ones",
+    )
+    sq.add_argument(
+        "--refit-output",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refit each layer's o_proj by least squares on the calibration text (default: on)",
+    )
     sq.add_argument(
         "--distill-steps",
         type=non_negative_int,
         default=0,
         help="self-distillation steps (batch 4 x 256 tokens)",
     )
-    sq.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    sq.add_argument("--lr", type=positive_float, default=2e-4, help="peak distillation learning rate")
+    sq.add_argument(
+        "--warmup", type=non_negative_int, default=20, help="linear warm-up steps before the cosine decay"
+    )
+    sq.add_argument(
+        "--align",
+        type=non_negative_float,
+        default=0.0,
+        help="weight of the attention-output alignment loss beside logit KD (0: KD only)",
+    )
+    sq.add_argument(
+        "--eval-every",
+        type=positive_int,
+        default=50,
+        help="evaluate held-out perplexity and write a resumable checkpoint (OUT.distill/) every K steps",
+    )
+    sq.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the distillation from OUT.distill/ (same model and arguments)",
+    )
     mm.add_argument(
         "--experts",
         type=positive_int,
@@ -84,7 +116,7 @@ def add_parser(sub) -> None:
 
 
 def _say(msg: str) -> None:
-    print(f"flopwise convert: {msg}", file=sys.stderr, flush=True)
+    say("convert", msg)
 
 
 def _calibration_rows(tokenizer, count: int, block: int = 256):
@@ -104,7 +136,6 @@ def run_convert(args) -> int:
 
 def _run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from flopwise import data
 
@@ -124,6 +155,15 @@ def _run(args) -> int:
         cfg = sqa.SQAConfig(args.query_heads, args.kv_heads, args.method)
         q = cfg_json.get("num_attention_heads") or 0
         cfg.resolve(q, cfg_json.get("num_key_value_heads") or q)
+        ckpt = None
+        if args.distill_steps:
+            from flopwise.convert.checkpoint import DistillCheckpoint
+            from flopwise_serve.convert_sqa import fingerprint
+
+            ckpt = DistillCheckpoint(out, fingerprint(args))
+            ckpt.check(args.resume)
+        elif args.resume:
+            raise ConvertError("--resume continues a distillation: it needs --distill-steps")
         model, tok, config = load(args.model, sqa.ARCHITECTURES)
         settings = {
             "transform": "sqa",
@@ -131,6 +171,7 @@ def _run(args) -> int:
             "kv_heads": args.kv_heads,
             "method": args.method,
             "distill_steps": args.distill_steps,
+            "refit_output": args.refit_output,
         }
     else:
         from flopwise.convert import moe
@@ -142,6 +183,7 @@ def _run(args) -> int:
         cfg = moe.MoEMergeConfig(args.experts, args.method, args.top_k)
         key = "num_local_experts" if arch == "MixtralForCausalLM" else "num_experts"
         cfg.resolve(cfg_json.get(key) or 0, cfg_json.get("num_experts_per_tok") or 0)
+        ckpt = None
         model, tok, config = load(args.model, moe.ARCHITECTURES)
         settings = {
             "transform": "moe-merge",
@@ -154,28 +196,9 @@ def _run(args) -> int:
     _say(f"perplexity before {ppl_before:.3f}; calibrating on {args.calib_blocks} blocks of local text")
     rows = _calibration_rows(tok, args.calib_blocks)
     if args.transform == "sqa":
-        importance = sqa.head_importance(model, rows)
-        new = sqa.convert(model, cfg, importance)
-        losses = []
-        if args.distill_steps:
-            train = data.token_blocks(tok, "train", 256, args.distill_steps * 4)
-            bar = tqdm(total=args.distill_steps, desc="distilling", file=sys.stderr)
-            from flopwise import hw
+        from flopwise_serve.convert_sqa import convert_and_distill
 
-            losses = sqa.distill(
-                new,
-                model,
-                train,
-                args.distill_steps,
-                lr=args.lr,
-                bf16=hw.default_dtype() == "bfloat16",
-                progress=lambda step, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.4f}")),
-            )
-            bar.close()
-        extra = {
-            "head_importance_mean": importance.mean(0).tolist(),
-            "distill_kl_first_last": losses[:1] + losses[-1:],
-        }
+        new, extra = convert_and_distill(args, model, tok, cfg, rows, ckpt)
     else:
         stats = moe.calibrate(model, rows)
         new = moe.convert(model, cfg, stats)
@@ -197,6 +220,8 @@ def _run(args) -> int:
         **extra,
     }
     save_atomically(new, tok, out, dtype, report)
+    if ckpt is not None:
+        ckpt.remove()  # OUT is complete: the training state is no longer needed
     b, a = report["before"], report["after"]
     _say(
         f"wrote {out}: params {b['params']:,} -> {a['params']:,}; decode FLOPs/token "

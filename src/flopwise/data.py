@@ -34,13 +34,17 @@ def text(split: str, max_chars: int | None = None) -> str:
     return joined[:max_chars] if max_chars is not None else joined
 
 
-def token_blocks(tokenizer, split: str, block: int, count: int):
-    """``count`` rows of ``block`` token ids from a split, as a LongTensor [count, block]."""
+def token_blocks(tokenizer, split: str, block: int, count: int, at_most: bool = False):
+    """``count`` rows of ``block`` token ids from a split, as a LongTensor [count, block]; with ``at_most``,
+    as many whole rows as the split holds when it holds fewer (a long distillation cycles through them)."""
     import torch
 
     ids = tokenizer(text(split, max_chars=block * count * 8), return_tensors=None)["input_ids"]
     need = block * count
-    if len(ids) < need:
+    if len(ids) < need and at_most:
+        count = len(ids) // block
+        need = block * count
+    if len(ids) < need or count == 0:
         raise ValueError(f"split {split!r} has {len(ids)} tokens, {need} needed")
     return torch.tensor(ids[:need], dtype=torch.long).view(count, block)
 

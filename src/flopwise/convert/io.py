@@ -57,8 +57,10 @@ def ledger_summary(config: dict) -> dict:
 
 
 def param_summary(model, dtype_bytes: int) -> dict:
+    """Parameters and bytes of the whole model, and of its routed experts alone (0 for a dense model)."""
     n = sum(p.numel() for p in model.parameters())
-    return {"params": n, "weight_bytes": n * dtype_bytes}
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return {"params": n, "weight_bytes": n * dtype_bytes, "expert_weight_bytes": experts * dtype_bytes}
 
 
 def save_atomically(model, tokenizer, out: Path, dtype, report: dict) -> None:
