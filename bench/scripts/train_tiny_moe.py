@@ -1,5 +1,5 @@
 """Train the tiny MoE language model that the MoE-merging benchmark uses (no MoE with real weights is
-available offline). Mixtral architecture, 8 experts, top-2, ~8M parameters (~2M active per token), on
+available offline). Mixtral architecture, 8 experts, top-2, ~7M parameters (~3M active per token), on
 Python stdlib sources with flopwise's tiny BPE tokenizer: the `train` split of flopwise.data plus the
 stdlib's sub-packages (tests excluded), ~3.5M tokens, none of it in the `eval` split that perplexity is
 measured on. Held-out perplexity is logged every --eval-every steps into training.json.
