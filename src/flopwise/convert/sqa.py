@@ -190,12 +190,12 @@ def refit_output(student, teacher, rows: torch.Tensor, batch: int = 4, ridge: fl
 
     A merged head's summed ``o_proj`` columns are right only where its members attended alike, a selected
     head's only where the dropped heads contributed nothing; the least-squares readout is the best linear one
-    for the patterns the kept heads actually produce. Measured on SmolLM2-135M, 6 of 9 heads, 64 calibration
-    blocks: select 63.4 → 19.3 perplexity (original 14.7), merge 42.1 → 38.6. Fitting layer after layer on
-    the student's own inputs instead (to the teacher's attention output: 25.1; to the teacher's residual
-    stream, correcting earlier layers' drift: 74.3) did worse, so each layer is fitted on its own. Choosing
-    the kept heads by this error too (the subset per group whose readout leaves the least) lowered it
-    (0.057 → 0.054 mean) but raised perplexity (19.3 → 21.4), so ``select`` keeps its norm criterion.
+    for the patterns the kept heads actually produce. SmolLM2-135M, 6 of 9 heads, 64 calibration blocks
+    (bench/results/convert.md): select 69.5 → 19.3 perplexity (original 14.7), merge 42.7 → 27.6. In side
+    runs (heads chosen on 16 blocks), fitting layer after layer on the student's own inputs instead did worse
+    (to the teacher's attention output: 25.1 where this gave 19.3; to the teacher's residual stream,
+    correcting earlier layers' drift: 74.3), and so did choosing the kept heads by this error (the subset per
+    group whose readout leaves the least: error 0.057 → 0.054, perplexity 19.3 → 21.4).
     """
     n = len(student.model.layers)
     xtx: list = [None] * n
