@@ -21,11 +21,12 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flopwise import hw
 from flopwise.models import cache_dir, resolve_model
-from flopwise_bench.common import corpus_text, versions
+from flopwise_bench.common import corpus_text, run_worker, versions
 from flopwise_bench.stats import bootstrap_ci, paired_ci
 
 PARTS = ("sqa", "speed", "retrieval", "moe")
@@ -56,8 +57,6 @@ def throughput(model: str, lengths: list[int], repeats: int, decode_n: int, deco
 
     def prompt(length, salt):
         return {"prompt_token_ids": tok(corpus_text(length * 8, salt))["input_ids"][:length]}
-
-    import time
 
     llm = _stock_llm(model, max(lengths) + 16, decode_n)
     one = SamplingParams(max_tokens=1)
@@ -93,16 +92,8 @@ def retrieval(model: str, tokens: int, questions: int) -> list[int]:
     return [int(longctx.answered(o.outputs[0].text, n)) for o, n in zip(outs, needles)]
 
 
-def _in_subprocess(fn: str, *args) -> dict | list:
-    code = (
-        f"import json; from flopwise_bench.convert import {fn}; print('RESULT', json.dumps({fn}(*{args!r})))"
-    )
-    env = {**hw.engine_env(), "VLLM_PLUGINS": ""}  # stock vLLM: an allow-list naming no plugin
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{fn}{args!r} failed:\n{r.stderr[-3000:]}")
+def _run_worker(kind: str, log: Path, **spec) -> dict:
+    return run_worker("flopwise_bench.convert", {**spec, "kind": kind}, True, log, timeout=3600)
 
 
 # -- conversions ------------------------------------------------------------------------------------------
@@ -124,28 +115,22 @@ def _convert(kind: str, source: str, out: Path, extra: list[str], reuse: bool) -
 
 
 def _sqa_variants(q: int, kv: int, args) -> list[tuple[str, str, list[str]]]:
-    """(name, directory, convert arguments): one head fewer per KV group, and one head per group."""
+    """(name, directory, convert arguments) of the untrained conversions: one head fewer per KV group,
+    selected or merged, o_proj as the conversion left it or refit; one head per group, selected and refit."""
     fewer, fewest = kv * max(1, q // kv - 1), kv
-    calib = ["--calib-blocks", str(args.calib_blocks)]
-    variants = [
-        (
-            f"select, {fewer} of {q}, o_proj copied",
-            "sqa-select-copy",
-            ["--method", "select", "--no-refit-output"],
-        ),
-        (
-            f"merge, {fewer} of {q}, o_proj summed",
-            "sqa-merge-copy",
-            ["--method", "merge", "--no-refit-output"],
-        ),
-        (f"select, {fewer} of {q}, o_proj refit", "sqa-select", ["--method", "select"]),
-        (f"merge, {fewer} of {q}, o_proj refit", "sqa-merge", ["--method", "merge"]),
-        (f"select, {fewest} of {q}, o_proj refit", "sqa-select-fewest", ["--method", "select"]),
-    ]
     out = []
-    for name, d, extra in variants:
-        heads = fewest if "fewest" in d else fewer
-        out.append((name, d, ["--query-heads", str(heads), *extra, *calib, "--distill-steps", "0"]))
+    for heads, method, refit in (
+        (fewer, "select", False),
+        (fewer, "merge", False),
+        (fewer, "select", True),
+        (fewer, "merge", True),
+        (fewest, "select", True),
+    ):
+        how = "refit" if refit else {"select": "copied", "merge": "summed"}[method]
+        directory = f"sqa-{method}" + ("" if refit else "-copy") + ("-fewest" if heads < fewer else "")
+        extra = ["--query-heads", str(heads), "--method", method, "--calib-blocks", str(args.calib_blocks)]
+        extra += ["--distill-steps", "0"] + ([] if refit else ["--no-refit-output"])
+        out.append((f"{method}, {heads} of {q}, o_proj {how}", directory, extra))
     return out
 
 
@@ -176,7 +161,8 @@ def bench_convert(args) -> int:
     base = resolve_model(args.model)
     parts = set(args.parts)
     out = Path(args.out)
-    json_path = out.with_suffix(".json")
+    json_path, log = out.with_suffix(".json"), out.with_suffix(".log")
+    sizes = {"repeats": args.repeats, "decode_n": args.decode_requests, "decode_len": args.decode_tokens}
     result = json.loads(json_path.read_text()) if parts != set(PARTS) and json_path.exists() else {}
     result.update(hardware=hw.describe(), software=versions(), date=datetime.date.today().isoformat())
     kept = {k: v for k, v in vars(args).items() if not callable(v) and k != "parts"}
@@ -210,19 +196,12 @@ def bench_convert(args) -> int:
     if "speed" in parts:
         targets = [("original", base)] + [
             (r["name"], r["path"])
-            for r in sqa_rows.values()
-            if r["name"].startswith("select") and "refit" in r["name"] and not r.get("long")
+            for r in sqa_rows.values()  # one per head count: the untrained, selected and refit ones
+            if r["report"]["method"] == "select" and r["report"]["refit_output"] and not r.get("long")
         ]
         speed = {}
         for name, path in targets:
-            speed[name] = _in_subprocess(
-                "throughput",
-                path,
-                args.prefill_tokens,
-                args.repeats,
-                args.decode_requests,
-                args.decode_tokens,
-            )
+            speed[name] = _run_worker("throughput", log, model=path, lengths=args.prefill_tokens, **sizes)
             pre = ", ".join(
                 f"{n}: {statistics.median(v):.0f}" for n, v in speed[name]["prefill_tok_s"].items()
             )
@@ -234,7 +213,9 @@ def bench_convert(args) -> int:
     if "retrieval" in parts:
         got = {}
         for name, path in (("original", base), ("distilled", str(long_dir))):
-            got[name] = _in_subprocess("retrieval", path, args.retrieval_tokens, args.questions)
+            got[name] = _run_worker(
+                "retrieval", log, model=path, tokens=args.retrieval_tokens, questions=args.questions
+            )["correct"]
             print(
                 f"  retrieval @{args.retrieval_tokens} {name}: {sum(got[name])}/{len(got[name])}", flush=True
             )
@@ -257,14 +238,8 @@ def bench_convert(args) -> int:
             )
         speed = {}
         for name, path in [("original", moe_base)] + [(r["name"], r["path"]) for r in mrows]:
-            speed[name] = _in_subprocess(
-                "throughput",
-                path,
-                [min(args.prefill_tokens[0], 1000)],
-                args.repeats,
-                args.decode_requests,
-                args.decode_tokens,
-            )
+            lengths = [min(args.prefill_tokens[0], 1000)]
+            speed[name] = _run_worker("throughput", log, model=path, lengths=lengths, **sizes)
         training = json.loads((Path(moe_base) / "training.json").read_text())
         result["moe"] = {
             "model": moe_base,
@@ -510,12 +485,13 @@ def _targets(result: dict) -> list[str]:
 
     lines = ["## Targets, as measured in this run", "", "| target | measured | |", "|---|---|---|"]
     if "sqa" in result:
-        six = [r for r in result["sqa"] if "6 of 9" in r["name"]]
-        best = min(six, key=lambda r: r["report"]["perplexity_after"])
+        heads = next(r for r in result["sqa"] if r.get("long"))["report"]["query_heads"]
+        same = [r for r in result["sqa"] if r["report"]["query_heads"] == heads]
+        best = min(same, key=lambda r: r["report"]["perplexity_after"])
         rep = best["report"]
         gap = rep["perplexity_after"] / rep["perplexity_before"] - 1
         lines.append(
-            f"| 6 of 9 query heads within +5% perplexity | {gap:+.1%} ({best['name']}) | "
+            f"| {heads} query heads kept: within +5% perplexity | {gap:+.1%} ({best['name']}) | "
             f"{mark(gap <= 0.05)} |"
         )
     if "speed" in result:
@@ -593,3 +569,14 @@ def _plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # a worker: python -m flopwise_bench.convert SPEC_JSON (see common.run_worker)
+    spec = json.loads(sys.argv[1])
+    if spec["kind"] == "throughput":
+        data = throughput(
+            spec["model"], spec["lengths"], spec["repeats"], spec["decode_n"], spec["decode_len"]
+        )
+    else:
+        data = {"correct": retrieval(spec["model"], spec["tokens"], spec["questions"])}
+    Path(spec["result"]).write_text(json.dumps(data))

@@ -26,11 +26,11 @@ def fingerprint(args) -> dict:
         "distill_steps",
         "lr",
         "warmup",
+        "align",
     )
     return {
         "source": fingerprint_source(args.model),
         **{k: getattr(args, k) for k in keys},
-        "align": args.align,
         "bf16": hw.default_dtype() == "bfloat16",
     }
 

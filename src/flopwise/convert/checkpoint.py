@@ -68,7 +68,8 @@ class DistillCheckpoint:
         try:
             import torch
 
-            return torch.load(self.file, map_location="cpu", weights_only=False)["state"]["step"]
+            # mmap: only the small state is read, not the weights and optimizer moments (GBs for a real model)
+            return torch.load(self.file, map_location="cpu", weights_only=False, mmap=True)["state"]["step"]
         except Exception:  # an unreadable file is still not ours to delete
             return "?"
 
