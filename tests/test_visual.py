@@ -31,16 +31,90 @@ def _features(n=64, d=16, salient=(5, 17, 40)):
 def test_content_methods_keep_the_distinct_tokens(method):
     x, salient = _features()
     query = x[salient].mean(0) if method == "cls_attention" else None  # a CLS token that has seen the objects
-    kept = vd.keep_indices(x, vd.VisualDropConfig(keep=3 / 64, method=method), query)
+    kept = vd.select(x, vd.VisualDropConfig(keep=3 / 64, method=method), query).kept
     assert kept.tolist() == salient
+
+
+def test_divprune_keeps_one_of_each_kind_of_token():
+    """Three objects of 5 near-identical tokens each on a background of 49: the 4 most diverse tokens are one
+    of each object and one of the background, where a salience score would take tokens of one object."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.full((64, 16), 0.5) + 0.01 * torch.randn(64, 16, generator=g)
+    objects = {0: range(3, 8), 1: range(20, 25), 2: range(50, 55)}
+    for rows in objects.values():
+        x[list(rows)] = torch.randn(16, generator=g) * 3 + 0.01 * torch.randn(len(rows), 16, generator=g)
+    kept = vd.select(x, vd.VisualDropConfig(keep=4 / 64, method="divprune")).kept.tolist()
+    groups = [next((o for o, rows in objects.items() if i in rows), "bg") for i in kept]
+    assert sorted(groups, key=str) == [0, 1, 2, "bg"], kept
+    # the greedy max-min order: each next token is the farthest from those kept (checked by brute force)
+    from flopwise.techniques.divprune import max_min_order
+
+    order = max_min_order(x, 6).tolist()
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    dist = 1 - unit @ unit.T
+    for i in range(1, 6):
+        nearest = dist[order[:i]].min(0).values
+        nearest[order[:i]] = -1
+        assert order[i] == int(nearest.argmax())
+
+
+def test_visionzip_merges_the_rest_into_new_tokens():
+    x, salient = _features()
+    sel = vd.select(x, vd.VisualDropConfig(keep=8 / 64, method="visionzip"), x[salient].mean(0))
+    assert len(sel.kept) == 8 and sel.kept.tolist() == sorted(sel.kept.tolist())
+    assert set(salient) <= set(sel.kept.tolist())  # the dominant tokens (7 of the 8 slots)
+    w = sel.weights
+    merged = [i for i in range(8) if (w[i] > 0).sum() > 1]
+    assert len(merged) == 1  # round(8 * 10 / 64) = 1 contextual token...
+    (m,) = merged
+    covered = (w[m] > 0).nonzero().flatten().tolist()
+    # ...holding its target + the mean of every token not kept (one target: all are assigned to it)
+    assert set(covered) == set(range(64)) - (set(sel.kept.tolist()) - {int(sel.kept[m])})
+    expected = x[sel.kept[m]] + x[[i for i in covered if i != int(sel.kept[m])]].mean(0)
+    assert torch.allclose(sel.take(x)[m], expected, atol=1e-5)
+    others = [i for i in range(8) if i != m]
+    assert torch.equal(sel.take(x)[others], x[sel.kept[others]])  # the dominant tokens are copies
+
+
+def test_cdpruner_follows_the_instruction_and_stays_diverse():
+    """Two objects (5 near-identical tokens each) on a background: an instruction close to one object's
+    features puts that object first; the DPP's second token is not a copy of the first."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 16, generator=g) * 0.05 + 1.0
+    a, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    x[10:15] = a + 0.01 * torch.randn(5, 16, generator=g)
+    x[40:45] = b + 0.01 * torch.randn(5, 16, generator=g)
+    config = vd.VisualDropConfig(keep=2 / 64, method="cdpruner")
+    about_a, about_b = (vd.select(x, config, text=t[None]).kept.tolist() for t in (a, b))
+    assert sum(10 <= i < 15 for i in about_a) == 1 and sum(40 <= i < 45 for i in about_b) == 1
+    assert not any(40 <= i < 45 for i in about_a) and not any(10 <= i < 15 for i in about_b)
+    from flopwise.techniques.cdpruner import greedy_map
+
+    # greedy MAP = each step's largest log-determinant gain (checked by brute force on a small kernel)
+    kernel = x[:12] @ x[:12].T / 16 + 0.1 * torch.eye(12)
+    order = greedy_map(kernel, 4).tolist()
+    for i in range(1, 4):
+        subsets = {j: order[:i] + [j] for j in range(12) if j not in order[:i]}
+        dets = {j: torch.logdet(kernel[s][:, s]) for j, s in subsets.items()}
+        assert order[i] == max(dets, key=dets.get)
+
+
+def test_instruction_ids_are_the_turn_around_the_image():
+    special, image = {0, 1}, 9
+    # <s> user : <image> what colour ? </s> <s> assistant  -> the ids around the image up to special ids
+    prompt = [0, 5, 6, 9, 7, 8, 1, 0, 4]
+    assert vd.instruction_ids(prompt, image, special) == [5, 6, 7, 8]
+    expanded = [0, 5, 6, 9, 9, 9, 7, 8, 1, 0, 4]  # the processor's expanded placeholders: the same ids
+    assert vd.instruction_ids(expanded, image, special) == [5, 6, 7, 8]
+    assert vd.instruction_ids([0, 5, 1], image, special) == []
 
 
 def test_baselines_are_content_blind_and_deterministic():
     x, _ = _features()
-    uniform = vd.keep_indices(x, vd.VisualDropConfig(keep=0.25, method="uniform"))
+    uniform = vd.select(x, vd.VisualDropConfig(keep=0.25, method="uniform")).kept
     assert uniform.tolist() == list(range(0, 64, 4))  # evenly spread, every 4th token
-    r1 = vd.keep_indices(x, vd.VisualDropConfig(keep=0.25, method="random"))
-    r2 = vd.keep_indices(torch.randn(64, 16), vd.VisualDropConfig(keep=0.25, method="random"))
+    r1 = vd.select(x, vd.VisualDropConfig(keep=0.25, method="random")).kept
+    r2 = vd.select(torch.randn(64, 16), vd.VisualDropConfig(keep=0.25, method="random")).kept
     assert r1.tolist() == r2.tolist() and len(set(r1.tolist())) == 16  # same subset whatever the content
     assert r1.tolist() == sorted(r1.tolist()) and r1.tolist() != uniform.tolist()
 
@@ -166,9 +240,13 @@ def _full_tokens(family, processor, image) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["visiondrop", "cls_attention", "uniform", "random"])
+@pytest.mark.parametrize(
+    "method", ["visiondrop", "cls_attention", "divprune", "visionzip", "cdpruner", "uniform", "random"]
+)
 def test_engine_keeps_what_the_reference_keeps(vlm, method):
     family, llm, ref, processor, _ = vlm
+    if method == "cdpruner" and family != "llava":
+        pytest.skip("cdpruner reads the text: LLaVA only (Qwen refuses it, tested over HTTP)")
     from flopwise.hf import visual
 
     image = _image(1)
@@ -195,7 +273,7 @@ def test_llava_drops_inside_the_tower_as_the_reference_does(vlm, layer):
     from flopwise_serve.offline import flops_of
 
     image = _image(10)
-    for method in ("visiondrop", "uniform"):
+    for method in ("visiondrop", "visionzip", "uniform"):  # visionzip: merged tokens run the later layers
         config = vd.VisualDropConfig(keep=0.25, method=method, layer=layer)
         expected = visual.greedy(
             ref, visual.prepare(ref, processor, image, _prompt(processor.tokenizer, family), config), 6
@@ -321,6 +399,17 @@ def test_served_image_requests_use_fewer_tokens_and_report_vision_flops(vlm_serv
     f, c = full.usage.flops, cut.usage.flops
     assert f["vision"] > 0 and f["language"] > 0 and f["total"] == f["vision"] + f["language"]
     assert c["language"] < f["language"] and c["total"] < f["total"]
+    for method in ("divprune", "visionzip", "cdpruner"):
+        if method == "cdpruner" and family != "llava":
+            continue  # refused: test_bad_visual_options_are_400_naming_the_field
+        other = _chat(family, client, image, visual_keep=0.25, visual_drop=method)
+        assert other.usage.prompt_tokens == cut.usage.prompt_tokens, method
+        if family == "llava":  # the projector ran on the kept tokens, on every token for cdpruner
+            full_n = _full_tokens_served(family, full, cut)
+            kept = vd.keep_count(full_n, 0.25)
+            projected = full_n if method == "cdpruner" else None
+            vision = client.ledger.vision(1, tokens_per_image=kept, projected=projected).total
+            assert other.usage.flops["vision"] == vision, method
 
 
 @pytest.mark.slow
@@ -399,11 +488,13 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
         assert r.status_code == 400, (extra, r.text)
         err = r.json()["error"]
         assert err["param"] == param and param.split(".")[-1] in err["message"], (extra, err)
-    # a ratio that keeps no token of this image, a tower layer the model lacks (Qwen2-VL: none), and an image
-    # that does not decode
+    # a ratio that keeps no token of this image, a tower layer the model lacks (Qwen2-VL: none), a method that
+    # reads the text where the family cannot (Qwen2-VL) or inside the tower, and an image that does not decode
+    text_method = {"visual_keep": 0.5, "visual_drop": "cdpruner"}
     for extra, content_url, needle in (
         ({"visual_keep": 0.001}, url, "visual_keep"),
         ({"visual_keep": 0.5, "visual_drop_layer": 9}, url, "visual_drop_layer"),
+        (text_method if family != "llava" else {**text_method, "visual_drop_layer": 1}, url, "cdpruner"),
         ({}, "data:image/png;base64,bm90IGFuIGltYWdl", "image"),
     ):
         body = {

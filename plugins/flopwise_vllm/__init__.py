@@ -19,8 +19,8 @@ SCHEDULER_CLS = "flopwise_vllm.scheduler.FlopwiseScheduler"
 KV_BACKEND_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUAttentionBackend"
 # Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual_drop).
 VISUAL_MODELS = {
-    "LlavaForConditionalGeneration": "flopwise_vllm.visual_drop:FlopwiseLlava",
-    "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual_drop:FlopwiseQwen2VL",
+    "LlavaForConditionalGeneration": "flopwise_vllm.visual_llava:FlopwiseLlava",
+    "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen2VL",
 }
 # Plugin names as declared in pyproject.toml; VLLM_PLUGINS must list them all once it is set.
 PLUGIN_NAMES = ("flopwise", "flopwise_serving")

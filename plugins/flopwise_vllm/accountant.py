@@ -65,6 +65,15 @@ def _drop_layer(feature) -> int | None:
     return layer if layer >= 0 else None
 
 
+def _projects_all(feature) -> bool:
+    """Whether the image's method selected on the projector's output (a method that reads the text), so the
+    projector ran on every token."""
+    data = feature.data
+    if data is None or vd.METHOD_FIELD not in data:
+        return False
+    return vd.get_method(vd.method_names()[int(data[vd.METHOD_FIELD].data)]).uses_text
+
+
 class Accountant:
     def __init__(self, flop_model: FlopModel, engine_rank: int = 0):
         self.model = flop_model
@@ -174,12 +183,14 @@ class Accountant:
 
     def vision_cost(self, feature) -> Breakdown:
         """One image's encoder run. With visual dropping the placeholders are the kept tokens only: LLaVA
-        prunes before its projector (so charge the projector on those), Qwen2-VL after its whole grid."""
+        prunes before its projector (so charge the projector on those, unless the method selected on its
+        output), Qwen2-VL after its whole grid."""
         if self.model.spec.vision.kind == "clip":
-            layer = _drop_layer(feature)
+            layer, full = _drop_layer(feature), self.full_image_tokens(feature)
             kept = feature.mm_position.length
-            after = layer if layer is not None and kept < self.full_image_tokens(feature) else None
-            return self.model.vision(1, tokens_per_image=kept, kept_after_layer=after)
+            after = layer if layer is not None and kept < full else None
+            projected = full if kept < full and _projects_all(feature) else None
+            return self.model.vision(1, tokens_per_image=kept, kept_after_layer=after, projected=projected)
         return self.model.vision(1, tokens_per_image=self.full_image_tokens(feature))
 
     # -- charging ------------------------------------------------------------------------------------

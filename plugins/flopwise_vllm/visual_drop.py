@@ -1,45 +1,26 @@
-"""Visual token dropping in vLLM: LLaVA-1.5 and Qwen2-VL subclasses that prune image tokens before the LM.
+"""Visual token dropping in vLLM: what every family's processor shares (the models are in
+:mod:`flopwise_vllm.visual_llava` and :mod:`flopwise_vllm.visual_qwen`).
 
 ``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration`` and
-``Qwen2VLForConditionalGeneration``
-at the classes below (``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are
-the stock models. Three places must agree on how many tokens an image keeps, and they all call
-:func:`flopwise.techniques.visual_drop.keep_count`:
+``Qwen2VLForConditionalGeneration`` at flopwise's subclasses (``ModelRegistry`` allows out-of-tree
+overrides); with ``visual_keep`` 1 they are the stock models. Three places must agree on how many tokens
+an image keeps, and they all call :func:`flopwise.techniques.visual_drop.keep_count`:
 
 * the processor (front end) writes that many placeholder tokens, so the prefill really shrinks, and
-  carries ``visual_keep`` / ``visual_drop`` to the model as two per-image fields next to the pixels
-  (they are part of the request's ``mm_processor_kwargs``, hence of the multimodal cache key);
-* ``embed_multimodal`` (worker) keeps exactly that many tokens, chosen by
-  :func:`flopwise.techniques.visual_drop.keep_indices`;
-* Qwen2-VL only: ``get_mrope_input_positions`` gives the kept tokens their original grid positions. It
-  runs when a request is added, before the encoder, so Qwen2-VL scores tokens on the patch embeddings
-  (one cheap linear layer, recomputed identically in both places) rather than on the encoder's output.
-
-LLaVA scores the vision tower's features at the layer the projector reads, CLS token included, and
-projects only the kept tokens; with ``visual_drop_layer`` L it scores after L tower layers instead and runs
-the remaining layers on the kept tokens only. LLaVA-NeXT (anyres tiles) and videos are not pruned.
+  carries ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (and, for a method that reads the
+  text, the instruction's ids) to the model as per-image fields next to the pixels (they are part of the
+  request's processor kwargs, hence of the multimodal cache key);
+* ``embed_multimodal`` (worker) keeps exactly that many tokens (or merges, for visionzip), chosen by
+  :func:`flopwise.techniques.visual_drop.select`;
+* Qwen2-VL only: ``get_mrope_input_positions`` gives the kept tokens their original grid positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
-import numpy as np
 import torch
-from vllm.model_executor.models.llava import (
-    LlavaDummyInputsBuilder,
-    LlavaForConditionalGeneration,
-    LlavaImageEmbeddingInputs,
-    LlavaMultiModalProcessor,
-    LlavaProcessingInfo,
-)
-from vllm.model_executor.models.qwen2_vl import (
-    Qwen2VLDummyInputsBuilder,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLMultiModalProcessor,
-    Qwen2VLProcessingInfo,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
@@ -53,7 +34,7 @@ def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropC
     """The request's options merged over ``--mm-processor-kwargs`` and the server defaults; errors name the
     field. With flopwise serve's gate on, other per-request keys are refused here, whatever the endpoint."""
     server = processor.info.ctx.model_config.mm_processor_kwargs or {}
-    others = sorted(k for k in hf_kwargs if k not in vd.FIELDS and k not in server)
+    others = sorted(k for k in hf_kwargs if k not in (*vd.FIELDS, vd.QUERY_FIELD) and k not in server)
     if others and server_defaults().mm_kwargs_gate:
         raise OptionError(
             f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
@@ -75,19 +56,48 @@ def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropC
                 f"{vd.LAYER_FIELD}={config.layer}, but this model's vision tower runs {layers} layers",
                 vd.LAYER_FIELD,
             )
+    if vd.uses_text(config) and not processor.reads_text:
+        raise vd.VisualDropError(
+            f"{vd.METHOD_FIELD}={config.method} reads the request's text, which "
+            f"{processor.info.get_hf_config().architectures[0]} cannot: its image tokens' positions are set "
+            "before its encoder runs (use a text-free method)",
+            vd.METHOD_FIELD,
+        )
+    if vd.uses_text(config) and config.layer is not None:
+        raise vd.VisualDropError(
+            f"{vd.METHOD_FIELD}={config.method} selects on the projector's output, after the tower: "
+            f"{vd.LAYER_FIELD} does not apply",
+            vd.LAYER_FIELD,
+        )
     return config
 
 
-class _DropFields:
+class DropFields:
     """Processor mix-in: strip the options before the HF processor, add them back as per-image fields."""
 
     image_key = "pixel_values"  # one row per image
+    reads_text = False  # whether the model can run a method that reads the request's text
+
+    def apply(self, inputs, timing_ctx):
+        # A query-aware method needs the prompt, which the HF processor never sees (vLLM gives it dummy text):
+        # put the instruction's ids among the processor kwargs, so they reach the model as a per-image field
+        # and key the multimodal caches (the same image under another question is another entry).
+        kwargs = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != vd.QUERY_FIELD}
+        config = request_config(self, kwargs)
+        if vd.uses_text(config):
+            special = set(self.info.get_tokenizer().all_special_ids)
+            kwargs[vd.QUERY_FIELD] = vd.instruction_ids(list(inputs.prompt), self.image_token_id(), special)
+        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def image_token_id(self) -> int:
+        raise NotImplementedError
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         config = request_config(self, hf_kwargs)
         # Request-level options stop here; server-level ones (--mm-processor-kwargs) reach the HF processor,
         # which ignores unknown keywords with a warning.
-        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in vd.FIELDS})
+        ours = (*vd.FIELDS, vd.QUERY_FIELD)
+        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in ours})
         n = self._num_images(out)
         if n:
             out[vd.KEEP_FIELD] = torch.full((n,), config.keep, dtype=torch.float64)
@@ -95,6 +105,9 @@ class _DropFields:
             out[vd.LAYER_FIELD] = torch.full(
                 (n,), -1 if config.layer is None else config.layer, dtype=torch.int64
             )
+            if vd.QUERY_FIELD in hf_kwargs:
+                ids = torch.tensor(list(hf_kwargs[vd.QUERY_FIELD]), dtype=torch.int64)
+                out[vd.QUERY_FIELD] = ids[None].expand(n, -1).clone()
         return out
 
     def tower_layers(self) -> int | None:
@@ -107,7 +120,7 @@ class _DropFields:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for name in vd.FIELDS:
+        for name in (*vd.FIELDS, vd.QUERY_FIELD):
             fields[name] = MultiModalFieldConfig.batched("image")
         return fields
 
@@ -139,7 +152,8 @@ def _item_keep(out_mm_kwargs, item_idx: int) -> float | None:
     return None if elem is None else float(elem.data)
 
 
-def _configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
+def configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
+    """Each image's options, popped from ``embed_multimodal``'s kwargs (None: no image carries any)."""
     keep, code, layer = (kwargs.pop(f, None) for f in vd.FIELDS)
     if keep is None:
         return None
@@ -149,123 +163,16 @@ def _configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
     ]
 
 
+def queries(kwargs: dict, count: int) -> list[torch.Tensor | None]:
+    """Each image's instruction ids (:data:`vd.QUERY_FIELD`), popped from the kwargs; None where absent."""
+    ids = kwargs.pop(vd.QUERY_FIELD, None)
+    if ids is None:
+        return [None] * count
+    rows = list(ids) if isinstance(ids, (list, tuple)) else list(ids.unbind(0))
+    return [r.reshape(-1) for r in rows]
+
+
 def _flat(x) -> list:
     if isinstance(x, torch.Tensor):
         return x.reshape(-1).tolist()
     return [v for item in x for v in _flat(item)] if isinstance(x, (list, tuple)) else [x]
-
-
-# -- LLaVA-1.5 -------------------------------------------------------------------------------------
-class FlopwiseLlavaProcessor(_DropFields, LlavaMultiModalProcessor):
-    def tower_layers(self) -> int:
-        from flopwise.ledger import FlopModel
-
-        return FlopModel.from_pretrained(self.info.get_hf_config().to_dict()).spec.vision.layers
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    FlopwiseLlavaProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
-)
-class FlopwiseLlava(LlavaForConditionalGeneration):
-    def embed_multimodal(self, **kwargs):
-        configs = _configs(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if (
-            configs is None
-            or isinstance(image_input, LlavaImageEmbeddingInputs)
-            or not any(c.active for c in configs)
-        ):
-            return self._process_image_input(image_input)
-        if any(c.active and c.layer is not None for c in configs):
-            return self._drop_in_tower(image_input["pixel_values"], configs)
-        # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy
-        # "default").
-        feats = self.vision_tower(image_input["pixel_values"], feature_select_strategy="full")
-        has_cls = self.config.vision_feature_select_strategy == "default"
-        out = []
-        for f, config in zip(feats, configs):
-            cls, tokens = (f[0], f[1:]) if has_cls else (None, f)
-            idx = vd.keep_indices(tokens, config, cls)
-            out.append(self.multi_modal_projector(tokens[idx]))
-        return out
-
-    def _drop_in_tower(self, pixel_values, configs):
-        """Run the tower's first ``layer`` layers on every patch, the rest on the CLS token + the kept
-        ones."""
-        if self.config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                f"{vd.LAYER_FIELD} needs a tower with a class token (vision_feature_select_strategy "
-                "'default')"
-            )
-        tower = self.vision_tower.vision_model
-        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.vision_tower.dtype)))
-        out = []
-        for h, config in zip(hidden, configs):
-            layer = len(tower.encoder.layers) if config.layer is None else config.layer
-            x = h[None]
-            for block in tower.encoder.layers[:layer]:
-                x = block(x)
-            idx = vd.keep_indices(x[0, 1:], config, x[0, 0])
-            x = torch.cat([x[:, :1], x[:, 1:][:, idx]], dim=1)
-            for block in tower.encoder.layers[layer:]:
-                x = block(x)
-            if tower.post_layernorm is not None:
-                x = tower.post_layernorm(x)
-            out.append(self.multi_modal_projector(x[0, 1:]))
-        return out
-
-
-# -- Qwen2-VL --------------------------------------------------------------------------------------
-class FlopwiseQwen2VLProcessor(_DropFields, Qwen2VLMultiModalProcessor):
-    image_key = "image_grid_thw"  # pixel_values is flat: all images' patches in one tensor
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
-)
-class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
-    def kept_tokens(self, pixel_values: torch.Tensor, config: vd.VisualDropConfig) -> torch.Tensor:
-        """Indices of one image's LM tokens to keep, scored on its merged patch embeddings."""
-        merge = self.visual.spatial_merge_size
-        visual = self.visual
-        with torch.no_grad():  # vLLM normalises pixels inside the tower (the processor ships them raw)
-            emb = visual.patch_embed(visual.input_norm(pixel_values.to(device=visual.device), visual.dtype))
-        return vd.keep_indices(vd.group_mean(emb, merge), config)
-
-    def get_mrope_input_positions(self, input_tokens, mm_features):
-        if not any(
-            f.modality == "image" and f.data is not None and vd.KEEP_FIELD in f.data for f in mm_features
-        ):
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        merge = self.config.vision_config.spatial_merge_size
-        images = []
-        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if f.modality != "image":
-                raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
-            t, h, w = f.data["image_grid_thw"].data.tolist()
-            config = vd.VisualDropConfig.from_code(*(f.data[name].data.item() for name in vd.FIELDS))
-            kept = None
-            if config.active:
-                kept = self.kept_tokens(f.data["pixel_values"].data, config).cpu().numpy()
-            images.append((f.mm_position.offset, (t, h // merge, w // merge), kept))
-        pos, delta = vd.mrope_positions(len(input_tokens), images)
-        return torch.from_numpy(np.ascontiguousarray(pos)), delta
-
-    def embed_multimodal(self, **kwargs):
-        configs = _configs(kwargs)
-        if configs is None or not any(c.active for c in configs):
-            return super().embed_multimodal(**kwargs)
-        if "pixel_values_videos" in kwargs or "video_embeds" in kwargs:
-            raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input["type"] != "pixel_values":
-            raise ValueError(f"{vd.KEEP_FIELD} < 1 needs pixel inputs, not precomputed image embeddings")
-        embeds = self._process_image_input(image_input)
-        grid = image_input["image_grid_thw"]
-        pixels = image_input["pixel_values"].split(grid.prod(-1).tolist())
-        return tuple(
-            e if not c.active else e[self.kept_tokens(p, c).to(e.device)]
-            for e, p, c in zip(embeds, pixels, configs)
-        )

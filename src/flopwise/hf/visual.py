@@ -1,6 +1,6 @@
 """The transformers reference for visual token dropping: the oracle the vLLM models are tested against.
 
-Readable on purpose: one image, the features the engine scores, :func:`keep_indices`, a prompt with
+Readable on purpose: one image, the features the engine scores, :func:`select`, a prompt with
 only the kept placeholders, and a cache-free greedy loop (every step re-runs the whole sequence, so
 positions are explicit and nothing depends on generation helpers).
 """
@@ -44,11 +44,11 @@ def _tower_with_drop(model, pixel_values, config: vd.VisualDropConfig):
     x = tower.pre_layrnorm(tower.embeddings(pixel_values))
     for block in tower.encoder.layers[: config.layer]:
         x = block(x, None)
-    idx = vd.keep_indices(x[0, 1:], config, x[0, 0])
-    x = torch.cat([x[:, :1], x[:, 1:][:, idx]], dim=1)
+    sel = vd.select(x[0, 1:], config, x[0, 0])
+    x = torch.cat([x[:, :1], sel.take(x[0, 1:])[None]], dim=1)
     for block in tower.encoder.layers[config.layer : run]:
         x = block(x, None)
-    return x[0, 1:], idx  # hidden_states carry no post-norm; LLaVA reads them as they are
+    return x[0, 1:], sel.kept  # hidden_states carry no post-norm; LLaVA reads them as they are
 
 
 @torch.no_grad()
@@ -63,6 +63,7 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         image_id = cfg.image_token_index
         if config.layer is not None and config.active:
             selected, kept = _tower_with_drop(model, inputs["pixel_values"].to(dtype), config)
+            image_embeds = model.model.multi_modal_projector(selected)
         else:
             hidden = model.model.vision_tower(
                 inputs["pixel_values"].to(dtype), output_hidden_states=True
@@ -71,19 +72,28 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
             cls, tokens = (
                 (feats[0], feats[1:]) if cfg.vision_feature_select_strategy == "default" else (None, feats)
             )
-            kept = vd.keep_indices(tokens, config, cls)
-            selected = tokens[kept]
-        image_embeds = model.model.multi_modal_projector(selected)
+            if vd.uses_text(config):  # select among the projected tokens, against the instruction
+                projected = model.model.multi_modal_projector(tokens)
+                special = set(processor.tokenizer.all_special_ids)
+                text_ids = vd.instruction_ids(ids.tolist(), image_id, special)
+                text = model.get_input_embeddings()(torch.tensor(text_ids, dtype=torch.long))
+                sel = vd.select(projected, config, cls, text)
+                kept, image_embeds = sel.kept, sel.take(projected)
+            else:
+                sel = vd.select(tokens, config, cls)
+                kept, image_embeds = sel.kept, model.model.multi_modal_projector(sel.take(tokens))
         positions, delta = None, 0
     elif arch == "Qwen2VLForConditionalGeneration":
+        if vd.uses_text(config):
+            raise vd.VisualDropError(f"{config.method} reads the text: not for Qwen2-VL", vd.METHOD_FIELD)
         cfg = model.config
         image_id = cfg.image_token_id
         visual = model.model.visual
         pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
         out = visual(pixels, grid_thw=grid)
         full = out.pooler_output if hasattr(out, "pooler_output") else out
-        kept = vd.keep_indices(vd.group_mean(visual.patch_embed(pixels), visual.spatial_merge_size), config)
-        image_embeds = full[kept]
+        sel = vd.select(vd.group_mean(visual.patch_embed(pixels), visual.spatial_merge_size), config)
+        kept, image_embeds = sel.kept, sel.take(full)
     else:
         raise ValueError(f"visual token dropping supports LLaVA and Qwen2-VL, not {arch}")
     ids = _splice(ids, image_id, len(kept))

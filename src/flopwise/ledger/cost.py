@@ -177,12 +177,18 @@ class FlopModel:
 
     # -- vision ------------------------------------------------------------------------------------
     def vision(
-        self, images: int = 1, tokens_per_image: int | None = None, kept_after_layer: int | None = None
+        self,
+        images: int = 1,
+        tokens_per_image: int | None = None,
+        kept_after_layer: int | None = None,
+        projected: int | None = None,
     ) -> Breakdown:
         """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each.
 
         ``kept_after_layer`` (CLIP towers): the image's tokens were dropped to ``tokens_per_image`` inside the
         tower, after that many layers; the later layers run on the kept tokens (and the class token) only.
+        ``projected``: tokens the projector ran on, if not the kept ones (a method that selects on its
+        output projects every token).
         """
         out = Breakdown()
         v = self.spec.vision
@@ -191,12 +197,15 @@ class FlopModel:
         if v is None:
             raise LedgerError(f"{self.spec.architecture} has no vision tower: it cannot take images")
         out.add(
-            "vision", images * self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer)
+            "vision",
+            images * self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer, projected),
         )
         return out
 
     @staticmethod
-    def _one_image(v: VisionSpec, tokens: int, kept_after_layer: int | None = None) -> int:
+    def _one_image(
+        v: VisionSpec, tokens: int, kept_after_layer: int | None = None, projected: int | None = None
+    ) -> int:
         n = v.patches_for_tokens(tokens)
         cls = 1 if v.cls_token else 0
         E, F = v.hidden, v.ffn
@@ -210,7 +219,8 @@ class FlopModel:
         else:
             early = min(kept_after_layer, v.layers)
             flops += early * layer(n + cls) + (v.layers - early) * layer(tokens + cls)
-        flops += 2 * tokens * v.proj_in * v.proj_hidden + 2 * tokens * v.proj_hidden * v.out_hidden
+        p = tokens if projected is None else projected
+        flops += 2 * p * v.proj_in * v.proj_hidden + 2 * p * v.proj_hidden * v.out_hidden
         return flops
 
     @property

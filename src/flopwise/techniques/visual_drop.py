@@ -1,13 +1,14 @@
 """Visual token dropping: keep the most important image tokens before the language model sees them.
 
-Shared mechanics for the scoring methods (one per file: :mod:`.visiondrop`, :mod:`.cls_attention`,
-:mod:`.uniform_drop`): the request options (``visual_keep``, ``visual_drop``), how many tokens a keep
-ratio leaves, top-k selection in the original order, and Qwen2-VL's M-RoPE positions for the tokens
-kept. Kept tokens keep their original positions (their place in the image grid), so dropping changes
-which tokens the language model attends to, never where they are.
+Shared mechanics for the methods (one per file: :mod:`.visiondrop`, :mod:`.cls_attention`,
+:mod:`.uniform_drop`, :mod:`.divprune`, :mod:`.visionzip`): the request options (``visual_keep``,
+``visual_drop``), how many tokens a keep ratio leaves, the :class:`Selection` a method returns, and
+Qwen2-VL's M-RoPE positions for the tokens kept. Kept tokens keep their original positions (their place in
+the image grid), so dropping changes which tokens the language model attends to, never where they are; a
+merging method's new token sits at the place of the token it was merged into.
 
 Both the vLLM models (:mod:`flopwise_vllm.visual_drop`) and the transformers reference
-(:mod:`flopwise.hf.visual`) call :func:`keep_indices`, so the two paths keep the same tokens.
+(:mod:`flopwise.hf.visual`) call :func:`select`, so the two paths keep the same tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,24 +28,72 @@ KEEP_FIELD = "visual_keep"
 METHOD_FIELD = "visual_drop"
 LAYER_FIELD = "visual_drop_layer"
 FIELDS = (KEEP_FIELD, METHOD_FIELD, LAYER_FIELD)  # a request's options, in parse_options' order
+# Not a request option: the engine's processor sets it to the request's instruction ids for methods that
+# read the text (:attr:`VisualMethod.uses_text`), so they travel to the model with the pixels.
+QUERY_FIELD = "visual_query"
 DEFAULT_METHOD = "visiondrop"
 
 
 @dataclass(frozen=True)
-class VisualScorer(ABC):
-    """Scores image tokens; the highest-scoring ``keep_count`` survive."""
+class Selection:
+    """What the language model sees of an image's N tokens: ``kept`` (ascending indices, the places the
+    slots take) and, for a merging method, ``weights`` [k, N] — slot i holds ``weights[i] @ features``, a
+    new embedding rather than a copy of token ``kept[i]``."""
+
+    kept: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def take(self, features: torch.Tensor) -> torch.Tensor:
+        """The k slots' embeddings from the image's features [N, D] (any feature space of the N tokens)."""
+        if self.weights is None:
+            return features[self.kept.to(features.device)]
+        return self.weights.to(device=features.device, dtype=features.dtype) @ features
+
+
+@dataclass(frozen=True)
+class VisualMethod(ABC):
+    """Chooses which of an image's tokens (or merges of them) the language model sees."""
+
+    # True: the method reads the request's instruction, so it gets ``tokens`` in the language model's
+    # embedding space (the projector's output) and ``text``, the instruction's token embeddings.
+    uses_text: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(
+        self,
+        tokens: torch.Tensor,
+        k: int,
+        query: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+    ) -> Selection:
+        """``tokens`` [N, D] float32 features of one image (``query`` [D]: its CLS token, if the tower has
+        one; ``text`` [M, D]: see :attr:`uses_text`) -> a Selection of ``k`` < N slots."""
+
+
+@dataclass(frozen=True)
+class VisualScorer(VisualMethod):
+    """Scores image tokens; the highest-scoring ``k`` survive."""
 
     @abstractmethod
     def score(self, tokens: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """``tokens`` [N, D] features of one image (``query`` [D]: its CLS token, if the tower has one) ->
-        [N]."""
+        """``tokens`` [N, D] -> [N]."""
+
+    def select(self, tokens, k, query=None, text=None) -> Selection:
+        return Selection(top_k(self.score(tokens, query), k))
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest scores' indices, ascending. A stable sort (ties to the lower index) so the HF
+    reference and the engine agree on ties."""
+    order = torch.sort(-scores, stable=True).indices[:k]
+    return torch.sort(order).values
 
 
 def method_names() -> list[str]:
     return _METHODS.names()
 
 
-def get_scorer(name: str) -> VisualScorer:
+def get_method(name: str) -> VisualMethod:
     return _METHODS.get(name)
 
 
@@ -56,7 +106,8 @@ class VisualDropConfig(BaseModel):
         1.0, gt=0, le=1, description="Fraction of each image's tokens the language model sees."
     )
     method: str = Field(
-        DEFAULT_METHOD, description="Scoring method: visiondrop, cls_attention, uniform or random."
+        DEFAULT_METHOD,
+        description="Method: visiondrop, cls_attention, divprune, visionzip, uniform or random.",
     )
     layer: int | None = Field(
         None,
@@ -89,7 +140,10 @@ _METHODS = Registry(
     f"{METHOD_FIELD} method",
     METHOD_FIELD,
     VisualDropError,
-    tuple(f"flopwise.techniques.{m}" for m in ("cls_attention", "uniform_drop", "visiondrop")),
+    tuple(
+        f"flopwise.techniques.{m}"
+        for m in ("cdpruner", "cls_attention", "divprune", "uniform_drop", "visiondrop", "visionzip")
+    ),
 )
 register = _METHODS.register
 
@@ -106,7 +160,7 @@ def parse_options(keep=None, method=None, layer=None) -> VisualDropConfig:
             f"{LAYER_FIELD} must be a non-negative integer (a vision-tower layer), got {layer!r}", LAYER_FIELD
         )
     keep = fraction(keep, KEEP_FIELD, VisualDropError)
-    get_scorer(method)  # an unknown method raises, naming the field
+    get_method(method)  # an unknown method raises, naming the field
     return VisualDropConfig(keep=keep, method=method, layer=layer)
 
 
@@ -138,18 +192,42 @@ def tokens_before(kept: int, keep: float) -> int:
     return n
 
 
-def keep_indices(
-    tokens: torch.Tensor, config: VisualDropConfig, query: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Indices (ascending) of the tokens ``config`` keeps of one image's features ``tokens`` [N, D]."""
+def select(
+    tokens: torch.Tensor,
+    config: VisualDropConfig,
+    query: torch.Tensor | None = None,
+    text: torch.Tensor | None = None,
+) -> Selection:
+    """What ``config`` keeps of one image's features ``tokens`` [N, D] (scored in float32)."""
     n = tokens.shape[0]
     k = keep_count(n, config.keep)
     if k == n:
-        return torch.arange(n, device=tokens.device)
-    scores = get_scorer(config.method).score(tokens.float(), None if query is None else query.float())
-    # A stable sort (ties to the lower index) so the HF reference and the engine agree on ties.
-    order = torch.sort(-scores, stable=True).indices[:k]
-    return torch.sort(order).values
+        return Selection(torch.arange(n, device=tokens.device))
+    query, text = (None if t is None else t.float() for t in (query, text))
+    return get_method(config.method).select(tokens.float(), k, query, text)
+
+
+def uses_text(config: VisualDropConfig) -> bool:
+    return config.active and get_method(config.method).uses_text
+
+
+def instruction_ids(ids: list[int], image_id: int, special: set[int]) -> list[int]:
+    """The instruction a query-aware method reads: the prompt's tokens around the (first) run of image
+    placeholders, up to the nearest special token on each side (in a chat prompt, the user's turn that holds
+    the image), placeholders excluded. The same ids whether the placeholder is one token (vLLM's prompt
+    before its update) or expanded (the transformers processor's)."""
+    if image_id not in ids:
+        return []
+    first = ids.index(image_id)
+    last = first
+    while last + 1 < len(ids) and ids[last + 1] == image_id:
+        last += 1
+    lo, hi = first, last + 1
+    while lo > 0 and ids[lo - 1] not in special:
+        lo -= 1
+    while hi < len(ids) and ids[hi] not in special:
+        hi += 1
+    return ids[lo:first] + ids[last + 1 : hi]
 
 
 def group_mean(patches: torch.Tensor, merge: int) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""Visual token dropping for Qwen2-VL (images of any size; 2x2 patches merged into one LM token; M-RoPE).
+
+``get_mrope_input_positions`` gives the kept tokens their original grid positions. It runs when a request
+is added, before the encoder, so Qwen2-VL scores tokens on the patch embeddings (one cheap linear layer,
+recomputed identically in both places) rather than on the encoder's output; a merging method (visionzip)
+applies its merge to the encoder's output. Methods that read the text are refused (no token is in the
+language model's space yet when the positions are fixed). Videos are not pruned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from flopwise.techniques import visual_drop as vd
+from flopwise_vllm.visual_drop import DropFields, configs
+
+
+class FlopwiseQwen2VLProcessor(DropFields, Qwen2VLMultiModalProcessor):
+    image_key = "image_grid_thw"  # pixel_values is flat: all images' patches in one tensor
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
+    def kept_tokens(self, pixel_values: torch.Tensor, config: vd.VisualDropConfig) -> vd.Selection:
+        """What one image's LM tokens keep, chosen on its merged patch embeddings."""
+        merge = self.visual.spatial_merge_size
+        visual = self.visual
+        with torch.no_grad():  # vLLM normalises pixels inside the tower (the processor ships them raw)
+            emb = visual.patch_embed(visual.input_norm(pixel_values.to(device=visual.device), visual.dtype))
+        return vd.select(vd.group_mean(emb, merge), config)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if not any(
+            f.modality == "image" and f.data is not None and vd.KEEP_FIELD in f.data for f in mm_features
+        ):
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        merge = self.config.vision_config.spatial_merge_size
+        images = []
+        for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if f.modality != "image":
+                raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
+            t, h, w = f.data["image_grid_thw"].data.tolist()
+            config = vd.VisualDropConfig.from_code(*(f.data[name].data.item() for name in vd.FIELDS))
+            kept = None
+            if config.active:
+                kept = self.kept_tokens(f.data["pixel_values"].data, config).kept.cpu().numpy()
+            images.append((f.mm_position.offset, (t, h // merge, w // merge), kept))
+        pos, delta = vd.mrope_positions(len(input_tokens), images)
+        return torch.from_numpy(np.ascontiguousarray(pos)), delta
+
+    def embed_multimodal(self, **kwargs):
+        per_image = configs(kwargs)
+        if per_image is None or not any(c.active for c in per_image):
+            return super().embed_multimodal(**kwargs)
+        if "pixel_values_videos" in kwargs or "video_embeds" in kwargs:
+            raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input["type"] != "pixel_values":
+            raise ValueError(f"{vd.KEEP_FIELD} < 1 needs pixel inputs, not precomputed image embeddings")
+        embeds = self._process_image_input(image_input)
+        grid = image_input["image_grid_thw"]
+        pixels = image_input["pixel_values"].split(grid.prod(-1).tolist())
+        return tuple(
+            e if not c.active else self.kept_tokens(p, c).take(e)
+            for e, p, c in zip(embeds, pixels, per_image)
+        )
