@@ -47,7 +47,7 @@ bench-early-rejection: model
 	$(BIN)/flopwise bench early-rejection
 
 bench-visual: setup
-	@test -f bench/models/tiny-llava-shapes/config.json || $(BIN)/python bench/scripts/train_tiny_vlm.py
+	@test -f bench/models/tiny-vlm-scenes/config.json || $(BIN)/python bench/scripts/train_tiny_vlm.py
 	$(BIN)/flopwise bench visual
 
 bench-kv: model

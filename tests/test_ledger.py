@@ -10,6 +10,7 @@ from flopwise.hf.tiny import FAMILIES
 from flopwise.ledger import FlopModel, LedgerError, UnsupportedArchitecture, context_sum
 
 PROMPT, DECODE_STEPS = 24, 4
+IMAGE_SIDE = {"qwen2-vl": 56, "qwen2.5-vl": 112}  # pixels; the others' images are fixed by their config
 
 
 def _hf_model(cfg: dict):
@@ -36,14 +37,18 @@ def _inputs(family: str, ledger: FlopModel):
             [ids[:, :2], torch.full((1, n), FAMILIES["llava"]["image_token_index"]), ids[:, 2:]], 1
         )
         return ids, {"pixel_values": torch.randn(1, 3, 64, 64)}
-    if family == "qwen2-vl":
-        n = ledger.tokens_per_image  # 56x56 pixels -> 4x4 patches of 14 -> 2x2 merged tokens
-        img = torch.full((1, n), FAMILIES["qwen2-vl"]["image_token_id"])
-        ids = torch.cat([ids[:, :2], torch.tensor([[4]]), img, torch.tensor([[5]]), ids[:, 2:]], 1)
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        # IMAGE_SIDE pixels -> side/14 patches a side, merged 2x2 (Qwen2.5-VL: 4x4 LM tokens, 4 windows)
+        n, patches = ledger.tokens_per_image, IMAGE_SIDE[family] // 14
+        image_id = FAMILIES[family]["image_token_id"]
+        ids = torch.cat(
+            [ids[:, :2], torch.tensor([[4]]), torch.full((1, n), image_id), torch.tensor([[5]]), ids[:, 2:]],
+            1,
+        )
         extra = {
-            "pixel_values": torch.randn(16, 3 * 2 * 14 * 14),
-            "image_grid_thw": torch.tensor([[1, 4, 4]]),
-            "mm_token_type_ids": (ids == FAMILIES["qwen2-vl"]["image_token_id"]).long(),
+            "pixel_values": torch.randn(patches * patches, 3 * 2 * 14 * 14),
+            "image_grid_thw": torch.tensor([[1, patches, patches]]),
+            "mm_token_type_ids": (ids == image_id).long(),
         }
         return ids, extra
     return ids, {}
@@ -58,7 +63,7 @@ def _counted(fn):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_ledger_matches_flop_counter(family):
     cfg = json.loads(json.dumps(FAMILIES[family]))
-    ledger = FlopModel.from_pretrained(cfg, image_size=56)
+    ledger = FlopModel.from_pretrained(cfg, image_size=IMAGE_SIDE.get(family, 56))
     model = _hf_model(cfg)
     ids, extra = _inputs(family, ledger)
     images = 1 if ledger.spec.vision else 0

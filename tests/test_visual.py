@@ -13,8 +13,9 @@ import torch
 from flopwise.ledger import FlopModel
 from flopwise.techniques import visual_drop as vd
 
-FAMILIES = ["llava", "qwen2-vl"]
-PLACEHOLDER = {"llava": "<image>", "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+FAMILIES = ["llava", "qwen2-vl", "qwen2.5-vl"]
+QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+PLACEHOLDER = {"llava": "<image>", "qwen2-vl": QWEN_PLACEHOLDER, "qwen2.5-vl": QWEN_PLACEHOLDER}
 
 
 # -- the methods (plain torch) --------------------------------------------------------------------
@@ -330,12 +331,16 @@ def test_ledger_charges_the_whole_encoder_and_only_kept_tokens(vlm):
     for out, usage, keep in zip(outs, usages, (1.0, 0.25)):
         P, kept = len(out.prompt_token_ids), vd.keep_count(full, keep)
         # LLaVA prunes before its projector (projector on kept tokens); Qwen2-VL merges the whole grid first.
-        vision = ledger.vision(1, tokens_per_image=kept if family == "llava" else full).total
+        if family == "llava":
+            vision = ledger.vision(1, tokens_per_image=kept).total
+        else:  # the image's grid sets Qwen2.5-VL's attention windows
+            t, h, w = processor(text=["x"], images=[image])["image_grid_thw"][0].tolist()
+            vision = ledger.vision(1, tokens_per_image=full, grid=(t, h // 2, w // 2)).total
         lm = ledger.forward(P, start=0, logits=1).total + ledger.forward(3, start=P, logits=3).total
         assert usage["vision"] == vision
         assert usage["language"] == lm
         assert usage["total"] == vision + lm
-    if family == "qwen2-vl":
+    if family != "llava":
         assert usages[0]["vision"] == usages[1]["vision"]  # the encoder ran on the whole image both times
     assert len(outs[0].prompt_token_ids) - len(outs[1].prompt_token_ids) == full - vd.keep_count(full, 0.25)
     assert usages[1]["language"] < usages[0]["language"]
@@ -436,7 +441,7 @@ def test_budget_admission_counts_the_tower_and_the_kept_tokens(vlm_server):
     placeholders = cut.usage.prompt_tokens - (
         full.usage.prompt_tokens - _full_tokens_served(family, full, cut)
     )
-    tower = vd.tokens_before(placeholders, 0.25) if family == "qwen2-vl" else placeholders
+    tower = vd.tokens_before(placeholders, 0.25) if family != "llava" else placeholders
     admission = (
         ledger.forward(cut.usage.prompt_tokens, logits=1).total
         + ledger.vision(1, tokens_per_image=tower).total

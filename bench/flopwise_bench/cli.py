@@ -227,18 +227,18 @@ def add_parser(sub) -> None:
     kvd.add_argument("--out", default="bench/results/kv_decode.md")
 
     visual = bsub.add_parser(
-        "visual", help="visual token dropping vs stock vLLM on the tiny shapes LLaVA: FLOPs, wall, accuracy"
+        "visual", help="visual token dropping vs stock vLLM on the tiny scenes LLaVA: FLOPs, wall, accuracy"
     )
     visual.add_argument(
-        "--model", default=None, help="LLaVA model dir (default: bench/models/tiny-llava-shapes)"
+        "--model", default=None, help="LLaVA model dir (default: bench/models/tiny-vlm-scenes)"
     )
-    visual.add_argument("--questions", type=positive_int, default=64)
+    visual.add_argument("--questions", type=positive_int, default=400, help="held-out questions (5 kinds)")
     visual.add_argument("--keep", type=keep_ratio, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
     visual.add_argument(
         "--methods",
         type=visual_method,
         nargs="+",
-        default=["visiondrop", "cls_attention", "uniform", "random"],
+        default=["visiondrop", "cls_attention", "divprune", "visionzip", "cdpruner", "uniform", "random"],
     )
     visual.add_argument(
         "--reps", type=positive_int, default=2, help="timed runs per setting (the fastest counts)"

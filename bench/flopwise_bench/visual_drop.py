@@ -1,12 +1,13 @@
 """``flopwise bench visual``: visual token dropping vs stock vLLM on the same VLM, in one run.
 
-The model is the tiny LLaVA trained on :mod:`flopwise.shapes` (``bench/scripts/train_tiny_vlm.py``), the
-only VLM with weights that can answer something here. Each engine runs in its own process, so the stock
-one really is stock: ``VLLM_PLUGINS=""`` loads no flopwise code (vLLM's own LLaVA class and scheduler).
-For every method and keep ratio the whole question set goes in one ``generate`` call (greedy); the
-report gives prefill FLOPs (vision tower + LM prefill, from the ledger the scheduler charges), wall time
-against stock vLLM's (the faster of its two runs, one before and one after the flopwise engine), and
-accuracy. Writes ``bench/results/visual.md`` with a PNG plot and the raw JSON.
+The accuracy model is the tiny LLaVA trained on :mod:`flopwise.scenes` (``bench/scripts/train_tiny_vlm.py``,
+every image token always seen in training, so it can rank methods). Each engine runs in its own process, so
+the stock one really is stock: ``VLLM_PLUGINS=""`` loads no flopwise code (vLLM's own LLaVA class and
+scheduler). For every method and keep ratio the whole question set goes in one ``generate`` call (greedy);
+each row keeps every question's right/wrong, so the report gives bootstrap CIs over questions and the paired
+difference against stock vLLM on the same questions, per question kind too. A second part times every method
+at a realistic shape (random weights: wall time only). Writes ``bench/results/visual.md`` with a PNG plot and
+the raw JSON (:mod:`flopwise_bench.visual_report`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from flopwise import hw, shapes
+from flopwise import hw, scenes
 from flopwise.ledger import FlopModel
 from flopwise_bench.common import run_worker
 
-DEFAULT_MODEL = "bench/models/tiny-llava-shapes"
+DEFAULT_MODEL = "bench/models/tiny-vlm-scenes"
 MAX_TOKENS = 4
+METHODS = ["visiondrop", "cls_attention", "divprune", "visionzip", "cdpruner", "uniform", "random"]
 # Speed at a realistic shape: SmolLM2-135M's language model behind a small CLIP tower at LLaVA-1.5's
 # 336 px / 14 px patches (576 image tokens); random weights, so wall time only. The LM is ~97% of prefill,
 # close to LLaVA-1.5-7B's split (CLIP-L is ~4% of its prefill).
@@ -92,7 +94,7 @@ def worker(spec: dict) -> dict:
     from flopwise_serve.offline import flops_of, set_engine_env
 
     set_engine_env()
-    model, examples = spec["model"], shapes.dataset(spec["questions"], seed=spec["seed"])
+    model, examples = spec["model"], scenes.dataset(spec["questions"], seed=spec["seed"])
     # No prefix or processor cache: every timed run recomputes its images instead of replaying the last one.
     kwargs = dict(
         dtype=hw.default_dtype(),
@@ -112,7 +114,7 @@ def worker(spec: dict) -> dict:
         llm = LLM(model, scheduler_cls=SCHEDULER_CLS, **kwargs)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     ledger = FlopModel.from_pretrained(model)
-    warm = shapes.dataset(4, seed=spec["seed"] + 1)
+    warm = scenes.dataset(4, seed=spec["seed"] + 1)
     tok = llm.get_tokenizer()
     llm.generate(_prompts(tok, warm, None, None), params, use_tqdm=False)  # warm-up
     rows = []
@@ -124,8 +126,7 @@ def worker(spec: dict) -> dict:
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             walls.append(time.perf_counter() - t0)
-        right = [shapes.is_correct(o.outputs[0].text, e) for o, e in zip(outs, examples)]
-        by_kind = {k: [r for r, e in zip(right, examples) if e.kind == k] for k in shapes.QUESTIONS}
+        right = [int(scenes.is_correct(o.outputs[0].text, e)) for o, e in zip(outs, examples)]
         prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
         if spec["stock"]:  # stock vLLM charges nothing: the ledger's closed form for what it ran
             prefill = sum(
@@ -138,7 +139,8 @@ def worker(spec: dict) -> dict:
                 **setting,
                 "wall_s": min(walls),
                 "accuracy": sum(right) / len(examples),
-                **{f"acc_{k}": sum(v) / len(v) for k, v in by_kind.items() if v},
+                "right": right,
+                "kinds": [e.kind for e in examples],
                 "prefill_flops": prefill,
                 "prompt_tokens": prompt_tokens,
             }
@@ -159,6 +161,8 @@ def bench_visual(args) -> int:
             file=sys.stderr,
         )
         return 2
+    from flopwise_bench.visual_report import write_report
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
@@ -176,22 +180,27 @@ def bench_visual(args) -> int:
     if args.speed_requests:
         shape = speed_model()
         print(
-            f"speed at SmolLM2-135M shape: stock, flopwise ({len(args.keep)} ratios), stock ...", flush=True
+            f"speed at SmolLM2-135M shape: stock, flopwise ({len(args.methods)} methods), stock ...",
+            flush=True,
         )
         s_stock, s_ref, s_rows = _against_stock(
             {**base, "model": shape, "questions": args.speed_requests},
-            _settings(shape, ["visiondrop"], args.keep),
+            _settings(shape, args.methods, [k for k in args.keep if k < 1]),
             log,
         )
         speed = {"model": shape, "stock": s_stock, "ref": s_ref, "rows": s_rows}
-    write_report(args, model, ref, stock, rows, out, speed)
+    names = ("questions", "reps", "batch", "keep", "methods", "speed_requests")
+    settings = {k: getattr(args, k) for k in names}
+    write_report(settings, model, stock, rows, out, speed)
     return 0
 
 
 def _settings(model: str, methods: list[str], keeps: list[float]) -> list[dict]:
-    """Every method at every keep ratio, plus visiondrop dropping halfway up the vision tower."""
+    """Every method at every keep ratio (keep 1 once: every method is the full model there), plus visiondrop
+    dropping halfway up the vision tower."""
     half = FlopModel.from_pretrained(model).spec.vision.layers // 2
-    settings = [{"method": m, "keep": k} for m in methods for k in keeps]
+    settings = [{"method": methods[0], "keep": 1.0}] if 1.0 in keeps else []
+    settings += [{"method": m, "keep": k} for m in methods for k in keeps if k < 1]
     return settings + [{"method": "visiondrop", "keep": k, "layer": half} for k in keeps if k < 1]
 
 
@@ -201,7 +210,7 @@ def _against_stock(base: dict, settings: list[dict], log: Path) -> tuple[list[di
     stock = _run_worker(stock_run, True, log)
     rows = _run_worker({**base, "settings": settings}, False, log)
     stock += _run_worker(stock_run, True, log)
-    ref = _reference(stock)
+    ref = reference(stock)
     for r in rows:
         r["flop_cut"] = ref["prefill_flops"] / r["prefill_flops"]
         r["speedup"] = ref["wall_s"] / r["wall_s"]
@@ -209,206 +218,9 @@ def _against_stock(base: dict, settings: list[dict], log: Path) -> tuple[list[di
     return stock, ref, rows
 
 
-def _reference(stock: list[dict]) -> dict:
+def reference(stock: list[dict]) -> dict:
     """Stock vLLM's figures: its first run's, with the faster wall time of its runs."""
     return {**stock[0], "wall_s": min(r["wall_s"] for r in stock)}
-
-
-def rewrite_report(out: Path = Path("bench/results/visual.md"), **arg_values) -> None:
-    """Rewrite the markdown and plot from the committed JSON (after a change to the report's text)."""
-    import argparse
-
-    data = json.loads(out.with_suffix(".json").read_text())
-    stock, rows, speed = data["stock"], data["rows"], data["speed"]
-    args = argparse.Namespace(**{"questions": 64, "reps": 2, "speed_requests": 16, **arg_values})
-    write_report(args, DEFAULT_MODEL, _reference(stock), stock, rows, out, speed)
-
-
-def write_report(args, model, ref, stock, rows, out: Path, speed: dict | None) -> None:
-    from flopwise.techniques.visual_drop import keep_count
-    from flopwise_bench.common import versions
-
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    v = cfg["vision_config"]
-    tokens = (v["image_size"] // v["patch_size"]) ** 2
-    walls = lambda rs: ", ".join(f"{r['wall_s']:.2f} s" for r in rs)  # noqa: E731
-    lines = [
-        "# Visual token dropping: prefill FLOPs, wall time and accuracy vs stock vLLM",
-        "",
-        f"- Hardware: {hw.describe()}; {versions()}.",
-        f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x "
-        f"{v['hidden_size']}, "
-        f"{tokens} image tokens per image; Llama LM {cfg['text_config']['num_hidden_layers']} layers x "
-        f"{cfg['text_config']['hidden_size']}), trained by `bench/scripts/train_tiny_vlm.py` on "
-        "`flopwise.shapes` "
-        "(half its batches saw a random 4-100% of the image tokens).",
-        f"- Workload: {args.questions} questions (half colour-of-the-square, half count-the-squares, "
-        "256x256 images), "
-        f"greedy, {MAX_TOKENS} output tokens, all in one `generate` call per setting; wall = fastest of "
-        f"{args.reps}; "
-        "prefix and processor caches off.",
-        '- Stock = vLLM\'s own LLaVA and scheduler in a process with `VLLM_PLUGINS=""`; its wall time is '
-        "the faster "
-        f"of a run before and a run after the flopwise engine ({walls(stock)}).",
-        "- Prefill FLOPs = vision tower + projector + LM prefill, as the flopwise scheduler charged them "
-        "(stock: the ledger's closed form for the prompts it ran).",
-        f"- Command: `flopwise bench visual` (this run: --questions {args.questions} --reps {args.reps} "
-        f"--speed-requests {args.speed_requests}).",
-        "",
-        "## Accuracy and FLOPs (tiny trained LLaVA)",
-        "",
-        f"Stock vLLM: accuracy {ref['accuracy']:.3f}, prefill {ref['prefill_flops'] / 1e9:.2f} GFLOP, "
-        f"wall {ref['wall_s']:.2f} s, {ref['prompt_tokens']} prompt tokens.",
-        "",
-        "| method | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | accuracy | colour "
-        "| count | vs full |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {_label(r)} | {r['keep']:.2f} | {keep_count(tokens, r['keep'])} | "
-            f"{r['prefill_flops'] / 1e9:.2f} | {r['flop_cut']:.2f}x | {r['wall_s']:.2f} | "
-            f"{r['speedup']:.2f}x | "
-            f"{r['accuracy']:.3f} | {r.get('acc_colour', 0):.3f} | {r.get('acc_count', 0):.3f} | "
-            f"{r['rel_accuracy']:.3f} |"
-        )
-    lowest = min(r["keep"] for r in rows)
-    best = max((r for r in rows if r["keep"] == lowest), key=lambda r: r["accuracy"])
-    wall_row = best
-    if speed:
-        sref = speed["ref"]
-        scfg = json.loads((Path(speed["model"]) / "config.json").read_text())
-        sv = scfg["vision_config"]
-        stokens = (sv["image_size"] // sv["patch_size"]) ** 2
-        lines += [
-            "",
-            "## Wall time at a realistic shape (random weights)",
-            "",
-            "SmolLM2-135M's language model (30 layers x 576) behind a CLIP tower of "
-            f"{sv['num_hidden_layers']} layers x "
-            f"{sv['hidden_size']} at {sv['image_size']} px ({stokens} image tokens, as LLaVA-1.5); built by "
-            f"`speed_model()` in the cache. {args.speed_requests} requests per setting, method visiondrop; "
-            "stock "
-            f"wall = faster of {walls(speed['stock'])}; prefill {sref['prefill_flops'] / 1e9:.1f} GFLOP.",
-            "",
-            "| drop | keep | image tokens | prefill GFLOP | FLOP cut | wall s | wall cut | wall cut / FLOP "
-            "cut |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for r in speed["rows"]:
-            where = "after the tower" if r.get("layer") is None else f"after tower layer {r['layer']}"
-            lines.append(
-                f"| {where} | {r['keep']:.2f} | {keep_count(stokens, r['keep'])} | "
-                f"{r['prefill_flops'] / 1e9:.1f} | "
-                f"{r['flop_cut']:.2f}x | {r['wall_s']:.2f} | {r['speedup']:.2f}x | "
-                f"{r['speedup'] / r['flop_cut']:.2f} |"
-            )
-        # after the tower
-        wall_row = min(speed["rows"], key=lambda r: (r["keep"], r.get("layer") is not None))
-    lines += [
-        "",
-        f"## Targets at keep {lowest}",
-        "",
-        f"- Prefill FLOPs >= 6x fewer (tiny LLaVA): {best['flop_cut']:.2f}x — "
-        f"{'met' if best['flop_cut'] >= 6 else 'not met'}"
-        + (f"; at the realistic shape {wall_row['flop_cut']:.2f}x." if speed else "."),
-        f"- Wall-time cut >= 0.8 x the FLOP cut{' (realistic shape)' if speed else ''}: "
-        f"{wall_row['speedup']:.2f}x vs "
-        f"{0.8 * wall_row['flop_cut']:.2f}x — "
-        f"{'met' if wall_row['speedup'] >= 0.8 * wall_row['flop_cut'] else 'not met'}.",
-        f"- Accuracy >= 95% of the full-token run (best method, {_label(best)}): {best['rel_accuracy']:.3f} "
-        "— "
-        f"{'met' if best['rel_accuracy'] >= 0.95 else 'not met'}.",
-        "",
-        f"![accuracy and cost vs keep ratio]({out.with_suffix('.png').name})",
-        "",
-        "## Reading the results",
-        "",
-        "- Colour questions need any token of the square: every method keeps them. Counting needs a token "
-        "of every "
-        "square, and here the content-aware methods lose to `random`: the tiny model was trained on random "
-        "token "
-        "subsets as well as full images, so it counts from the density of object tokens in what it sees. "
-        "`visiondrop` hands it object tokens only (dense: it over-counts) and favours squares whose colour "
-        "repeats. "
-        "A pretrained VLM was never fitted to random subsets; this model is a stand-in for the mechanics, "
-        "not for "
-        "which method a real VLM prefers.",
-        "- The tiny model's wall time is bound by per-request work outside the model (image preprocessing, "
-        "scheduling), hence the realistic-shape table: there the LM dominates, as in LLaVA-1.5-7B, and the "
-        "wall-time "
-        "cut follows the FLOP cut down to keep 0.25, then flattens as the fixed vision and text work "
-        "remains.",
-        "- Dropping halfway up the tower (`visual_drop_layer`, rows `@ tower layer`) also cuts the tower's "
-        "own "
-        "FLOPs, which matter once few tokens reach the LM. On the tiny model it costs accuracy, colour "
-        "included: its "
-        "upper tower layer never saw a reduced token set (the random-subset training happened after the "
-        "tower).",
-        "- The engine and the transformers reference keep the same tokens and give the same greedy answers "
-        "(tests/test_visual.py), so these accuracies are those of the plain-torch algorithm.",
-        "",
-    ]
-    out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(
-        json.dumps({"stock": stock, "rows": rows, "speed": speed}, indent=1) + "\n"
-    )
-    _plot(rows, ref, out.with_suffix(".png"), speed)
-    print("\n".join(lines))
-
-
-def _label(row: dict) -> str:
-    return row["method"] if row.get("layer") is None else f"{row['method']} @ tower layer {row['layer']}"
-
-
-def _plot(rows, ref, png: Path, speed: dict | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for label in dict.fromkeys(_label(r) for r in rows):
-        pts = sorted((r for r in rows if _label(r) == label), key=lambda r: r["keep"])
-        a1.plot([r["keep"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=label)
-    a1.axhline(ref["accuracy"], color="grey", ls="--", label="stock vLLM")
-    a1.set_xscale("log")
-    a1.set_xlabel("visual_keep")
-    a1.set_ylabel("accuracy")
-    a1.legend(fontsize=7)
-    pts = sorted((r for r in rows if _label(r) == _label(rows[0])), key=lambda r: r["keep"])
-    a2.plot(
-        [r["keep"] for r in pts], [r["flop_cut"] for r in pts], marker="o", label="prefill FLOP cut (tiny)"
-    )
-    a2.plot([r["keep"] for r in pts], [r["speedup"] for r in pts], marker="s", label="wall-time cut (tiny)")
-    if speed:
-        for in_tower in (False, True):
-            sp = sorted(
-                (r for r in speed["rows"] if (r.get("layer") is not None) == in_tower),
-                key=lambda r: r["keep"],
-            )
-            tag = "135M shape" + (", in tower" if in_tower else "")
-            a2.plot(
-                [r["keep"] for r in sp],
-                [r["flop_cut"] for r in sp],
-                marker="o",
-                ls="--",
-                label=f"prefill FLOP cut ({tag})",
-            )
-            a2.plot(
-                [r["keep"] for r in sp],
-                [r["speedup"] for r in sp],
-                marker="s",
-                ls="--",
-                label=f"wall-time cut ({tag})",
-            )
-    a2.set_xscale("log")
-    a2.set_xlabel("visual_keep")
-    a2.set_ylabel("x vs stock vLLM")
-    a2.legend(fontsize=7)
-    fig.suptitle("Visual token dropping (tiny LLaVA, shapes task)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ KV_BACKEND_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUAttentionBackend"
 VISUAL_MODELS = {
     "LlavaForConditionalGeneration": "flopwise_vllm.visual_llava:FlopwiseLlava",
     "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen25VL",
 }
 # Plugin names as declared in pyproject.toml; VLLM_PLUGINS must list them all once it is set.
 PLUGIN_NAMES = ("flopwise", "flopwise_serving")
@@ -72,6 +73,13 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Qwen2VLForConditionalGeneration.get_mrope_input_positions",
         ("input_tokens", "mm_features"),
     ),
+    (
+        "vllm.model_executor.models.qwen2_5_vl",
+        "Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions",
+        ("input_tokens", "mm_features"),
+    ),
+    ("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration._process_image_input", ()),
+    ("vllm.multimodal.processing.processor", "BaseMultiModalProcessor.apply", ("inputs", "timing_ctx")),
     # KV token dropping (flopwise_vllm.kv_drop)
     ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
     (

@@ -191,7 +191,16 @@ class Accountant:
             after = layer if layer is not None and kept < full else None
             projected = full if kept < full and _projects_all(feature) else None
             return self.model.vision(1, tokens_per_image=kept, kept_after_layer=after, projected=projected)
-        return self.model.vision(1, tokens_per_image=self.full_image_tokens(feature))
+        return self.full_image_cost(feature)
+
+    def full_image_cost(self, feature) -> Breakdown:
+        """The encoder run on every token of the image (Qwen's: always; the others' dense baseline)."""
+        grid = None
+        if feature.data is not None and "image_grid_thw" in feature.data:  # Qwen: its attention windows
+            merge = self.model.spec.vision.merge
+            t, h, w = (int(x) for x in feature.data["image_grid_thw"].data.tolist())
+            grid = (t, h // merge, w // merge)
+        return self.model.vision(1, tokens_per_image=self.full_image_tokens(feature), grid=grid)
 
     # -- charging ------------------------------------------------------------------------------------
     def book(self, request: Request, part: Breakdown, cost: Breakdown, baseline: int) -> None:
@@ -233,7 +242,7 @@ class Accountant:
     def charge_encoder(self, request: Request, input_ids: list[int]) -> None:
         for i in input_ids:
             feature = request.mm_features[i]
-            baseline = self.model.vision(1, tokens_per_image=self.full_image_tokens(feature))
+            baseline = self.full_image_cost(feature)
             self.book(
                 request, self.charges[request.request_id].prompt, self.vision_cost(feature), baseline.total
             )

@@ -1,4 +1,7 @@
-"""Visual token dropping for Qwen2-VL (images of any size; 2x2 patches merged into one LM token; M-RoPE).
+"""Visual token dropping for Qwen2-VL and Qwen2.5-VL (images of any size; 2x2 patches merged into one LM
+token; M-RoPE). One mix-in serves both: they share the processor's layout, the patch embedding and M-RoPE;
+Qwen2.5-VL's windowed attention reorders patches inside the tower only, and its output comes back in the
+input order.
 
 ``get_mrope_input_positions`` gives the kept tokens their original grid positions. It runs when a request
 is added, before the encoder, so Qwen2-VL scores tokens on the patch embeddings (one cheap linear layer,
@@ -11,6 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -23,14 +32,13 @@ from flopwise.techniques import visual_drop as vd
 from flopwise_vllm.visual_drop import DropFields, configs
 
 
-class FlopwiseQwen2VLProcessor(DropFields, Qwen2VLMultiModalProcessor):
+class QwenDropFields(DropFields):
     image_key = "image_grid_thw"  # pixel_values is flat: all images' patches in one tensor
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
-)
-class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
+class QwenDrop:
+    """Model mix-in: the kept tokens' M-RoPE positions (before the encoder) and embeddings (after it)."""
+
     def kept_tokens(self, pixel_values: torch.Tensor, config: vd.VisualDropConfig) -> vd.Selection:
         """What one image's LM tokens keep, chosen on its merged patch embeddings."""
         merge = self.visual.spatial_merge_size
@@ -48,7 +56,7 @@ class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
         images = []
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
             if f.modality != "image":
-                raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
+                raise NotImplementedError("flopwise visual dropping: Qwen videos are not supported")
             t, h, w = f.data["image_grid_thw"].data.tolist()
             config = vd.VisualDropConfig.from_code(*(f.data[name].data.item() for name in vd.FIELDS))
             kept = None
@@ -63,7 +71,7 @@ class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
         if per_image is None or not any(c.active for c in per_image):
             return super().embed_multimodal(**kwargs)
         if "pixel_values_videos" in kwargs or "video_embeds" in kwargs:
-            raise NotImplementedError("flopwise visual dropping: Qwen2-VL videos are not supported")
+            raise NotImplementedError("flopwise visual dropping: Qwen videos are not supported")
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input["type"] != "pixel_values":
             raise ValueError(f"{vd.KEEP_FIELD} < 1 needs pixel inputs, not precomputed image embeddings")
@@ -74,3 +82,25 @@ class FlopwiseQwen2VL(Qwen2VLForConditionalGeneration):
             e if not c.active else self.kept_tokens(p, c).take(e)
             for e, p, c in zip(embeds, pixels, per_image)
         )
+
+
+class FlopwiseQwen2VLProcessor(QwenDropFields, Qwen2VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    FlopwiseQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class FlopwiseQwen2VL(QwenDrop, Qwen2VLForConditionalGeneration):
+    pass
+
+
+class FlopwiseQwen25VLProcessor(QwenDropFields, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    FlopwiseQwen25VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class FlopwiseQwen25VL(QwenDrop, Qwen2_5_VLForConditionalGeneration):
+    pass

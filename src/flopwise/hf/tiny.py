@@ -126,6 +126,36 @@ FAMILIES: dict[str, dict] = {
             in_channels=3,
         ),
     ),
+    # Qwen2.5-VL: windowed attention (2x2 LM tokens = 16 patches per window) in layer 0, the whole image in
+    # layer 1; a SwiGLU MLP; RMSNorm.
+    "qwen2.5-vl": dict(
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+        model_type="qwen2_5_vl",
+        image_token_id=6,
+        video_token_id=7,
+        vision_start_token_id=4,
+        vision_end_token_id=5,
+        tie_word_embeddings=False,
+        text_config=dict(
+            _TEXT,
+            model_type="qwen2_5_vl_text",
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=_TEXT["hidden_size"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+    ),
 }
 
 
@@ -178,7 +208,7 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer = train_tokenizer(str(tmp))
-        if family in ("llava", "qwen2-vl"):
+        if family in ("llava", "qwen2-vl", "qwen2.5-vl"):
             save_processor(family, config, tokenizer, str(tmp))
         if family == "llava":
             legacy_llava_keys(str(tmp))
@@ -206,7 +236,8 @@ def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
         )
     else:
         image_processor = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
-        processor = transformers.Qwen2VLProcessor(
+        cls = transformers.Qwen2_5_VLProcessor if family == "qwen2.5-vl" else transformers.Qwen2VLProcessor
+        processor = cls(
             image_processor=image_processor,
             video_processor=transformers.Qwen2VLVideoProcessor(),
             tokenizer=tokenizer,

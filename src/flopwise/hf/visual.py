@@ -13,6 +13,8 @@ import torch
 
 from flopwise.techniques import visual_drop as vd
 
+QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")  # one layout, M-RoPE
+
 
 @dataclass
 class Prepared:
@@ -83,9 +85,9 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
                 sel = vd.select(tokens, config, cls)
                 kept, image_embeds = sel.kept, model.model.multi_modal_projector(sel.take(tokens))
         positions, delta = None, 0
-    elif arch == "Qwen2VLForConditionalGeneration":
+    elif arch in QWEN:
         if vd.uses_text(config):
-            raise vd.VisualDropError(f"{config.method} reads the text: not for Qwen2-VL", vd.METHOD_FIELD)
+            raise vd.VisualDropError(f"{config.method} reads the text: not for {arch}", vd.METHOD_FIELD)
         cfg = model.config
         image_id = cfg.image_token_id
         visual = model.model.visual
@@ -95,11 +97,11 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         sel = vd.select(vd.group_mean(visual.patch_embed(pixels), visual.spatial_merge_size), config)
         kept, image_embeds = sel.kept, sel.take(full)
     else:
-        raise ValueError(f"visual token dropping supports LLaVA and Qwen2-VL, not {arch}")
+        raise ValueError(f"visual token dropping supports LLaVA, Qwen2-VL and Qwen2.5-VL, not {arch}")
     ids = _splice(ids, image_id, len(kept))
     embeds = model.get_input_embeddings()(ids[None]).clone()
     embeds[0, ids == image_id] = image_embeds.to(embeds.dtype)
-    if arch == "Qwen2VLForConditionalGeneration":
+    if arch in QWEN:
         merge = visual.spatial_merge_size
         t, h, w = grid[0].tolist()
         offset = int((ids == image_id).nonzero()[0])

@@ -12,6 +12,7 @@ Convention (the same as vLLM's ``vllm/v1/metrics/perf.py``):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -182,13 +183,16 @@ class FlopModel:
         tokens_per_image: int | None = None,
         kept_after_layer: int | None = None,
         projected: int | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> Breakdown:
         """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each.
 
         ``kept_after_layer`` (CLIP towers): the image's tokens were dropped to ``tokens_per_image`` inside the
         tower, after that many layers; the later layers run on the kept tokens (and the class token) only.
         ``projected``: tokens the projector ran on, if not the kept ones (a method that selects on its
-        output projects every token).
+        output projects every token). ``grid``: the image's (t, h, w) in LM tokens, which sets Qwen2.5-VL's
+        attention windows; without it (the front end before the grid is known) every window is counted as
+        one LM token, the least the image can cost.
         """
         out = Breakdown()
         v = self.spec.vision
@@ -196,25 +200,34 @@ class FlopModel:
             return out
         if v is None:
             raise LedgerError(f"{self.spec.architecture} has no vision tower: it cannot take images")
-        out.add(
-            "vision",
-            images * self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer, projected),
-        )
+        if tokens_per_image is None and grid is None and v.kind == "qwen2_vl":
+            side = math.isqrt(v.tokens_per_image)  # the default image is square
+            grid = (1, side, side)
+        one = self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer, projected, grid)
+        out.add("vision", images * one)
         return out
 
     @staticmethod
     def _one_image(
-        v: VisionSpec, tokens: int, kept_after_layer: int | None = None, projected: int | None = None
+        v: VisionSpec,
+        tokens: int,
+        kept_after_layer: int | None = None,
+        projected: int | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> int:
         n = v.patches_for_tokens(tokens)
         cls = 1 if v.cls_token else 0
         E, F = v.hidden, v.ffn
 
-        def layer(s: int) -> int:
-            return 2 * s * E * 3 * E + 4 * s * s * E + 2 * s * E * E + 4 * s * E * F
+        def layer(s: int, scores: int | None = None) -> int:  # scores: sum of squared attention spans
+            mlp = (6 if v.gated else 4) * s * E * F
+            return 2 * s * E * 3 * E + 4 * (s * s if scores is None else scores) * E + 2 * s * E * E + mlp
 
         flops = 2 * n * v.patch_in * E  # patch embedding (a strided conv = one matmul per patch)
-        if kept_after_layer is None:
+        if v.window:
+            windowed = v.layers - v.full_layers
+            flops += v.full_layers * layer(n) + windowed * layer(n, _window_scores(v, tokens, grid))
+        elif kept_after_layer is None:
             flops += v.layers * layer(n + cls)
         else:
             early = min(kept_after_layer, v.layers)
@@ -260,3 +273,18 @@ class FlopModel:
         context = context_sum(P, O) - O * kv_dropped if kv_dropped else None
         decode = self.forward(O, start=P, logits=O, context=context)
         return RequestCost(P, output_tokens, cached_tokens, images, prefill, decode)
+
+
+def _window_scores(v: VisionSpec, tokens: int, grid: tuple[int, int, int] | None) -> int:
+    """Sum over Qwen2.5-VL's attention windows of (patches in the window)^2: each frame's LM-token grid cut
+    into ``window`` x ``window`` tiles from the top left (the last row / column of tiles may be smaller)."""
+    per_token = v.merge * v.merge
+    if grid is None:
+        return tokens * per_token * per_token
+    t, h, w = grid
+
+    def spans(side: int) -> list[int]:
+        return [v.window] * (side // v.window) + ([side % v.window] if side % v.window else [])
+
+    return t * sum((a * b * per_token) ** 2 for a in spans(h) for b in spans(w))
+

@@ -58,6 +58,9 @@ class VisionSpec:
     out_hidden: int  # language-model hidden size
     merge: int = 1  # Qwen2-VL merges merge x merge patches into one token
     patch_size: int = 14
+    window: int = 0  # Qwen2.5-VL: attention windows of window x window LM tokens (0: whole-image attention)
+    full_layers: int = 0  # ... of the layers, these attend to the whole image
+    gated: bool = False  # SwiGLU MLP (three matrices) instead of two
 
     def patches_for_tokens(self, tokens: int) -> int:
         """Patches behind ``tokens`` language-model tokens (Qwen2-VL images vary in size)."""
@@ -94,7 +97,8 @@ DENSE = {
     "Qwen3ForCausalLM",
 }
 MOE = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
-VLM = {"LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration"}
+QWEN_VL = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
+VLM = {"LlavaForConditionalGeneration"} | QWEN_VL
 SUPPORTED = sorted(DENSE | MOE | VLM)
 
 
@@ -226,14 +230,13 @@ def _clip_vision(cfg: dict, text_hidden: int) -> VisionSpec:
     )
 
 
-def _qwen2vl_vision(cfg: dict, text_hidden: int, image_size: int) -> VisionSpec:
+def _qwen2vl_vision(cfg: dict, text_hidden: int, image_size: int, arch: str) -> VisionSpec:
     v = cfg.get("vision_config")
     if not isinstance(v, dict):
-        raise LedgerError(
-            "config field 'vision_config' is missing from Qwen2VLForConditionalGeneration config"
-        )
+        raise LedgerError(f"config field 'vision_config' is missing from {arch} config")
     where = "vision_config"
-    embed = v.get("embed_dim") or _req(v, "hidden_size", where)
+    v25 = arch == "Qwen2_5_VLForConditionalGeneration"
+    embed = _req(v, "hidden_size", where) if v25 else v.get("embed_dim") or _req(v, "hidden_size", where)
     depth = v.get("depth") or _req(v, "num_hidden_layers", where)
     mlp_ratio = v.get("mlp_ratio", 4)
     patch = v.get("patch_size", 14)
@@ -242,10 +245,14 @@ def _qwen2vl_vision(cfg: dict, text_hidden: int, image_size: int) -> VisionSpec:
     channels = v.get("in_channels") or v.get("in_chans") or 3
     side = max(merge, (image_size // (patch * merge)) * merge)  # patches per side, a multiple of merge
     patches = side * side
+    window = full = 0
+    if v25:  # windowed attention except in fullatt_block_indexes; a SwiGLU MLP; the merger outputs out_hidden
+        window = max(1, _req(v, "window_size", where) // merge // patch)
+        full = len(v.get("fullatt_block_indexes") or [])
     return VisionSpec(
         kind="qwen2_vl",
         hidden=embed,
-        ffn=int(embed * mlp_ratio),
+        ffn=_req(v, "intermediate_size", where) if v25 else int(embed * mlp_ratio),
         layers=depth,
         patches=patches,
         patch_in=channels * tps * patch * patch,
@@ -256,6 +263,9 @@ def _qwen2vl_vision(cfg: dict, text_hidden: int, image_size: int) -> VisionSpec:
         out_hidden=text_hidden,
         merge=merge,
         patch_size=patch,
+        window=window,
+        full_layers=full,
+        gated=v25,
     )
 
 
@@ -275,7 +285,7 @@ def parse_spec(model: str | os.PathLike | dict, image_size: int = 448) -> ModelS
         text = cfg.get("text_config")
         if not isinstance(text, dict):
             # Older Qwen2-VL configs keep the text fields at the top level.
-            text = cfg if arch == "Qwen2VLForConditionalGeneration" else None
+            text = cfg if arch in QWEN_VL else None
         if text is None:
             raise LedgerError(f"config field 'text_config' is missing from {arch} config")
         text_arch = {
@@ -283,7 +293,7 @@ def parse_spec(model: str | os.PathLike | dict, image_size: int = 448) -> ModelS
             "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM",
         }.get(text.get("model_type", "llama"), "LlamaForCausalLM")
-        if arch == "Qwen2VLForConditionalGeneration":
+        if arch in QWEN_VL:
             text_arch = "Qwen2ForCausalLM"
         hidden = _req(text, "hidden_size", "text_config")
         vocab = (
@@ -292,7 +302,7 @@ def parse_spec(model: str | os.PathLike | dict, image_size: int = 448) -> ModelS
         vision = (
             _clip_vision(cfg, hidden)
             if arch == "LlavaForConditionalGeneration"
-            else _qwen2vl_vision(cfg, hidden, image_size)
+            else _qwen2vl_vision(cfg, hidden, image_size, arch)
         )
         return ModelSpec(arch, hidden, vocab, _text_layers(text, text_arch), vision, extra={"config": cfg})
 
