@@ -287,4 +287,3 @@ def _window_scores(v: VisionSpec, tokens: int, grid: tuple[int, int, int] | None
         return [v.window] * (side // v.window) + ([side % v.window] if side % v.window else [])
 
     return t * sum((a * b * per_token) ** 2 for a in spans(h) for b in spans(w))
-
