@@ -17,6 +17,7 @@ import json
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,13 +55,18 @@ CONFIG = dict(
 )
 
 
-def build(out_dir: str):
+def build(out_dir: str, init: str | None = None):
+    """A fresh model (or ``init``'s weights, to train on), its tokenizer and processor written to
+    ``out_dir``."""
     import transformers
 
     cfg = json.loads(json.dumps(CONFIG))
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     config.architectures = cfg["architectures"]
-    model = transformers.LlavaForConditionalGeneration(config)
+    if init:
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    else:
+        model = transformers.LlavaForConditionalGeneration(config)
     tokenizer = tiny.train_tokenizer(out_dir)
     tiny.save_processor("llava", config, tokenizer, out_dir)  # writes processor files (no weights yet)
     return model, tokenizer, transformers.AutoProcessor.from_pretrained(out_dir)
@@ -126,6 +132,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="continue from this trained model (use another --seed for new data)")
     ap.add_argument("--heldout", type=int, default=200, help="questions for the final accuracy (seed 10000)")
     ap.add_argument(
         "--aug", type=float, default=0.0, help="share of batches that see a random subset of image tokens"
@@ -136,7 +143,8 @@ def main() -> None:
     from flopwise.atomic import atomic_directory
 
     with atomic_directory(args.out) as tmp:
-        model, tokenizer, processor = build(str(tmp))
+        model, tokenizer, processor = build(str(tmp), args.init)
+        before = json.loads((Path(args.init) / "TRAINING.json").read_text()) if args.init else None
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
@@ -163,7 +171,7 @@ def main() -> None:
         (tmp / "TRAINING.json").write_text(
             json.dumps(
                 {**vars(args), "heldout_accuracy_full": acc, "seconds": round(time.time() - t0)}
-                | {"loss": curve},
+                | {"loss": curve, "continued_from": before},
                 indent=1,
             )
             + "\n"

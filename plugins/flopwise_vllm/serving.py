@@ -22,7 +22,7 @@ from flopwise.options import FIELDS, parse
 from flopwise.techniques import OptionError
 from flopwise.techniques import early_rejection as er
 from flopwise.techniques import visual_drop as vd
-from flopwise_vllm import metrics, options
+from flopwise_vllm import VISUAL_MODELS, metrics, options
 from flopwise_vllm.payload import FlopTotals, take_payload
 
 logger = logging.getLogger("flopwise")
@@ -176,6 +176,14 @@ class OptionsMixin:
         if model is not None and model.spec.vision is None:
             return _bad_request(
                 self, f"{vd.KEEP_FIELD}: {model.spec.architecture} takes no images", vd.KEEP_FIELD
+            )
+        arch = getattr(getattr(self, "model_config", None), "architecture", None)
+        if opts.visual is not None and opts.visual.active and arch is not None and arch not in VISUAL_MODELS:
+            return _bad_request(
+                self,
+                f"{vd.KEEP_FIELD}: flopwise cannot drop the image tokens of {arch} (it can for "
+                f"{', '.join(sorted(VISUAL_MODELS))})",
+                vd.KEEP_FIELD,
             )
         xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if k not in vd.FIELDS}
         request.vllm_xargs = xargs or None

@@ -129,11 +129,16 @@ def stock_server(model: str, port: int, log_path, vllm_args: list[str] = ()) -> 
 
 
 def vllm_serve(
-    model: str, port: int, log_path, vllm_args: list[str] = (), env: dict[str, str] | None = None
+    model: str,
+    port: int,
+    log_path,
+    vllm_args: list[str] = (),
+    env: dict[str, str] | None = None,
+    plugins: str | None = None,
 ) -> Server:
     """Plain ``vllm serve MODEL`` (the console script) on 127.0.0.1:port, as a user with flopwise installed
     runs it: no plugin allow-listed or named, so only what loads by itself (general and platform plugins)
-    does."""
+    does; ``plugins``: a ``VLLM_PLUGINS`` allow-list instead (e.g. with flopwise's endpoint plugin)."""
     import shutil
 
     from flopwise import hw
@@ -143,6 +148,8 @@ def vllm_serve(
         raise RuntimeError("the `vllm` console script is missing from the venv (tools/vllm-alias)")
     env = dict(hw.engine_env() if env is None else env)
     env.pop("VLLM_PLUGINS", None)
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
     argv = [
         cli,
         "serve",

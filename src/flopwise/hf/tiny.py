@@ -100,6 +100,28 @@ FAMILIES: dict[str, dict] = {
             projection_dim=64,
         ),
     ),
+    # LLaVA-NeXT (anyres: a base image + crops on a pinpoint grid); flopwise does not drop its tokens yet.
+    "llava-next": dict(
+        architectures=["LlavaNextForConditionalGeneration"],
+        model_type="llava_next",
+        image_token_index=3,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        image_grid_pinpoints=[[64, 64], [64, 128], [128, 64]],
+        text_config=dict(_TEXT, model_type="llama"),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            projection_dim=64,
+        ),
+    ),
     "qwen2-vl": dict(
         architectures=["Qwen2VLForConditionalGeneration"],
         model_type="qwen2_vl",
@@ -208,9 +230,9 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer = train_tokenizer(str(tmp))
-        if family in ("llava", "qwen2-vl", "qwen2.5-vl"):
+        if family in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl"):
             save_processor(family, config, tokenizer, str(tmp))
-        if family == "llava":
+        if family in ("llava", "llava-next"):
             legacy_llava_keys(str(tmp))
     return out_dir
 
@@ -220,7 +242,23 @@ def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
     Qwen2-VL: images resized to 56..224 px per side, so 4..64 LM tokens)."""
     import transformers
 
-    if family == "llava":
+    if family == "llava-next":
+        side = config.vision_config.image_size
+        image_processor = transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+        )
+        processor = transformers.LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_token="<image>",
+            num_additional_image_tokens=1,
+            chat_template=tokenizer.chat_template,
+        )
+    elif family == "llava":
         side = config.vision_config.image_size
         image_processor = transformers.CLIPImageProcessor(
             size={"shortest_edge": side}, crop_size={"height": side, "width": side}
