@@ -147,41 +147,41 @@ def _speed_lines(speed: dict, args: dict) -> list[str]:
 
 def _targets(rows: list[dict], speed: dict | None) -> list[str]:
     """Issue 20's targets: some method keeps >= 95% of full accuracy at a >= 6x prefill FLOP cut, and its
-    wall-time cut at the realistic shape is >= 0.8 x its FLOP cut there."""
-    cut = [r for r in rows if r["keep"] < 1 and r["flop_cut"] >= FLOP_TARGET]
+    wall-time cut is >= 0.8 x its FLOP cut, both at the realistic shape. Accuracy comes from the tiny model at
+    the same method and keep ratio; FLOP and wall cuts from the realistic shape (the tiny model's small LM
+    makes its vision tower a larger share, so its own cuts are lower), or from the tiny model without one."""
     lines = ["", "## Targets", ""]
+    at_shape = {(r["method"], r["keep"]): r for r in (speed or {}).get("rows", []) if r.get("layer") is None}
+    where = "realistic shape" if speed else "tiny model"
+    pairs = [(r, at_shape.get((r["method"], r["keep"]), r if not speed else None)) for r in rows]
+    cut = [
+        (r, s)
+        for r, s in pairs
+        if r["keep"] < 1 and r.get("layer") is None and s and s["flop_cut"] >= FLOP_TARGET
+    ]
     if not cut:
-        return lines + [
-            f"- No setting reached a {FLOP_TARGET:.0f}x prefill FLOP cut on the tiny model: not met."
-        ]
-    best = max(cut, key=lambda r: (r["rel_accuracy"], r["flop_cut"]))
+        return lines + [f"- No setting reached a {FLOP_TARGET:.0f}x prefill FLOP cut ({where}): not met."]
+    best, shape = max(cut, key=lambda p: (p[0]["rel_accuracy"], p[1]["flop_cut"]))
     met = best["rel_accuracy"] >= ACCURACY_TARGET
     lines.append(
-        f"- Accuracy >= {ACCURACY_TARGET:.0%} of full at a >= {FLOP_TARGET:.0f}x prefill FLOP cut: best "
-        f"{label(best)} at keep {best['keep']} ({best['flop_cut']:.2f}x): {best['rel_accuracy']:.3f} of full "
-        f"({best['accuracy']:.3f}) — {'met' if met else 'not met'}."
+        f"- Accuracy >= {ACCURACY_TARGET:.0%} of full at a >= {FLOP_TARGET:.0f}x prefill FLOP cut ({where}): "
+        f"best {label(best)} at keep {best['keep']} ({shape['flop_cut']:.2f}x): "
+        f"{best['rel_accuracy']:.3f} of full ({best['accuracy']:.3f} vs "
+        f"{best['accuracy'] / best['rel_accuracy']:.3f}) — "
+        f"{'met' if met else 'not met'}."
     )
-    keeping = [r for r in rows if r["keep"] < 1 and r["rel_accuracy"] >= ACCURACY_TARGET]
+    keeping = [(r, s) for r, s in pairs if r["keep"] < 1 and s and r["rel_accuracy"] >= ACCURACY_TARGET]
     if keeping:
-        top = max(keeping, key=lambda r: r["flop_cut"])
+        top, top_shape = max(keeping, key=lambda p: p[1]["flop_cut"])
         lines.append(
-            f"- The largest FLOP cut that keeps {ACCURACY_TARGET:.0%}: {label(top)} at keep {top['keep']}, "
-            f"{top['flop_cut']:.2f}x ({top['rel_accuracy']:.3f} of full)."
+            f"- The largest FLOP cut ({where}) that keeps {ACCURACY_TARGET:.0%}: {label(top)} at keep "
+            f"{top['keep']}, {top_shape['flop_cut']:.2f}x ({top['rel_accuracy']:.3f} of full)."
         )
-    if speed:
-        same = [
-            r
-            for r in speed["rows"]
-            if r["method"] == best["method"] and r["keep"] == best["keep"] and not r.get("layer")
-        ]
-        if same:
-            s = same[0]
-            ok = s["speedup"] >= WALL_SHARE * s["flop_cut"]
-            lines.append(
-                f"- Wall-time cut >= {WALL_SHARE} x the FLOP cut at the realistic shape ({label(s)}, keep "
-                f"{s['keep']}): {s['speedup']:.2f}x vs {WALL_SHARE * s['flop_cut']:.2f}x — "
-                f"{'met' if ok else 'not met'}."
-            )
+    ok = shape["speedup"] >= WALL_SHARE * shape["flop_cut"]
+    lines.append(
+        f"- Wall-time cut >= {WALL_SHARE} x the FLOP cut ({where}; {label(shape)}, keep {shape['keep']}): "
+        f"{shape['speedup']:.2f}x vs {WALL_SHARE * shape['flop_cut']:.2f}x — {'met' if ok else 'not met'}."
+    )
     return lines
 
 
