@@ -21,9 +21,9 @@ from pathlib import Path
 from flopwise import hw, scenes
 from flopwise.ledger import FlopModel
 from flopwise_bench.common import run_worker
+from flopwise_bench.visual_report import MAX_TOKENS, reference, write_report
 
 DEFAULT_MODEL = "bench/models/tiny-vlm-scenes"
-MAX_TOKENS = 4
 METHODS = ["visiondrop", "cls_attention", "divprune", "visionzip", "cdpruner", "uniform", "random"]
 # Speed at a realistic shape: SmolLM2-135M's language model behind a small CLIP tower at LLaVA-1.5's
 # 336 px / 14 px patches (576 image tokens); random weights, so wall time only. The LM is ~97% of prefill,
@@ -161,8 +161,6 @@ def bench_visual(args) -> int:
             file=sys.stderr,
         )
         return 2
-    from flopwise_bench.visual_report import write_report
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
@@ -216,11 +214,6 @@ def _against_stock(base: dict, settings: list[dict], log: Path) -> tuple[list[di
         r["speedup"] = ref["wall_s"] / r["wall_s"]
         r["rel_accuracy"] = r["accuracy"] / ref["accuracy"] if ref["accuracy"] else float("nan")
     return stock, ref, rows
-
-
-def reference(stock: list[dict]) -> dict:
-    """Stock vLLM's figures: its first run's, with the faster wall time of its runs."""
-    return {**stock[0], "wall_s": min(r["wall_s"] for r in stock)}
 
 
 if __name__ == "__main__":
