@@ -1,9 +1,9 @@
 """Visual token dropping in vLLM: what every family's processor shares (the models are in
 :mod:`flopwise_vllm.visual_llava` and :mod:`flopwise_vllm.visual_qwen`).
 
-``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration`` and
-``Qwen2VLForConditionalGeneration`` at flopwise's subclasses (``ModelRegistry`` allows out-of-tree
-overrides); with ``visual_keep`` 1 they are the stock models. Three places must agree on how many tokens
+``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration`` at flopwise's subclasses
+(``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the stock models. Three places must agree on how many tokens
 an image keeps, and they all call :func:`flopwise.techniques.visual_drop.keep_count`:
 
 * the processor (front end) writes that many placeholder tokens, so the prefill really shrinks, and
@@ -12,7 +12,7 @@ an image keeps, and they all call :func:`flopwise.techniques.visual_drop.keep_co
   request's processor kwargs, hence of the multimodal cache key);
 * ``embed_multimodal`` (worker) keeps exactly that many tokens (or merges, for visionzip), chosen by
   :func:`flopwise.techniques.visual_drop.select`;
-* Qwen2-VL only: ``get_mrope_input_positions`` gives the kept tokens their original grid positions.
+* Qwen only: ``get_mrope_input_positions`` gives the kept tokens their original grid positions.
 """
 
 from __future__ import annotations
