@@ -110,6 +110,7 @@ def write_report(args: dict, model: str, stock: list[dict], rows: list[dict], ou
     if speed:
         lines += _speed_lines(speed, args)
     lines += _targets(rows, speed)
+    lines += _positions(out.with_name("visual_positions.json"))
     lines += ["", f"![accuracy and cost vs keep ratio]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(
@@ -187,6 +188,30 @@ def _targets(rows: list[dict], speed: dict | None) -> list[str]:
         f"- Wall-time cut >= {WALL_SHARE} x the FLOP cut ({where}; {label(shape)}, keep {shape['keep']}): "
         f"{shape['speedup']:.2f}x vs {WALL_SHARE * shape['flop_cut']:.2f}x — {'met' if ok else 'not met'}."
     )
+    return lines
+
+
+def _positions(path: Path) -> list[str]:
+    """The position experiment (``bench/scripts/visual_positions.py``), if its JSON is there."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    lines = [
+        "",
+        "## Why every method loses here: the kept tokens are renumbered",
+        "",
+        f"`bench/scripts/visual_positions.py`, transformers oracle, the first {data['questions']} of the "
+        "same held-out questions: each setting with the kept image tokens renumbered 1..k (what vLLM's LLaVA "
+        "does, as the papers' LLaVA code does) and with them at their original positions and the text after "
+        "the image where it was (what Qwen's M-RoPE gives them in flopwise).",
+        "",
+        "| method | keep | positions | accuracy [95% CI] |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for r in data["rows"]:
+        where = "original" if r["original_positions"] else "renumbered"
+        acc = sum(r["right"]) / len(r["right"])
+        lines.append(f"| {r['method']} | {r['keep']:.2f} | {where} | {acc:.3f} {_ci(r['right'])} |")
     return lines
 
 
