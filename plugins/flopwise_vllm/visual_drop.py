@@ -3,8 +3,9 @@
 
 ``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration``,
 ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration`` at flopwise's subclasses
-(``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the stock models. Three places must agree on how many tokens
-an image keeps, and they all call :func:`flopwise.techniques.visual_drop.keep_count`:
+(``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the stock models. Three
+places must agree on how many tokens an image keeps, and they all call
+:func:`flopwise.techniques.visual_drop.keep_count`:
 
 * the processor (front end) writes that many placeholder tokens, so the prefill really shrinks, and
   carries ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (and, for a method that reads the

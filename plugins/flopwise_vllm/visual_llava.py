@@ -51,26 +51,32 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
             or not any(c.active for c in per_image)
         ):
             return self._process_image_input(image_input)
-        if any(c.active and c.layer is not None for c in per_image):
-            return self._drop_in_tower(image_input["pixel_values"], per_image)
-        # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy
-        # "default").
-        feats = self.vision_tower(image_input["pixel_values"], feature_select_strategy="full")
-        has_cls = self.config.vision_feature_select_strategy == "default"
-        out = []
-        for f, config, ids in zip(feats, per_image, texts):
-            cls, tokens = (f[0], f[1:]) if has_cls else (None, f)
-            if vd.uses_text(config):  # select among the projected tokens, against the instruction
-                projected = self.multi_modal_projector(tokens)
-                text = self.get_language_model().embed_input_ids(ids.to(projected.device))
-                out.append(vd.select(projected, config, cls, text).take(projected))
-            else:
-                out.append(self.multi_modal_projector(vd.select(tokens, config, cls).take(tokens)))
+        pixels = image_input["pixel_values"]
+        out: list[torch.Tensor | None] = [None] * len(per_image)
+        # Images dropped inside the tower run it one by one; the others share one tower pass below.
+        for i, config in enumerate(per_image):
+            if config.active and config.layer is not None:
+                out[i] = self._drop_in_tower(pixels[i : i + 1], config)
+        rest = [i for i, o in enumerate(out) if o is None]
+        if rest:
+            # "full" keeps the CLS token: it is the query of cls_attention; the LM never sees it (strategy
+            # "default").
+            feats = self.vision_tower(pixels[rest], feature_select_strategy="full")
+            has_cls = self.config.vision_feature_select_strategy == "default"
+            for f, i in zip(feats, rest):
+                cls, tokens = (f[0], f[1:]) if has_cls else (None, f)
+                config = per_image[i]
+                if vd.uses_text(config):  # select among the projected tokens, against the instruction
+                    projected = self.multi_modal_projector(tokens)
+                    text = self.get_language_model().embed_input_ids(texts[i].to(projected.device))
+                    out[i] = vd.select(projected, config, cls, text).take(projected)
+                else:
+                    out[i] = self.multi_modal_projector(vd.select(tokens, config, cls).take(tokens))
         return out
 
-    def _drop_in_tower(self, pixel_values, per_image):
-        """Run the tower's first ``layer`` layers on every patch, the rest on the CLS token + the kept
-        ones."""
+    def _drop_in_tower(self, pixel_values, config):
+        """Run the tower's first ``config.layer`` layers on every patch of one image, the rest on the CLS
+        token + the kept ones."""
         if self.config.vision_feature_select_strategy != "default":
             raise ValueError(
                 f"{vd.LAYER_FIELD} needs a tower with a class token (vision_feature_select_strategy "
@@ -79,8 +85,8 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
         tower = self.vision_tower.vision_model
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.vision_tower.dtype)))
         out = []
-        for h, config in zip(hidden, per_image):
-            layer = len(tower.encoder.layers) if config.layer is None else config.layer
+        for h in hidden:
+            layer = config.layer
             x = h[None]
             for block in tower.encoder.layers[:layer]:
                 x = block(x)
@@ -91,4 +97,4 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
             if tower.post_layernorm is not None:
                 x = tower.post_layernorm(x)
             out.append(self.multi_modal_projector(x[0, 1:]))
-        return out
+        return out[0]

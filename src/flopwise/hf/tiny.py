@@ -43,6 +43,26 @@ _TEXT = dict(
     pad_token_id=0,
 )
 
+
+def _qwen_vl(model_type: str) -> dict:
+    """What the tiny Qwen VL families share: special token ids and an M-RoPE text model."""
+    mrope = [4, 6, 6]  # t, h, w sections of head_dim / 2
+    return dict(
+        model_type=model_type,
+        image_token_id=6,
+        video_token_id=7,
+        vision_start_token_id=4,
+        vision_end_token_id=5,
+        tie_word_embeddings=False,
+        text_config=dict(
+            _TEXT,
+            model_type=f"{model_type}_text",
+            rope_scaling={"type": "mrope", "mrope_section": mrope},
+            rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+        ),
+    )
+
+
 FAMILIES: dict[str, dict] = {
     "llama-gqa": dict(_TEXT, architectures=["LlamaForCausalLM"], model_type="llama"),
     "qwen2-gqa": dict(_TEXT, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
@@ -123,19 +143,8 @@ FAMILIES: dict[str, dict] = {
         ),
     ),
     "qwen2-vl": dict(
+        _qwen_vl("qwen2_vl"),
         architectures=["Qwen2VLForConditionalGeneration"],
-        model_type="qwen2_vl",
-        image_token_id=6,
-        video_token_id=7,
-        vision_start_token_id=4,
-        vision_end_token_id=5,
-        tie_word_embeddings=False,
-        text_config=dict(
-            _TEXT,
-            model_type="qwen2_vl_text",
-            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
-        ),
         vision_config=dict(
             depth=2,
             embed_dim=64,
@@ -151,19 +160,8 @@ FAMILIES: dict[str, dict] = {
     # Qwen2.5-VL: windowed attention (2x2 LM tokens = 16 patches per window) in layer 0, the whole image in
     # layer 1; a SwiGLU MLP; RMSNorm.
     "qwen2.5-vl": dict(
+        _qwen_vl("qwen2_5_vl"),
         architectures=["Qwen2_5_VLForConditionalGeneration"],
-        model_type="qwen2_5_vl",
-        image_token_id=6,
-        video_token_id=7,
-        vision_start_token_id=4,
-        vision_end_token_id=5,
-        tie_word_embeddings=False,
-        text_config=dict(
-            _TEXT,
-            model_type="qwen2_5_vl_text",
-            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
-        ),
         vision_config=dict(
             depth=2,
             hidden_size=64,
