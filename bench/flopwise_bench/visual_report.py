@@ -51,6 +51,10 @@ def write_report(args: dict, model: str, stock: list[dict], rows: list[dict], ou
     cfg, tokens = _image_tokens(model)
     v, t = cfg["vision_config"], cfg["text_config"]
     training = json.loads((Path(model) / "TRAINING.json").read_text())
+    runs, minutes, t_ = [], 0.0, training
+    while t_:  # a model trained with --init lists the run it continued
+        runs.insert(0, f"{t_['steps']} steps at lr {t_['lr']} (seed {t_['seed']})")
+        minutes, t_ = minutes + t_["seconds"] / 60, t_.get("continued_from")
     walls = lambda rs: ", ".join(f"{r['wall_s']:.2f} s" for r in rs)  # noqa: E731
     n = len(ref["right"])
     lines = [
@@ -60,8 +64,8 @@ def write_report(args: dict, model: str, stock: list[dict], rows: list[dict], ou
         f"- Model: `{model}` (LLaVA-1.5 layout: CLIP tower {v['num_hidden_layers']} layers x "
         f"{v['hidden_size']}, {tokens} image tokens per image; Llama LM {t['num_hidden_layers']} layers x "
         f"{t['hidden_size']}), "
-        f"trained by `bench/scripts/train_tiny_vlm.py` ({training['steps']} steps, seed {training['seed']}, "
-        f"{training['seconds'] / 60:.0f} min) on `flopwise.scenes` with every image token, never a subset.",
+        f"trained by `bench/scripts/train_tiny_vlm.py` ({', then '.join(runs)}; {minutes:.0f} min) on "
+        "`flopwise.scenes` with every image token, never a subset.",
         f"- Workload: {n} held-out questions (seed 10000), {n // len(scenes.KINDS)} of each kind "
         f"({', '.join(scenes.KINDS)}), 256x256 scenes of 1-4 shapes; greedy, {MAX_TOKENS} output tokens, "
         f"all in one `generate` call per setting; wall = fastest of {args['reps']}; prefix and processor "

@@ -1,10 +1,11 @@
 """Visual token dropping: keep the most important image tokens before the language model sees them.
 
 Shared mechanics for the methods (one per file: :mod:`.visiondrop`, :mod:`.cls_attention`,
-:mod:`.uniform_drop`, :mod:`.divprune`, :mod:`.visionzip`): the request options (``visual_keep``,
-``visual_drop``), how many tokens a keep ratio leaves, the :class:`Selection` a method returns, and
-Qwen2-VL's M-RoPE positions for the tokens kept. Kept tokens keep their original positions (their place in
-the image grid), so dropping changes which tokens the language model attends to, never where they are; a
+:mod:`.uniform_drop`, :mod:`.divprune`, :mod:`.visionzip`, :mod:`.cdpruner`): the request options
+(``visual_keep``, ``visual_drop``), how many tokens a keep ratio leaves, the :class:`Selection` a method
+returns, and Qwen's M-RoPE positions for the tokens kept. Kept tokens keep their original positions (their
+place in the image grid), so dropping changes which tokens the language model attends to, never where they
+are (on Qwen; LLaVA's 1-D positions are renumbered by vLLM); a
 merging method's new token sits at the place of the token it was merged into.
 
 Both the vLLM models (:mod:`flopwise_vllm.visual_drop`) and the transformers reference
