@@ -120,28 +120,6 @@ FAMILIES: dict[str, dict] = {
             projection_dim=64,
         ),
     ),
-    # LLaVA-NeXT (anyres: a base image + crops on a pinpoint grid); flopwise does not drop its tokens yet.
-    "llava-next": dict(
-        architectures=["LlavaNextForConditionalGeneration"],
-        model_type="llava_next",
-        image_token_index=3,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-        image_grid_pinpoints=[[64, 64], [64, 128], [128, 64]],
-        text_config=dict(_TEXT, model_type="llama"),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=64,
-            patch_size=16,
-            projection_dim=64,
-        ),
-    ),
     "qwen2-vl": dict(
         _qwen_vl("qwen2_vl"),
         architectures=["Qwen2VLForConditionalGeneration"],
@@ -177,6 +155,14 @@ FAMILIES: dict[str, dict] = {
         ),
     ),
 }
+# LLaVA-NeXT (anyres: a base image + crops on a pinpoint grid), LLaVA's shapes otherwise; flopwise does not
+# drop its tokens yet.
+FAMILIES["llava-next"] = dict(
+    FAMILIES["llava"],
+    architectures=["LlavaNextForConditionalGeneration"],
+    model_type="llava_next",
+    image_grid_pinpoints=[[64, 64], [64, 128], [128, 64]],
+)
 
 
 def _corpus_files() -> list[str]:
