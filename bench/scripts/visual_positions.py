@@ -12,6 +12,7 @@ bench/results/visual_positions.json (per-question results; the visual report add
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,19 +44,12 @@ def main() -> None:
         p = visual.prepare(model, proc, e.pil(), text, config)
         ids = proc(text=[text], images=[e.pil()], return_tensors="pt")["input_ids"][0]
         offset, full = int((ids == image_id).nonzero()[0]), int((ids == image_id).sum())
-        length = p.embeds.shape[1]
-        pos = torch.arange(length)
-        if original:
+        if original:  # decoding continues after the last prompt position: index + delta
+            length = p.embeds.shape[1]
             after = length - offset - p.image_tokens
             pos = torch.cat([torch.arange(offset), offset + p.kept, offset + full + torch.arange(after)])
-        embeds, out = p.embeds, []
-        for _ in range(4):
-            token = int(model(inputs_embeds=embeds, position_ids=pos[None]).logits[0, -1].argmax())
-            out.append(token)
-            if token == tok.eos_token_id:
-                break
-            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[token]]))], 1)
-            pos = torch.cat([pos, pos[-1:] + 1])
+            p = dataclasses.replace(p, positions=pos[None], delta=int(pos[-1]) + 1 - length)
+        out = visual.greedy(model, p, 4, tok.eos_token_id)
         return int(scenes.is_correct(tok.decode(out, skip_special_tokens=True), e))
 
     rows = []

@@ -26,6 +26,7 @@ from flopwise.ledger import Breakdown, FlopModel
 from flopwise.ledger.cost import context_sum
 from flopwise.techniques import visual_drop as vd
 from flopwise_vllm.payload import Charge, make_payload
+from flopwise_vllm.visual_drop import feature_config
 
 _CHILD = re.compile(r"^(\d+)_(.+)$")
 # (request, first position of the step) -> tokens of its context attention no longer reads
@@ -54,24 +55,6 @@ class Group:
     budget: BudgetState | None = None
     members: set[str] = field(default_factory=set)  # live request ids
     reports: dict[str, Callable[[], dict]] = field(default_factory=dict)
-
-
-def _drop_layer(feature) -> int | None:
-    """The tower layer an image's tokens were dropped after (``visual_drop_layer``), if any."""
-    data = feature.data
-    if data is None or vd.LAYER_FIELD not in data:
-        return None
-    layer = int(data[vd.LAYER_FIELD].data)
-    return layer if layer >= 0 else None
-
-
-def _projects_all(feature) -> bool:
-    """Whether the image's method selected on the projector's output (a method that reads the text), so the
-    projector ran on every token."""
-    data = feature.data
-    if data is None or vd.METHOD_FIELD not in data:
-        return False
-    return vd.get_method(vd.method_names()[int(data[vd.METHOD_FIELD].data)]).uses_text
 
 
 class Accountant:
@@ -186,10 +169,11 @@ class Accountant:
         prunes before its projector (so charge the projector on those, unless the method selected on its
         output), Qwen2-VL after its whole grid."""
         if self.model.spec.vision.kind == "clip":
-            layer, full = _drop_layer(feature), self.full_image_tokens(feature)
+            config, full = feature_config(feature.data), self.full_image_tokens(feature)
             kept = feature.mm_position.length
-            after = layer if layer is not None and kept < full else None
-            projected = full if kept < full and _projects_all(feature) else None
+            cut = config is not None and kept < full
+            after = config.layer if cut else None
+            projected = full if cut and vd.get_method(config.method).uses_text else None
             return self.model.vision(1, tokens_per_image=kept, kept_after_layer=after, projected=projected)
         return self.full_image_cost(feature)
 

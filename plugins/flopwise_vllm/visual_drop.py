@@ -153,6 +153,13 @@ def _item_keep(out_mm_kwargs, item_idx: int) -> float | None:
     return None if elem is None else float(elem.data)
 
 
+def feature_config(data) -> vd.VisualDropConfig | None:
+    """An image's options from its ``MultiModalFeatureSpec.data`` (None: the image carries none)."""
+    if data is None or vd.KEEP_FIELD not in data:
+        return None
+    return vd.VisualDropConfig.from_code(*(data[name].data.item() for name in vd.FIELDS))
+
+
 def configs(kwargs: dict) -> list[vd.VisualDropConfig] | None:
     """Each image's options, popped from ``embed_multimodal``'s kwargs (None: no image carries any)."""
     keep, code, layer = (kwargs.pop(f, None) for f in vd.FIELDS)

@@ -75,26 +75,21 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
         return out
 
     def _drop_in_tower(self, pixel_values, config):
-        """Run the tower's first ``config.layer`` layers on every patch of one image, the rest on the CLS
-        token + the kept ones."""
+        """Run the tower's first ``config.layer`` layers on every patch of one image (``pixel_values``
+        [1, C, H, W]), the rest on the CLS token + the kept ones."""
         if self.config.vision_feature_select_strategy != "default":
             raise ValueError(
                 f"{vd.LAYER_FIELD} needs a tower with a class token (vision_feature_select_strategy "
                 "'default')"
             )
         tower = self.vision_tower.vision_model
-        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.vision_tower.dtype)))
-        out = []
-        for h in hidden:
-            layer = config.layer
-            x = h[None]
-            for block in tower.encoder.layers[:layer]:
-                x = block(x)
-            kept = vd.select(x[0, 1:], config, x[0, 0]).take(x[0, 1:])
-            x = torch.cat([x[:, :1], kept[None]], dim=1)
-            for block in tower.encoder.layers[layer:]:
-                x = block(x)
-            if tower.post_layernorm is not None:
-                x = tower.post_layernorm(x)
-            out.append(self.multi_modal_projector(x[0, 1:]))
-        return out[0]
+        x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.vision_tower.dtype)))
+        for block in tower.encoder.layers[: config.layer]:
+            x = block(x)
+        kept = vd.select(x[0, 1:], config, x[0, 0]).take(x[0, 1:])
+        x = torch.cat([x[:, :1], kept[None]], dim=1)
+        for block in tower.encoder.layers[config.layer :]:
+            x = block(x)
+        if tower.post_layernorm is not None:
+            x = tower.post_layernorm(x)
+        return self.multi_modal_projector(x[0, 1:])

@@ -29,7 +29,7 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from flopwise.techniques import visual_drop as vd
-from flopwise_vllm.visual_drop import DropFields, configs
+from flopwise_vllm.visual_drop import DropFields, configs, feature_config
 
 
 class QwenDropFields(DropFields):
@@ -58,7 +58,7 @@ class QwenDrop:
             if f.modality != "image":
                 raise NotImplementedError("flopwise visual dropping: Qwen videos are not supported")
             t, h, w = f.data["image_grid_thw"].data.tolist()
-            config = vd.VisualDropConfig.from_code(*(f.data[name].data.item() for name in vd.FIELDS))
+            config = feature_config(f.data)
             kept = None
             if config.active:
                 kept = self.kept_tokens(f.data["pixel_values"].data, config).kept.cpu().numpy()

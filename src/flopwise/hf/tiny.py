@@ -44,8 +44,9 @@ _TEXT = dict(
 )
 
 
-def _qwen_vl(model_type: str) -> dict:
-    """What the tiny Qwen VL families share: special token ids and an M-RoPE text model."""
+def _qwen_vl(model_type: str, **vision) -> dict:
+    """What the tiny Qwen VL families share: special token ids, an M-RoPE text model, the patch layout (14
+    pixels, 2 frames, 2x2 merged into one LM token) under the family's own ``vision`` fields."""
     mrope = [4, 6, 6]  # t, h, w sections of head_dim / 2
     return dict(
         model_type=model_type,
@@ -60,6 +61,7 @@ def _qwen_vl(model_type: str) -> dict:
             rope_scaling={"type": "mrope", "mrope_section": mrope},
             rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
         ),
+        vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
     )
 
 
@@ -121,38 +123,23 @@ FAMILIES: dict[str, dict] = {
         ),
     ),
     "qwen2-vl": dict(
-        _qwen_vl("qwen2_vl"),
+        _qwen_vl("qwen2_vl", depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
         architectures=["Qwen2VLForConditionalGeneration"],
-        vision_config=dict(
-            depth=2,
-            embed_dim=64,
-            hidden_size=128,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        ),
     ),
     # Qwen2.5-VL: windowed attention (2x2 LM tokens = 16 patches per window) in layer 0, the whole image in
     # layer 1; a SwiGLU MLP; RMSNorm.
     "qwen2.5-vl": dict(
-        _qwen_vl("qwen2_5_vl"),
-        architectures=["Qwen2_5_VLForConditionalGeneration"],
-        vision_config=dict(
+        _qwen_vl(
+            "qwen2_5_vl",
             depth=2,
             hidden_size=64,
             intermediate_size=128,
             num_heads=2,
             out_hidden_size=_TEXT["hidden_size"],
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
             window_size=56,
             fullatt_block_indexes=[1],
         ),
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
     ),
 }
 # LLaVA-NeXT (anyres: a base image + crops on a pinpoint grid), LLaVA's shapes otherwise; flopwise does not

@@ -19,8 +19,8 @@ QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 @dataclass
 class Prepared:
     embeds: torch.Tensor  # [1, L, H] prompt embeddings with the kept image tokens in place
-    positions: torch.Tensor | None  # [3, 1, L] M-RoPE positions (Qwen2-VL) or None (1-D positions)
-    delta: int  # decode position = index + delta (M-RoPE); 0 otherwise
+    positions: torch.Tensor | None  # [3, 1, L] M-RoPE (Qwen) or [1, L] explicit positions; None: 0..L-1
+    delta: int  # decode position = index + delta (explicit positions); 0 otherwise
     image_tokens: int  # image tokens the language model sees
     kept: torch.Tensor  # indices kept of the image's tokens
 
@@ -121,7 +121,8 @@ def greedy(model, prepared: Prepared, max_tokens: int, eos_token_id: int | None 
         if prepared.positions is not None:
             n = embeds.shape[1] - prepared.positions.shape[-1]
             tail = torch.arange(n) + prepared.positions.shape[-1] + prepared.delta
-            kwargs["position_ids"] = torch.cat([prepared.positions, tail.expand(3, 1, n)], dim=-1)
+            tail = tail.expand(*prepared.positions.shape[:-1], n)
+            kwargs["position_ids"] = torch.cat([prepared.positions, tail], dim=-1)
         logits = model(**kwargs).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
