@@ -121,8 +121,11 @@ class DropFields:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for name in (*vd.FIELDS, vd.QUERY_FIELD):
-            fields[name] = MultiModalFieldConfig.batched("image")
+        # keep_on_cpu: vLLM still sends such fields to the worker for an image whose placeholder is all a
+        # prefix-cache hit (M-RoPE models compute positions from them); Qwen's positions need the options.
+        for name in vd.FIELDS:
+            fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        fields[vd.QUERY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):

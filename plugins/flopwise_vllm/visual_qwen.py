@@ -3,11 +3,12 @@ token; M-RoPE). One mix-in serves both: they share the processor's layout, the p
 Qwen2.5-VL's windowed attention reorders patches inside the tower only, and its output comes back in the
 input order.
 
-``get_mrope_input_positions`` gives the kept tokens their original grid positions. It runs when a request
-is added, before the encoder, so Qwen2-VL scores tokens on the patch embeddings (one cheap linear layer,
-recomputed identically in both places) rather than on the encoder's output; a merging method (visionzip)
-applies its merge to the encoder's output. Methods that read the text are refused (no token is in the
-language model's space yet when the positions are fixed). Videos are not pruned.
+``get_mrope_input_positions`` gives the kept tokens their original grid positions and the text after an
+image the positions it has with the whole image. It runs when a request is added, before the encoder, so
+Qwen2-VL scores tokens on the patch embeddings (one cheap linear layer, recomputed identically in both
+places) rather than on the encoder's output; a merging method (visionzip) applies its merge to the encoder's
+output. Methods that read the text are refused (no token is in the language model's space yet when the
+positions are fixed). Videos are not pruned.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ class QwenDrop:
             t, h, w = f.data["image_grid_thw"].data.tolist()
             config = feature_config(f.data)
             kept = None
-            if config.active:
+            if config.active and "pixel_values" not in f.data:
+                # vLLM strips the pixels of an image whose placeholder is all a prefix-cache hit: no token of
+                # it will be computed, so its positions are never read; the text after it does not depend on
+                # which tokens were kept (vd.mrope_positions).
+                kept = np.arange(f.mm_position.length)
+            elif config.active:
                 kept = self.kept_tokens(f.data["pixel_values"].data, config).kept.cpu().numpy()
             images.append((f.mm_position.offset, (t, h // merge, w // merge), kept))
         pos, delta = vd.mrope_positions(len(input_tokens), images)

@@ -242,23 +242,25 @@ def mrope_positions(
     """Qwen2-VL's 3-D M-RoPE positions of a prompt whose images keep only some tokens.
 
     ``images``: (placeholder offset, LM grid (t, h, w), kept indices or None for all) per image, in order.
-    Text runs get consecutive positions after the highest one so far (vLLM's and transformers' rule);
-    image tokens get their (t, h, w) grid coordinates, so a kept token sits where it was in the image.
-    Returns positions [3, input_len] and the delta decode positions add (``max + 1 - input_len``).
+    Image tokens get their (t, h, w) grid coordinates, so a kept token sits where it was in the image; text
+    runs get consecutive positions after the whole grid, kept or not (vLLM's and transformers' rule for a
+    full image), so the text's positions never depend on which tokens were kept (as the papers' Qwen code
+    does: positions of the full prompt, then the dropped tokens removed). That is also what lets vLLM's
+    worker place the text after an image whose pixels it no longer has (a prefix-cache hit).
+    Returns positions [3, input_len] and the delta decode positions add (next position - ``input_len``).
     """
     parts: list[np.ndarray] = []
-    st = 0
+    st = start = 0  # st: the next placeholder index; start: the next text position
     for offset, (t, h, w), kept in images:
-        start = parts[-1].max() + 1 if parts else 0
         text = offset - st
         parts.append(np.broadcast_to(np.arange(text), (3, text)) + start)
         grid = np.indices((t, h, w)).reshape(3, -1) + text + start
+        start = int(grid.max()) + 1
         if kept is not None:
             grid = grid[:, kept]
         parts.append(grid)
         st = offset + grid.shape[1]
-    if st < input_len:
-        start = parts[-1].max() + 1 if parts else 0
-        parts.append(np.broadcast_to(np.arange(input_len - st), (3, input_len - st)) + start)
+    tail = input_len - st
+    parts.append(np.broadcast_to(np.arange(tail), (3, tail)) + start)
     pos = np.concatenate(parts, axis=1).reshape(3, -1)
-    return pos, int(pos.max() + 1 - input_len)
+    return pos, start + tail - input_len
