@@ -60,7 +60,7 @@ def _counted(fn):
     return counter.get_total_flops(), out
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"llava-next"}))  # not costed yet
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"llava-next"}))  # anyres: its own test below
 def test_ledger_matches_flop_counter(family):
     cfg = json.loads(json.dumps(FAMILIES[family]))
     ledger = FlopModel.from_pretrained(cfg, image_size=IMAGE_SIDE.get(family, 56))
@@ -102,6 +102,32 @@ def test_ledger_matches_flop_counter(family):
     assert abs(decode - cost.decode.total) <= 0.02 * cost.decode.total, (decode, cost.decode.total)
     # Within 2% is the bar; on these shapes the agreement is in fact exact.
     assert prefill == expected_prefill and decode == cost.decode.total
+
+
+@pytest.mark.parametrize("size", [(64, 128), (200, 90)])  # (h, w): crops 1x2 (no padding); 2x1, unpadded
+def test_llava_next_vision_matches_flop_counter(size):
+    """LLaVA-NeXT's tower runs on the base view and each crop; stock projects every crop's tokens."""
+    from flopwise.techniques import anyres
+
+    cfg = json.loads(json.dumps(FAMILIES["llava-next"]))
+    ledger, model = FlopModel.from_pretrained(cfg), _hf_model(cfg)
+    v = ledger.spec.vision
+    grid = anyres.best_grid(size, cfg["image_grid_pinpoints"], 64)
+    crops = grid[0] * grid[1]
+    pixels = torch.randn(1 + crops, 3, 64, 64)
+    flops, _ = _counted(
+        lambda: model.model.get_image_features(
+            pixels[None],
+            torch.tensor([size]),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    )
+    s, E, F = v.patches + 1, v.hidden, v.ffn  # HF runs the tower's last layer too (vLLM stops before it)
+    extra = (1 + crops) * (2 * s * E * 3 * E + 4 * s * s * E + 2 * s * E * E + 4 * s * E * F)
+    charged = ledger.vision(1, projected=(1 + crops) * v.tokens_per_image, crops=crops).total
+    assert flops == charged + extra
+    assert ledger.vision(1).total < charged  # the front end's least: the fewest crops any image has
 
 
 def test_request_is_sum_of_engine_steps():

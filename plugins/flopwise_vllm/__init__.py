@@ -20,6 +20,7 @@ KV_BACKEND_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUAttentionBackend"
 # Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual_drop).
 VISUAL_MODELS = {
     "LlavaForConditionalGeneration": "flopwise_vllm.visual_llava:FlopwiseLlava",
+    "LlavaNextForConditionalGeneration": "flopwise_vllm.visual_llava:FlopwiseLlavaNext",
     "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen25VL",
 }
@@ -68,6 +69,12 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"),
     ),
     ("vllm.model_executor.models.llava", "LlavaForConditionalGeneration.embed_multimodal", ()),
+    ("vllm.model_executor.models.llava_next", "LlavaNextForConditionalGeneration._process_image_input", ()),
+    (
+        "vllm.model_executor.models.llava_next",
+        "LlavaNextForConditionalGeneration._parse_and_validate_image_input",
+        (),
+    ),
     (
         "vllm.model_executor.models.qwen2_vl",
         "Qwen2VLForConditionalGeneration.get_mrope_input_positions",

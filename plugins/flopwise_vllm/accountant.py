@@ -24,6 +24,7 @@ from vllm.v1.request import Request
 from flopwise.budget import BudgetState
 from flopwise.ledger import Breakdown, FlopModel
 from flopwise.ledger.cost import context_sum
+from flopwise.techniques import anyres
 from flopwise.techniques import visual_drop as vd
 from flopwise_vllm.payload import Charge, make_payload
 from flopwise_vllm.visual_drop import feature_config
@@ -160,6 +161,8 @@ class Accountant:
         data, vision = feature.data, self.model.spec.vision
         if data is not None and "image_grid_thw" in data:  # Qwen2-VL: the image's own grid
             return int(data["image_grid_thw"].data.prod()) // (vision.merge * vision.merge)
+        if (layout := self._anyres(feature)) is not None:
+            return layout[1]
         if vision is not None and vision.kind == "clip":  # LLaVA-1.5: fixed resolution
             return vision.tokens_per_image
         return feature.mm_position.length
@@ -171,6 +174,11 @@ class Accountant:
         if self.model.spec.vision.kind == "clip":
             config, full = feature_config(feature.data), self.full_image_tokens(feature)
             kept = feature.mm_position.length
+            if (layout := self._anyres(feature)) is not None:
+                if config is None or not config.active:
+                    return self.full_image_cost(feature)
+                # flopwise projects the kept tokens (the newlines are the model's own embedding)
+                return self.model.vision(1, projected=kept - layout[2], crops=layout[0])
             cut = config is not None and kept < full
             after = config.layer if cut else None
             projected = full if cut and vd.get_method(config.method).uses_text else None
@@ -179,12 +187,30 @@ class Accountant:
 
     def full_image_cost(self, feature) -> Breakdown:
         """The encoder run on every token of the image (Qwen's: always; the others' dense baseline)."""
+        if (layout := self._anyres(feature)) is not None:  # the projector runs on every crop's tokens
+            crops = layout[0]
+            return self.model.vision(
+                1, projected=(1 + crops) * self.model.spec.vision.tokens_per_image, crops=crops
+            )
         grid = None
         if feature.data is not None and "image_grid_thw" in feature.data:  # Qwen: its attention windows
             merge = self.model.spec.vision.merge
             t, h, w = (int(x) for x in feature.data["image_grid_thw"].data.tolist())
             grid = (t, h // merge, w // merge)
         return self.model.vision(1, tokens_per_image=self.full_image_tokens(feature), grid=grid)
+
+    def _anyres(self, feature) -> tuple[int, int, int] | None:
+        """LLaVA-NeXT: an image's (crops, LM tokens before dropping, row newlines); None for the others.
+        Stock vLLM projects every crop's tokens, the padding's included, then cuts the padding away."""
+        v = self.model.spec.vision
+        if v is None or not v.min_crops or feature.data is None or "image_sizes" not in feature.data:
+            return None
+        cfg = self.model.spec.extra["config"]
+        size = tuple(int(x) for x in feature.data["image_sizes"].data.tolist())
+        tile = cfg["vision_config"]["image_size"]
+        grid = anyres.best_grid(size, cfg["image_grid_pinpoints"], tile)
+        tokens, rows = anyres.counts(size, grid, tile // v.patch_size)
+        return grid[0] * grid[1], v.tokens_per_image + tokens + rows, rows
 
     # -- charging ------------------------------------------------------------------------------------
     def book(self, request: Request, part: Breakdown, cost: Breakdown, baseline: int) -> None:

@@ -2,10 +2,12 @@
 :mod:`flopwise_vllm.visual_llava` and :mod:`flopwise_vllm.visual_qwen`).
 
 ``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration``,
-``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration`` at flopwise's subclasses
+``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` and
+``Qwen2_5_VLForConditionalGeneration`` at flopwise's subclasses
 (``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the stock models. Three
 places must agree on how many tokens an image keeps, and they all call
-:func:`flopwise.techniques.visual_drop.keep_count`:
+:func:`flopwise.techniques.visual_drop.keep_count` (LLaVA-NeXT: per region,
+:func:`flopwise.techniques.anyres.kept_tokens`):
 
 * the processor (front end) writes that many placeholder tokens, so the prefill really shrinks, and
   carries ``visual_keep`` / ``visual_drop`` / ``visual_drop_layer`` (and, for a method that reads the
@@ -30,12 +32,18 @@ from flopwise.techniques import OptionError
 from flopwise.techniques import visual_drop as vd
 from flopwise_vllm.options import server_defaults
 
+# What vLLM itself adds to the HF processor's kwargs (not the request): "truncation" where it hands the HF
+# processor placeholder text (LLaVA-NeXT).
+ENGINE_KEYS = ("truncation",)
+
 
 def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropConfig:
     """The request's options merged over ``--mm-processor-kwargs`` and the server defaults; errors name the
     field. With flopwise serve's gate on, other per-request keys are refused here, whatever the endpoint."""
     server = processor.info.ctx.model_config.mm_processor_kwargs or {}
-    others = sorted(k for k in hf_kwargs if k not in (*vd.FIELDS, vd.QUERY_FIELD) and k not in server)
+    others = sorted(
+        k for k in hf_kwargs if k not in (*vd.FIELDS, vd.QUERY_FIELD, *ENGINE_KEYS) and k not in server
+    )
     if others and server_defaults().mm_kwargs_gate:
         raise OptionError(
             f"per-request mm_processor_kwargs {others} are disabled on this server (start it with "
@@ -49,7 +57,7 @@ def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropC
         layers = processor.tower_layers()
         if layers is None:
             raise vd.VisualDropError(
-                f"{vd.LAYER_FIELD} (dropping inside the vision tower) is supported for LLaVA only",
+                f"{vd.LAYER_FIELD} (dropping inside the vision tower) is supported for LLaVA-1.5 only",
                 vd.LAYER_FIELD,
             )
         if config.layer > layers:
@@ -60,8 +68,8 @@ def request_config(processor, hf_kwargs: Mapping[str, object]) -> vd.VisualDropC
     if vd.uses_text(config) and not processor.reads_text:
         raise vd.VisualDropError(
             f"{vd.METHOD_FIELD}={config.method} reads the request's text, which "
-            f"{processor.info.get_hf_config().architectures[0]} cannot: its image tokens' positions are set "
-            "before its encoder runs (use a text-free method)",
+            f"{processor.info.get_hf_config().architectures[0]} cannot: {processor.text_refusal} (use a "
+            "text-free method)",
             vd.METHOD_FIELD,
         )
     if vd.uses_text(config) and config.layer is not None:
@@ -78,6 +86,7 @@ class DropFields:
 
     image_key = "pixel_values"  # one row per image
     reads_text = False  # whether the model can run a method that reads the request's text
+    text_refusal = "its image tokens' positions are set before its encoder runs"  # why not, if it cannot
 
     def apply(self, inputs, timing_ctx):
         # A query-aware method needs the prompt, which the HF processor never sees (vLLM gives it dummy text):
@@ -133,19 +142,24 @@ class DropFields:
         for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             if update.modality == "image" and isinstance(update, PromptReplacement):
                 update = PromptReplacement(
-                    "image", update.target, _kept_replacement(update.replacement, out_mm_kwargs)
+                    "image", update.target, self._kept_replacement(update.replacement, out_mm_kwargs)
                 )
             updates.append(update)
         return updates
 
+    def _kept_replacement(self, full, out_mm_kwargs):
+        def replacement(item_idx: int):
+            tokens = full(item_idx)
+            keep = _item_keep(out_mm_kwargs, item_idx)
+            if keep is None:
+                return tokens
+            return tokens[: self.kept_count(len(tokens), keep, out_mm_kwargs["image"][item_idx])]
 
-def _kept_replacement(full, out_mm_kwargs):
-    def replacement(item_idx: int):
-        tokens = full(item_idx)
-        keep = _item_keep(out_mm_kwargs, item_idx)
-        return tokens if keep is None else tokens[: vd.keep_count(len(tokens), keep)]
+        return replacement
 
-    return replacement
+    def kept_count(self, tokens: int, keep: float, item) -> int:
+        """LM tokens an image of ``tokens`` keeps at ``keep`` (``item``: its processor outputs)."""
+        return vd.keep_count(tokens, keep)
 
 
 def _item_keep(out_mm_kwargs, item_idx: int) -> float | None:

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from flopwise.techniques import anyres
 from flopwise.techniques import visual_drop as vd
 
 QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")  # one layout, M-RoPE
+NEXT = "LlavaNextForConditionalGeneration"
 
 
 @dataclass
@@ -53,6 +55,36 @@ def _tower_with_drop(model, pixel_values, config: vd.VisualDropConfig):
     return x[0, 1:], sel.kept  # hidden_states carry no post-norm; LLaVA reads them as they are
 
 
+def _anyres(model, inputs, config: vd.VisualDropConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA-NeXT: the same fraction of the base view and of the stitched crops kept (each region scored
+    with the base view's class token as the query), every row's newline kept. Returns the image's LM
+    embeddings and the kept indices (base tokens first, then the grid's in reading order after them)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    if vd.uses_text(config) or (config.active and config.layer is not None):
+        raise vd.VisualDropError("LLaVA-NeXT drops after its tower, on the image alone", vd.METHOD_FIELD)
+    cfg, inner = model.config, model.model
+    size = inputs["image_sizes"][0].tolist()
+    hidden = inner.vision_tower(inputs["pixel_values"][0].to(model.dtype), output_hidden_states=True)
+    feats = hidden.hidden_states[cfg.vision_feature_layer]
+    has_cls = cfg.vision_feature_select_strategy == "default"
+    cls, feats = (feats[0, 0], feats[:, 1:]) if has_cls else (None, feats)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    grid = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    order = anyres.grid_order(size, grid, side)
+    base, tokens = feats[0], feats[1:].flatten(0, 1)[order[order >= 0]]
+    if not config.active:
+        base_kept, grid_kept = torch.arange(len(base)), torch.arange(len(tokens))
+    else:
+        sb, sg = vd.select(base, config, cls), vd.select(tokens, config, cls)
+        base_kept, grid_kept = sb.kept, sg.kept
+        base, tokens = sb.take(base), sg.take(tokens)
+    project = inner.multi_modal_projector
+    layout = anyres.kept_layout(order, grid_kept)
+    embeds = anyres.pack(project(base), project(tokens), layout, order, inner.image_newline)
+    return embeds, torch.cat([base_kept, grid_kept + len(feats[0])])
+
+
 @torch.no_grad()
 def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -> Prepared:
     """Embed ``prompt`` (a rendered chat prompt with one image placeholder) with ``image`` at ``config``."""
@@ -85,6 +117,10 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
                 sel = vd.select(tokens, config, cls)
                 kept, image_embeds = sel.kept, model.model.multi_modal_projector(sel.take(tokens))
         positions, delta = None, 0
+    elif arch == NEXT:
+        image_id = model.config.image_token_index
+        image_embeds, kept = _anyres(model, inputs, config)
+        positions, delta = None, 0
     elif arch in QWEN:
         if vd.uses_text(config):
             raise vd.VisualDropError(f"{config.method} reads the text: not for {arch}", vd.METHOD_FIELD)
@@ -97,8 +133,8 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         sel = vd.select(vd.group_mean(visual.patch_embed(pixels), visual.spatial_merge_size), config)
         kept, image_embeds = sel.kept, sel.take(full)
     else:
-        raise ValueError(f"visual token dropping supports LLaVA, Qwen2-VL and Qwen2.5-VL, not {arch}")
-    ids = _splice(ids, image_id, len(kept))
+        raise ValueError(f"visual token dropping supports LLaVA(-NeXT), Qwen2-VL and Qwen2.5-VL, not {arch}")
+    ids = _splice(ids, image_id, len(image_embeds))
     embeds = model.get_input_embeddings()(ids[None]).clone()
     embeds[0, ids == image_id] = image_embeds.to(embeds.dtype)
     if arch in QWEN:
@@ -107,7 +143,7 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         offset = int((ids == image_id).nonzero()[0])
         pos, delta = vd.mrope_positions(len(ids), [(offset, (t, h // merge, w // merge), kept.numpy())])
         positions = torch.from_numpy(pos.copy()).long()[:, None, :]
-    return Prepared(embeds, positions, delta, len(kept), kept)
+    return Prepared(embeds, positions, delta, len(image_embeds), kept)
 
 
 @torch.no_grad()

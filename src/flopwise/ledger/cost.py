@@ -184,6 +184,7 @@ class FlopModel:
         kept_after_layer: int | None = None,
         projected: int | None = None,
         grid: tuple[int, int, int] | None = None,
+        crops: int | None = None,
     ) -> Breakdown:
         """Vision tower + projector for ``images`` images of ``tokens_per_image`` LM tokens each.
 
@@ -192,7 +193,9 @@ class FlopModel:
         ``projected``: tokens the projector ran on, if not the kept ones (a method that selects on its
         output projects every token). ``grid``: the image's (t, h, w) in LM tokens, which sets Qwen2.5-VL's
         attention windows; without it (the front end before the grid is known) every window is counted as
-        one LM token, the least the image can cost.
+        one LM token, the least the image can cost. ``crops`` (LLaVA-NeXT): the tower runs on the base view
+        and this many crops (without it, the fewest any image has); pass ``projected``, as the newlines
+        between rows are LM tokens the projector does not make.
         """
         out = Breakdown()
         v = self.spec.vision
@@ -203,7 +206,10 @@ class FlopModel:
         if tokens_per_image is None and grid is None and v.kind == "qwen2_vl":
             side = math.isqrt(v.tokens_per_image)  # the default image is square
             grid = (1, side, side)
-        one = self._one_image(v, tokens_per_image or v.tokens_per_image, kept_after_layer, projected, grid)
+        views = 1 + (v.min_crops if crops is None else crops) if v.min_crops else 1
+        one = self._one_image(
+            v, tokens_per_image or v.tokens_per_image, kept_after_layer, projected, grid, views
+        )
         out.add("vision", images * one)
         return out
 
@@ -214,6 +220,7 @@ class FlopModel:
         kept_after_layer: int | None = None,
         projected: int | None = None,
         grid: tuple[int, int, int] | None = None,
+        views: int = 1,
     ) -> int:
         n = v.patches_for_tokens(tokens)
         cls = 1 if v.cls_token else 0
@@ -229,6 +236,7 @@ class FlopModel:
             flops += v.full_layers * layer(n) + windowed * layer(n, _window_scores(v, tokens, grid))
         elif kept_after_layer is None:
             flops += v.layers * layer(n + cls)
+            flops *= views  # LLaVA-NeXT: the base view and each crop, one tower run each
         else:
             early = min(kept_after_layer, v.layers)
             flops += early * layer(n + cls) + (v.layers - early) * layer(tokens + cls)

@@ -61,6 +61,7 @@ class VisionSpec:
     window: int = 0  # Qwen2.5-VL: attention windows of window x window LM tokens (0: whole-image attention)
     full_layers: int = 0  # ... of the layers, these attend to the whole image
     gated: bool = False  # SwiGLU MLP (three matrices) instead of two
+    min_crops: int = 0  # LLaVA-NeXT (anyres): the fewest crops beside the base view (0: one view only)
 
     def patches_for_tokens(self, tokens: int) -> int:
         """Patches behind ``tokens`` language-model tokens (Qwen2-VL images vary in size)."""
@@ -98,7 +99,8 @@ DENSE = {
 }
 MOE = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
 QWEN_VL = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
-VLM = {"LlavaForConditionalGeneration"} | QWEN_VL
+LLAVA = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
+VLM = LLAVA | QWEN_VL
 SUPPORTED = sorted(DENSE | MOE | VLM)
 
 
@@ -190,10 +192,10 @@ def _text_layers(cfg: dict, arch: str) -> tuple[LayerSpec, ...]:
     return tuple(layers)
 
 
-def _clip_vision(cfg: dict, text_hidden: int) -> VisionSpec:
+def _clip_vision(cfg: dict, text_hidden: int, arch: str) -> VisionSpec:
     v = cfg.get("vision_config")
     if not isinstance(v, dict):
-        raise LedgerError("config field 'vision_config' is missing from LlavaForConditionalGeneration config")
+        raise LedgerError(f"config field 'vision_config' is missing from {arch} config")
     mt = v.get("model_type", "clip_vision_model")
     if mt not in ("clip_vision_model", "siglip_vision_model"):
         raise UnsupportedArchitecture(
@@ -227,7 +229,18 @@ def _clip_vision(cfg: dict, text_hidden: int) -> VisionSpec:
         proj_hidden=text_hidden,
         out_hidden=text_hidden,
         patch_size=patch,
+        min_crops=_min_crops(cfg, image) if arch == "LlavaNextForConditionalGeneration" else 0,
     )
+
+
+def _min_crops(cfg: dict, tile: int) -> int:
+    """LLaVA-NeXT: crops of the smallest pinpoint resolution (every image has at least that many)."""
+    pinpoints = cfg.get("image_grid_pinpoints")
+    if not pinpoints:
+        raise LedgerError(
+            "config field 'image_grid_pinpoints' is missing from LlavaNextForConditionalGeneration"
+        )
+    return min((h // tile) * (w // tile) for h, w in pinpoints)
 
 
 def _qwen2vl_vision(cfg: dict, text_hidden: int, image_size: int, arch: str) -> VisionSpec:
@@ -300,8 +313,8 @@ def parse_spec(model: str | os.PathLike | dict, image_size: int = 448) -> ModelS
             _req(text, "vocab_size", "text_config") if "vocab_size" in text else _req(cfg, "vocab_size", arch)
         )
         vision = (
-            _clip_vision(cfg, hidden)
-            if arch == "LlavaForConditionalGeneration"
+            _clip_vision(cfg, hidden, arch)
+            if arch in LLAVA
             else _qwen2vl_vision(cfg, hidden, image_size, arch)
         )
         return ModelSpec(arch, hidden, vocab, _text_layers(text, text_arch), vision, extra={"config": cfg})

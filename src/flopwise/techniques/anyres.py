@@ -1,0 +1,88 @@
+"""LLaVA-NeXT's "anyres" image layout, as token indices, so visual dropping can prune each region of it.
+
+An image becomes a base view (the whole image at the tower's resolution) plus a grid of crops of a larger
+resized copy. The language model reads the base view's tokens, then the crops' tokens stitched into one
+feature map, cropped back to the image's aspect ratio ("unpad"), row by row with an ``image_newline``
+embedding closing each row (transformers' ``LlavaNextModel.pack_image_features``, vLLM's
+``_merge_image_patch_embeddings``). Dropping keeps the same fraction of the base view and of the stitched
+grid and every newline, so the kept tokens stay in reading order and each row still ends where it did.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def best_grid(image_size: tuple[int, int], pinpoints: list, tile: int) -> tuple[int, int]:
+    """Crops (rows, cols) of an image (height, width): the pinpoint resolution that keeps the most of the
+    image and wastes the least (transformers' ``select_best_resolution``), in tiles of ``tile`` pixels."""
+    h, w = image_size
+    best, most, waste = None, 0, float("inf")
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        wasted = ph * pw - effective
+        if effective > most or (effective == most and wasted < waste):
+            best, most, waste = (ph, pw), effective, wasted
+    return best[0] // tile, best[1] // tile
+
+
+def _unpadded(rows: int, cols: int, image_size: tuple[int, int]) -> tuple[slice, slice]:
+    """The rows and columns of a stitched feature map that hold the image, not its letterbox padding."""
+    h, w = image_size
+    if w / h > cols / rows:
+        pad = (rows - int(round(h * (cols / w), 7))) // 2
+        return slice(pad, rows - pad), slice(0, cols)
+    pad = (cols - int(round(w * (rows / h), 7))) // 2
+    return slice(0, rows), slice(pad, cols - pad)
+
+
+def grid_order(image_size: tuple[int, int], grid: tuple[int, int], side: int) -> torch.Tensor:
+    """The stitched grid's tokens in the order the language model reads them: an index into the crops'
+    tokens flattened ([crops * side * side], crops in row-major grid order) or -1 for a row's newline.
+
+    ``image_size`` (height, width) in pixels, ``grid`` (rows, cols) of crops, ``side`` tokens per crop side.
+    """
+    gr, gc = grid
+    r = torch.arange(gr * side)[:, None]
+    c = torch.arange(gc * side)[None, :]
+    index = ((r // side) * gc + c // side) * side * side + (r % side) * side + c % side
+    rows, cols = _unpadded(gr * side, gc * side, image_size)
+    index = index[rows, cols]
+    newline = torch.full((index.shape[0], 1), -1, dtype=index.dtype)
+    return torch.cat([index, newline], dim=1).flatten()
+
+
+def counts(image_size: tuple[int, int], grid: tuple[int, int], side: int) -> tuple[int, int]:
+    """(grid tokens, rows) of the unpadded stitched grid: the image's LM tokens are base + grid + rows."""
+    rows, cols = _unpadded(grid[0] * side, grid[1] * side, image_size)
+    n_rows, n_cols = len(range(*rows.indices(grid[0] * side))), len(range(*cols.indices(grid[1] * side)))
+    return n_rows * n_cols, n_rows
+
+
+def kept_layout(order: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Which places of ``order`` a pruned image keeps: every newline, and the grid tokens whose rank in
+    reading order is in ``kept``."""
+    is_token = order >= 0
+    keep = torch.zeros(int(is_token.sum()), dtype=torch.bool)
+    keep[kept] = True
+    mask = ~is_token
+    mask[is_token] = keep
+    return mask
+
+
+def pack(base: torch.Tensor, grid: torch.Tensor, layout: torch.Tensor, order: torch.Tensor, newline):
+    """The image's LM embeddings: the kept base tokens, then the kept grid tokens (``grid``, reading order)
+    with ``newline`` where each row ends."""
+    out = newline.to(grid.dtype).expand(int(layout.sum()), -1).clone()
+    out[order[layout] >= 0] = grid
+    return torch.cat([base, out])
+
+
+def kept_tokens(image_size: tuple[int, int], grid: tuple[int, int], side: int, base: int, keep: float) -> int:
+    """LM tokens an image keeps at ``keep``: that fraction of the base view's ``base`` tokens and of the
+    stitched grid's, and every row's newline."""
+    from flopwise.techniques.visual_drop import keep_count
+
+    tokens, rows = counts(image_size, grid, side)
+    return keep_count(base, keep) + keep_count(tokens, keep) + rows
