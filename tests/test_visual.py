@@ -536,6 +536,45 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
 
 
 @pytest.mark.slow
+def test_a_family_flopwise_cannot_prune_is_a_400_naming_it(tiny_model, tmp_path):
+    """Qwen3-VL (deepstack): ``vllm serve`` with flopwise's plugins serves it as stock vLLM does
+    (``flopwise serve`` refuses a model the ledger cannot cost); asking to drop its image tokens is refused
+    with the architecture named, not silently ignored. (Without the endpoint plugin allow-listed, plain
+    ``vllm serve`` hands the options to the stock processor, which ignores them.)"""
+    from flopwise_serve.launch import free_port, vllm_serve
+
+    path = tiny_model("qwen3-vl")
+    args = ["--max-model-len", "1024", "--trust-request-mm-kwargs"]
+    with vllm_serve(
+        path, free_port(), tmp_path / "server.log", args, plugins="flopwise,flopwise_serving"
+    ) as s:
+        for extra, status in (
+            ({"mm_processor_kwargs": {"visual_keep": 0.5}}, 400),
+            ({"vllm_xargs": {"visual_keep": 0.5}}, 400),
+            ({}, 200),
+        ):
+            body = {
+                "model": path,
+                "max_tokens": 2,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": _data_url(_image(6, 96))}},
+                            {"type": "text", "text": "hi"},
+                        ],
+                    }
+                ],
+                **extra,
+            }
+            r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == status, (extra, r.text)
+            if status == 400:
+                err = r.json()["error"]
+                assert "visual_keep" in err["param"] and "Qwen3VLForConditionalGeneration" in err["message"]
+
+
+@pytest.mark.slow
 @pytest.mark.long  # a Qwen2-VL engine of its own, ~1.5 min; the served and engine tests stay in make test
 def test_batch_lines_take_visual_keep(tiny_model, tmp_path):
     import json

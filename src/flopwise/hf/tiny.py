@@ -142,14 +142,33 @@ FAMILIES: dict[str, dict] = {
         architectures=["Qwen2_5_VLForConditionalGeneration"],
     ),
 }
-# LLaVA-NeXT (anyres: a base image + crops on a pinpoint grid), LLaVA's shapes otherwise; flopwise does not
-# drop its tokens yet.
+# LLaVA-NeXT (anyres: a base image + crops on a pinpoint grid), LLaVA's shapes otherwise.
 FAMILIES["llava-next"] = dict(
     FAMILIES["llava"],
     architectures=["LlavaNextForConditionalGeneration"],
     model_type="llava_next",
     image_grid_pinpoints=[[64, 64], [64, 128], [128, 64]],
 )
+# Qwen3-VL (deepstack: tower features feed LM layers too): flopwise neither costs nor prunes it; the tiny one
+# is for what a user of such a model meets.
+UNSUPPORTED = {
+    "qwen3-vl": dict(
+        _qwen_vl(
+            "qwen3_vl",
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=_TEXT["hidden_size"],
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        architectures=["Qwen3VLForConditionalGeneration"],
+    )
+}
+_q3_text = UNSUPPORTED["qwen3-vl"]["text_config"]
+del _q3_text["rope_scaling"]  # Qwen3-VL reads rope_parameters alone (interleaved M-RoPE)
+_q3_text["rope_parameters"]["mrope_interleaved"] = True
 
 
 def _corpus_files() -> list[str]:
@@ -186,7 +205,7 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
     import torch
     import transformers
 
-    cfg_dict = json.loads(json.dumps(FAMILIES[family]))
+    cfg_dict = json.loads(json.dumps({**FAMILIES, **UNSUPPORTED}[family]))
     arch = cfg_dict["architectures"][0]
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     config.architectures = [arch]
@@ -201,7 +220,7 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer = train_tokenizer(str(tmp))
-        if family in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl"):
+        if family in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
             save_processor(family, config, tokenizer, str(tmp))
         if family in ("llava", "llava-next"):
             legacy_llava_keys(str(tmp))
@@ -245,10 +264,13 @@ def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
         )
     else:
         image_processor = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
-        cls = transformers.Qwen2_5_VLProcessor if family == "qwen2.5-vl" else transformers.Qwen2VLProcessor
+        cls, video = {
+            "qwen2.5-vl": (transformers.Qwen2_5_VLProcessor, transformers.Qwen2VLVideoProcessor),
+            "qwen3-vl": (transformers.Qwen3VLProcessor, transformers.Qwen3VLVideoProcessor),
+        }.get(family, (transformers.Qwen2VLProcessor, transformers.Qwen2VLVideoProcessor))
         processor = cls(
             image_processor=image_processor,
-            video_processor=transformers.Qwen2VLVideoProcessor(),
+            video_processor=video(),
             tokenizer=tokenizer,
             chat_template=tokenizer.chat_template,
         )
