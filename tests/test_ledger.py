@@ -104,12 +104,21 @@ def test_ledger_matches_flop_counter(family):
     assert prefill == expected_prefill and decode == cost.decode.total
 
 
-@pytest.mark.parametrize("size", [(64, 128), (200, 90)])  # (h, w): crops 1x2 (no padding); 2x1, unpadded
-def test_llava_next_vision_matches_flop_counter(size):
-    """LLaVA-NeXT's tower runs on the base view and each crop; stock projects every crop's tokens."""
+@pytest.mark.parametrize(
+    "family,size",  # (h, w): crops 1x2 (no padding); 2x1 with padding; 4x4 (OneVision shrinks that grid)
+    [
+        ("llava-next", (64, 128)),
+        ("llava-next", (200, 90)),
+        ("llava-onevision", (200, 90)),
+        ("llava-onevision", (250, 250)),
+    ],
+)
+def test_anyres_vision_matches_flop_counter(family, size):
+    """LLaVA-NeXT's / -OneVision's tower runs on the base view and each crop; stock projects every crop's
+    tokens (OneVision's bilinear shrinking of a large grid is not counted: no matmul)."""
     from flopwise.techniques import anyres
 
-    cfg = json.loads(json.dumps(FAMILIES["llava-next"]))
+    cfg = json.loads(json.dumps(FAMILIES[family]))
     ledger, model = FlopModel.from_pretrained(cfg), _hf_model(cfg)
     v = ledger.spec.vision
     grid = anyres.best_grid(size, cfg["image_grid_pinpoints"], 64)

@@ -20,7 +20,8 @@ KV_BACKEND_CLS = "flopwise_vllm.kv_drop.FlopwiseCPUAttentionBackend"
 # Stock architecture -> flopwise's subclass with visual token dropping (flopwise_vllm.visual_drop).
 VISUAL_MODELS = {
     "LlavaForConditionalGeneration": "flopwise_vllm.visual_llava:FlopwiseLlava",
-    "LlavaNextForConditionalGeneration": "flopwise_vllm.visual_llava:FlopwiseLlavaNext",
+    "LlavaNextForConditionalGeneration": "flopwise_vllm.visual_anyres:FlopwiseLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "flopwise_vllm.visual_anyres:FlopwiseLlavaOnevision",
     "Qwen2VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "flopwise_vllm.visual_qwen:FlopwiseQwen25VL",
 }
@@ -70,6 +71,21 @@ SURFACES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("vllm.model_executor.models.llava", "LlavaForConditionalGeneration.embed_multimodal", ()),
     ("vllm.model_executor.models.llava_next", "LlavaNextForConditionalGeneration._process_image_input", ()),
+    (
+        "vllm.model_executor.models.llava_onevision",
+        "LlavaOnevisionForConditionalGeneration._process_image_input",
+        ("image_input",),
+    ),
+    (
+        "vllm.model_executor.models.llava_onevision",
+        "LlavaOnevisionForConditionalGeneration._parse_and_validate_image_input",
+        (),
+    ),
+    (
+        "vllm.model_executor.models.llava_onevision",
+        "LlavaOnevisionMultiModalProcessor._apply_hf_processor_main",
+        ("mm_items", "hf_kwargs"),
+    ),
     (
         "vllm.model_executor.models.llava_next",
         "LlavaNextForConditionalGeneration._parse_and_validate_image_input",

@@ -29,6 +29,8 @@ from flopwise.techniques import visual_drop as vd
 from flopwise_vllm.payload import Charge, make_payload
 from flopwise_vllm.visual_drop import feature_config
 
+ONEVISION = "LlavaOnevisionForConditionalGeneration"
+
 _CHILD = re.compile(r"^(\d+)_(.+)$")
 # (request, first position of the step) -> tokens of its context attention no longer reads
 ContextCut = Callable[[Request, int], int]
@@ -175,9 +177,9 @@ class Accountant:
             config, full = feature_config(feature.data), self.full_image_tokens(feature)
             kept = feature.mm_position.length
             if (layout := self._anyres(feature)) is not None:
-                if config is None or not config.active:
-                    return self.full_image_cost(feature)
-                # flopwise projects the kept tokens (the newlines are the model's own embedding)
+                if config is None or not config.active or self.model.spec.architecture == ONEVISION:
+                    return self.full_image_cost(feature)  # OneVision drops after its projector
+                # LLaVA-NeXT projects the kept tokens (the newlines are the model's own embedding)
                 return self.model.vision(1, projected=kept - layout[2], crops=layout[0])
             cut = config is not None and kept < full
             after = config.layer if cut else None
@@ -207,9 +209,8 @@ class Accountant:
             return None
         cfg = self.model.spec.extra["config"]
         size = tuple(int(x) for x in feature.data["image_sizes"].data.tolist())
-        tile = cfg["vision_config"]["image_size"]
-        grid = anyres.best_grid(size, cfg["image_grid_pinpoints"], tile)
-        tokens, rows = anyres.counts(size, grid, tile // v.patch_size)
+        tile, aspect = cfg["vision_config"]["image_size"], cfg.get("vision_aspect_ratio")
+        grid, tokens, rows = anyres.layout(size, cfg["image_grid_pinpoints"], tile, v.patch_size, aspect)
         return grid[0] * grid[1], v.tokens_per_image + tokens + rows, rows
 
     # -- charging ------------------------------------------------------------------------------------

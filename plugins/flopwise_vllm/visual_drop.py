@@ -1,12 +1,11 @@
 """Visual token dropping in vLLM: what every family's processor shares (the models are in
-:mod:`flopwise_vllm.visual_llava` and :mod:`flopwise_vllm.visual_qwen`).
+:mod:`flopwise_vllm.visual_llava`, :mod:`flopwise_vllm.visual_anyres` and :mod:`flopwise_vllm.visual_qwen`).
 
-``register()`` (``VISUAL_MODELS``) points vLLM's ``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` and
-``Qwen2_5_VLForConditionalGeneration`` at flopwise's subclasses
+``register()`` (``VISUAL_MODELS``) points vLLM's LLaVA(-NeXT, -OneVision) and Qwen2(.5)-VL architectures at
+flopwise's subclasses
 (``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the stock models. Three
 places must agree on how many tokens an image keeps, and they all call
-:func:`flopwise.techniques.visual_drop.keep_count` (LLaVA-NeXT: per region,
+:func:`flopwise.techniques.visual_drop.keep_count` (anyres LLaVA: per region,
 :func:`flopwise.techniques.anyres.kept_tokens`):
 
 * the processor (front end) writes that many placeholder tokens, so the prefill really shrinks, and
@@ -103,11 +102,14 @@ class DropFields:
         raise NotImplementedError
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
+        return self.with_fields(hf_kwargs, lambda kw: super(DropFields, self)._call_hf_processor(hf_data, kw))
+
+    def with_fields(self, hf_kwargs, process):
+        """``process`` (the stock HF processing) on ``hf_kwargs`` without flopwise's options, which come back
+        as per-image fields of its output."""
         config = request_config(self, hf_kwargs)
-        # Request-level options stop here; server-level ones (--mm-processor-kwargs) reach the HF processor,
-        # which ignores unknown keywords with a warning.
         ours = (*vd.FIELDS, vd.QUERY_FIELD)
-        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k not in ours})
+        out = process({k: v for k, v in hf_kwargs.items() if k not in ours})
         n = self._num_images(out)
         if n:
             out[vd.KEEP_FIELD] = torch.full((n,), config.keep, dtype=torch.float64)

@@ -4,11 +4,7 @@ The tower's features at the layer the projector reads are scored (CLS token incl
 cls_attention / visionzip) and only the kept tokens are projected; with ``visual_drop_layer`` L it scores
 after L tower layers instead and runs the remaining layers on the kept tokens only. A method that reads the
 request's text (cdpruner) selects on the projector's output for every token, against the instruction's
-token embeddings.
-
-LLaVA-NeXT (anyres: a base view + crops stitched into one grid, a newline embedding after each row) keeps
-the same fraction of the base view and of the grid, chosen on the tower's features, and every newline
-(:mod:`flopwise.techniques.anyres`); it drops after the tower, without the text. Videos are not pruned.
+token embeddings. LLaVA-NeXT and -OneVision are in :mod:`flopwise_vllm.visual_anyres`.
 """
 
 from __future__ import annotations
@@ -21,14 +17,8 @@ from vllm.model_executor.models.llava import (
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
-from vllm.model_executor.models.llava_next import (
-    LlavaNextForConditionalGeneration,
-    LlavaNextMultiModalProcessor,
-    LlavaNextProcessingInfo,
-)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from flopwise.techniques import anyres
 from flopwise.techniques import visual_drop as vd
 from flopwise_vllm.visual_drop import DropFields, configs, queries
 
@@ -103,58 +93,3 @@ class FlopwiseLlava(LlavaForConditionalGeneration):
         if tower.post_layernorm is not None:
             x = tower.post_layernorm(x)
         return self.multi_modal_projector(x[0, 1:])
-
-
-class FlopwiseLlavaNextProcessor(DropFields, LlavaNextMultiModalProcessor):
-    text_refusal = "flopwise selects its anyres crops on the image alone"
-
-    def kept_count(self, tokens: int, keep: float, item) -> int:
-        cfg = self.info.get_hf_config()
-        size = tuple(item["image_sizes"].data.tolist())
-        grid, side = _grid(cfg, size)
-        base = tokens - sum(anyres.counts(size, grid, side))
-        return anyres.kept_tokens(size, grid, side, base, keep)
-
-
-def _grid(cfg, size: tuple[int, int]) -> tuple[tuple[int, int], int]:
-    """An image's crops (rows, cols) and tokens per crop side."""
-    tile = cfg.vision_config.image_size
-    return anyres.best_grid(size, cfg.image_grid_pinpoints, tile), tile // cfg.vision_config.patch_size
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    FlopwiseLlavaNextProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
-)
-class FlopwiseLlavaNext(LlavaNextForConditionalGeneration):
-    def embed_multimodal(self, **kwargs):
-        per_image = configs(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if per_image is None or image_input["type"] != "pixel_values" or not any(c.active for c in per_image):
-            return self._process_image_input(image_input)
-        pixels, sizes = image_input["pixel_values"], image_input["image_sizes"]
-        return [
-            self._drop(pixels[i], tuple(sizes[i].tolist()), config)
-            if config.active
-            else self._process_image_input(
-                {"type": "pixel_values", "pixel_values": pixels[i : i + 1], "image_sizes": sizes[i : i + 1]}
-            )[0]
-            for i, config in enumerate(per_image)
-        ]
-
-    def _drop(self, pixels: torch.Tensor, size: tuple[int, int], config: vd.VisualDropConfig):
-        """One image's LM embeddings with the kept tokens of its base view and of its grid."""
-        grid, side = _grid(self.config, size)
-        pixels = pixels[: 1 + grid[0] * grid[1]]  # a batch pads each image's crops to the most crops
-        feats = self.vision_tower(pixels, select_layers=self.select_layers, feature_select_strategy="full")
-        has_cls = self.config.vision_feature_select_strategy == "default"
-        cls, feats = (feats[0, 0], feats[:, 1:]) if has_cls else (None, feats)
-        order = anyres.grid_order(size, grid, side).to(feats.device)
-        base, tokens = feats[0], feats[1:].flatten(0, 1)[order[order >= 0]]
-        sb, sg = vd.select(base, config, cls), vd.select(tokens, config, cls)
-        project = self.multi_modal_projector
-        layout = anyres.kept_layout(order.cpu(), sg.kept.cpu()).to(feats.device)
-        return anyres.pack(
-            project(sb.take(base)), project(sg.take(tokens)), layout, order, self.image_newline
-        )

@@ -149,6 +149,16 @@ FAMILIES["llava-next"] = dict(
     model_type="llava_next",
     image_grid_pinpoints=[[64, 64], [64, 128], [128, 64]],
 )
+# LLaVA-OneVision: LLaVA-NeXT's layout with up to 4x4 crops, so a large image's grid is shrunk (bilinear) to
+# at most 9 crops' worth of tokens ("anyres_max_9").
+FAMILIES["llava-onevision"] = dict(
+    FAMILIES["llava"],
+    architectures=["LlavaOnevisionForConditionalGeneration"],
+    model_type="llava_onevision",
+    video_token_index=7,
+    vision_aspect_ratio="anyres_max_9",
+    image_grid_pinpoints=[[64 * r, 64 * c] for r in range(1, 5) for c in range(1, 5)],
+)
 # Qwen3-VL (deepstack: tower features feed LM layers too): flopwise neither costs nor prunes it; the tiny one
 # is for what a user of such a model meets.
 UNSUPPORTED = {
@@ -220,9 +230,9 @@ def build(family: str, out_dir: str, seed: int = 0) -> str:
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer = train_tokenizer(str(tmp))
-        if family in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
+        if family in ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
             save_processor(family, config, tokenizer, str(tmp))
-        if family in ("llava", "llava-next"):
+        if family in ("llava", "llava-next", "llava-onevision"):
             legacy_llava_keys(str(tmp))
     return out_dir
 
@@ -232,7 +242,22 @@ def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
     Qwen2-VL: images resized to 56..224 px per side, so 4..64 LM tokens)."""
     import transformers
 
-    if family == "llava-next":
+    if family == "llava-onevision":
+        side = config.vision_config.image_size
+        processor = transformers.LlavaOnevisionProcessor(
+            image_processor=transformers.LlavaOnevisionImageProcessor(
+                size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints
+            ),
+            video_processor=transformers.LlavaOnevisionVideoProcessor(size={"height": side, "width": side}),
+            tokenizer=tokenizer,
+            num_image_tokens=(side // config.vision_config.patch_size) ** 2
+            + 1,  # the CLS, dropped ("default")
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            image_token="<image>",
+            video_token="<|video_pad|>",
+            chat_template=tokenizer.chat_template,
+        )
+    elif family == "llava-next":
         side = config.vision_config.image_size
         image_processor = transformers.LlavaNextImageProcessor(
             size={"shortest_edge": side},

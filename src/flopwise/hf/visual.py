@@ -16,6 +16,7 @@ from flopwise.techniques import visual_drop as vd
 
 QWEN = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")  # one layout, M-RoPE
 NEXT = "LlavaNextForConditionalGeneration"
+ONEVISION = "LlavaOnevisionForConditionalGeneration"
 
 
 @dataclass
@@ -85,6 +86,31 @@ def _anyres(model, inputs, config: vd.VisualDropConfig) -> tuple[torch.Tensor, t
     return embeds, torch.cat([base_kept, grid_kept + len(feats[0])])
 
 
+def _onevision(model, inputs, config: vd.VisualDropConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA-OneVision: transformers' packed embeddings (its grid shrunk after the projector where large), the
+    same fraction of the base view's and of the grid's kept, scored on them, every newline kept."""
+    if vd.uses_text(config) or (config.active and config.layer is not None):
+        raise vd.VisualDropError(
+            "LLaVA-OneVision drops after its projector, on the image alone", vd.METHOD_FIELD
+        )
+    cfg, inner = model.config, model.model
+    packed = inner.get_image_features(
+        inputs["pixel_values"].to(model.dtype),
+        inputs["image_sizes"],
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        vision_aspect_ratio=cfg.vision_aspect_ratio,
+    ).pooler_output[0]
+    if not config.active:
+        return packed, torch.arange(len(packed))
+    v = cfg.vision_config
+    size = inputs["image_sizes"][0].tolist()
+    _, tokens, rows = anyres.layout(
+        size, cfg.image_grid_pinpoints, v.image_size, v.patch_size, cfg.vision_aspect_ratio
+    )
+    return anyres.prune_packed(packed, tokens, rows, config, inner.image_newline)
+
+
 @torch.no_grad()
 def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -> Prepared:
     """Embed ``prompt`` (a rendered chat prompt with one image placeholder) with ``image`` at ``config``."""
@@ -117,9 +143,9 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
                 sel = vd.select(tokens, config, cls)
                 kept, image_embeds = sel.kept, model.model.multi_modal_projector(sel.take(tokens))
         positions, delta = None, 0
-    elif arch == NEXT:
+    elif arch in (NEXT, ONEVISION):
         image_id = model.config.image_token_index
-        image_embeds, kept = _anyres(model, inputs, config)
+        image_embeds, kept = (_anyres if arch == NEXT else _onevision)(model, inputs, config)
         positions, delta = None, 0
     elif arch in QWEN:
         if vd.uses_text(config):
@@ -133,7 +159,9 @@ def prepare(model, processor, image, prompt: str, config: vd.VisualDropConfig) -
         sel = vd.select(vd.group_mean(visual.patch_embed(pixels), visual.spatial_merge_size), config)
         kept, image_embeds = sel.kept, sel.take(full)
     else:
-        raise ValueError(f"visual token dropping supports LLaVA(-NeXT), Qwen2-VL and Qwen2.5-VL, not {arch}")
+        raise ValueError(
+            f"visual token dropping supports LLaVA(-NeXT/-OneVision) and Qwen2/2.5-VL, not {arch}"
+        )
     ids = _splice(ids, image_id, len(image_embeds))
     embeds = model.get_input_embeddings()(ids[None]).clone()
     embeds[0, ids == image_id] = image_embeds.to(embeds.dtype)

@@ -99,7 +99,8 @@ DENSE = {
 }
 MOE = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
 QWEN_VL = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
-LLAVA = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
+ANYRES = {"LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"}
+LLAVA = {"LlavaForConditionalGeneration"} | ANYRES
 VLM = LLAVA | QWEN_VL
 SUPPORTED = sorted(DENSE | MOE | VLM)
 
@@ -229,17 +230,15 @@ def _clip_vision(cfg: dict, text_hidden: int, arch: str) -> VisionSpec:
         proj_hidden=text_hidden,
         out_hidden=text_hidden,
         patch_size=patch,
-        min_crops=_min_crops(cfg, image) if arch == "LlavaNextForConditionalGeneration" else 0,
+        min_crops=_min_crops(cfg, image, arch) if arch in ANYRES else 0,
     )
 
 
-def _min_crops(cfg: dict, tile: int) -> int:
-    """LLaVA-NeXT: crops of the smallest pinpoint resolution (every image has at least that many)."""
+def _min_crops(cfg: dict, tile: int, arch: str) -> int:
+    """LLaVA-NeXT / -OneVision: crops of the smallest pinpoint resolution (every image has that many)."""
     pinpoints = cfg.get("image_grid_pinpoints")
     if not pinpoints:
-        raise LedgerError(
-            "config field 'image_grid_pinpoints' is missing from LlavaNextForConditionalGeneration"
-        )
+        raise LedgerError(f"config field 'image_grid_pinpoints' is missing from {arch} config")
     return min((h // tile) * (w // tile) for h, w in pinpoints)
 
 

@@ -1,16 +1,21 @@
-"""LLaVA-NeXT's "anyres" image layout, as token indices, so visual dropping can prune each region of it.
+"""The "anyres" image layout of LLaVA-NeXT and LLaVA-OneVision, so visual dropping can prune each region.
 
 An image becomes a base view (the whole image at the tower's resolution) plus a grid of crops of a larger
 resized copy. The language model reads the base view's tokens, then the crops' tokens stitched into one
-feature map, cropped back to the image's aspect ratio ("unpad"), row by row with an ``image_newline``
-embedding closing each row (transformers' ``LlavaNextModel.pack_image_features``, vLLM's
-``_merge_image_patch_embeddings``). Dropping keeps the same fraction of the base view and of the stitched
-grid and every newline, so the kept tokens stay in reading order and each row still ends where it did.
+feature map, cropped back to the image's aspect ratio ("unpad"; OneVision then shrinks a large map to about
+``anyres_max_N`` crops' worth), row by row with an ``image_newline`` embedding closing each row
+(transformers' ``pack_image_features``, vLLM's ``_merge_image_patch_embeddings``). Dropping keeps the same
+fraction of the base view and of the grid and every newline, so the kept tokens stay in reading order and
+each row still ends where it did.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from flopwise.techniques import visual_drop as vd
 
 
 def best_grid(image_size: tuple[int, int], pinpoints: list, tile: int) -> tuple[int, int]:
@@ -53,10 +58,19 @@ def grid_order(image_size: tuple[int, int], grid: tuple[int, int], side: int) ->
     return torch.cat([index, newline], dim=1).flatten()
 
 
-def counts(image_size: tuple[int, int], grid: tuple[int, int], side: int) -> tuple[int, int]:
-    """(grid tokens, rows) of the unpadded stitched grid: the image's LM tokens are base + grid + rows."""
+def counts(
+    image_size: tuple[int, int], grid: tuple[int, int], side: int, max_crops: int | None = None
+) -> tuple[int, int]:
+    """(grid tokens, rows) of the unpadded stitched grid: the image's LM tokens are base + grid + rows.
+
+    ``max_crops`` (LLaVA-OneVision's ``anyres_max_N``): a grid of more than ~N crops' worth of tokens is
+    shrunk (bilinear) to about that many, keeping its aspect ratio."""
     rows, cols = _unpadded(grid[0] * side, grid[1] * side, image_size)
     n_rows, n_cols = len(range(*rows.indices(grid[0] * side))), len(range(*cols.indices(grid[1] * side)))
+    if max_crops is not None:
+        ratio = math.sqrt(n_rows * n_cols / (max_crops * side * side))
+        if ratio > 1.1:
+            n_rows, n_cols = int(n_rows // ratio), int(n_cols // ratio)
     return n_rows * n_cols, n_rows
 
 
@@ -79,10 +93,39 @@ def pack(base: torch.Tensor, grid: torch.Tensor, layout: torch.Tensor, order: to
     return torch.cat([base, out])
 
 
-def kept_tokens(image_size: tuple[int, int], grid: tuple[int, int], side: int, base: int, keep: float) -> int:
-    """LM tokens an image keeps at ``keep``: that fraction of the base view's ``base`` tokens and of the
-    stitched grid's, and every row's newline."""
-    from flopwise.techniques.visual_drop import keep_count
+def layout(
+    image_size: tuple[int, int], pinpoints: list, tile: int, patch: int, aspect_ratio: str | None = None
+) -> tuple[tuple[int, int], int, int]:
+    """An image's crops (rows, cols), its grid's tokens and rows (:func:`counts`), from the model's
+    ``image_grid_pinpoints``, tower ``image_size`` / ``patch_size`` and, for LLaVA-OneVision,
+    ``vision_aspect_ratio`` ("anyres_max_9")."""
+    grid = best_grid(image_size, pinpoints, tile)
+    max_crops = int(aspect_ratio.removeprefix("anyres_max_")) if aspect_ratio else None
+    return (grid, *counts(image_size, grid, tile // patch, max_crops))
 
-    tokens, rows = counts(image_size, grid, side)
-    return keep_count(base, keep) + keep_count(tokens, keep) + rows
+
+def kept_tokens(tokens: int, rows: int, base: int, keep: float) -> int:
+    """LM tokens an image keeps at ``keep``: that fraction of the base view's ``base`` tokens and of the
+    grid's ``tokens`` (:func:`counts`), and every row's newline."""
+    return vd.keep_count(base, keep) + vd.keep_count(tokens, keep) + rows
+
+
+def prune_packed(
+    packed: torch.Tensor, tokens: int, rows: int, config, newline: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop tokens from an image's LM embeddings as the model packed them (the base view's, then ``rows``
+    rows of the grid's ``tokens``, each row closed by ``newline``), scoring each region on those embeddings
+    (no class token there: query-free) — for a model that reshapes its grid after the projector
+    (LLaVA-OneVision). Returns the kept embeddings and their places in ``packed``."""
+    base, cols = len(packed) - tokens - rows, tokens // rows
+    if rows * cols != tokens or base < 1:
+        raise ValueError(f"an image of {len(packed)} embeddings does not hold {rows} rows of {tokens} tokens")
+    order = torch.arange(rows * (cols + 1), device=packed.device)
+    order = torch.where(order % (cols + 1) == cols, -1, order)
+    head, grid = packed[:base], packed[base:]
+    tokens_ = grid[order >= 0]
+    sb, sg = vd.select(head, config), vd.select(tokens_, config)
+    layout = kept_layout(order.cpu(), sg.kept.cpu())
+    places = torch.cat([sb.kept.cpu(), layout.nonzero().flatten() + base])
+    layout = layout.to(packed.device)
+    return pack(sb.take(head), sg.take(tokens_), layout, order, newline), places
