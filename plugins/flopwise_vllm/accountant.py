@@ -170,22 +170,24 @@ class Accountant:
         return feature.mm_position.length
 
     def vision_cost(self, feature) -> Breakdown:
-        """One image's encoder run. With visual dropping the placeholders are the kept tokens only: LLaVA
-        prunes before its projector (so charge the projector on those, unless the method selected on its
-        output), Qwen2-VL after its whole grid."""
-        if self.model.spec.vision.kind == "clip":
-            config, full = feature_config(feature.data), self.full_image_tokens(feature)
-            kept = feature.mm_position.length
-            if (layout := self._anyres(feature)) is not None:
-                if config is None or not config.active or self.model.spec.architecture == ONEVISION:
-                    return self.full_image_cost(feature)  # OneVision drops after its projector
-                # LLaVA-NeXT projects the kept tokens (the newlines are the model's own embedding)
-                return self.model.vision(1, projected=kept - layout[2], crops=layout[0])
-            cut = config is not None and kept < full
-            after = config.layer if cut else None
-            projected = full if cut and vd.get_method(config.method).uses_text else None
-            return self.model.vision(1, tokens_per_image=kept, kept_after_layer=after, projected=projected)
-        return self.full_image_cost(feature)
+        """One image's encoder run. With visual dropping the placeholders are the kept tokens only: LLaVA and
+        LLaVA-NeXT prune before their projector (so charge the projector on those, unless the method selected
+        on its output), Qwen2-VL and LLaVA-OneVision after it (the whole image's run)."""
+        if self.model.spec.vision.kind != "clip":
+            return self.full_image_cost(feature)
+        config, kept = feature_config(feature.data), feature.mm_position.length
+        if (layout := self._anyres(feature)) is not None:
+            if config is None or not config.active or self.model.spec.architecture == ONEVISION:
+                return self.full_image_cost(feature)
+            return self.model.vision(
+                1, projected=kept - layout[2], crops=layout[0]
+            )  # newlines: not projected
+        cut = config is not None and kept < self.full_image_tokens(feature)
+        after = config.layer if cut else None
+        projected = (
+            self.full_image_tokens(feature) if cut and vd.get_method(config.method).uses_text else None
+        )
+        return self.model.vision(1, tokens_per_image=kept, kept_after_layer=after, projected=projected)
 
     def full_image_cost(self, feature) -> Breakdown:
         """The encoder run on every token of the image (Qwen's: always; the others' dense baseline)."""
@@ -202,7 +204,7 @@ class Accountant:
         return self.model.vision(1, tokens_per_image=self.full_image_tokens(feature), grid=grid)
 
     def _anyres(self, feature) -> tuple[int, int, int] | None:
-        """LLaVA-NeXT: an image's (crops, LM tokens before dropping, row newlines); None for the others.
+        """Anyres LLaVA: an image's (crops, LM tokens before dropping, row newlines); None for the others.
         Stock vLLM projects every crop's tokens, the padding's included, then cuts the padding away."""
         v = self.model.spec.vision
         if v is None or not v.min_crops or feature.data is None or "image_sizes" not in feature.data:

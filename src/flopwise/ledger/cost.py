@@ -193,7 +193,7 @@ class FlopModel:
         ``projected``: tokens the projector ran on, if not the kept ones (a method that selects on its
         output projects every token). ``grid``: the image's (t, h, w) in LM tokens, which sets Qwen2.5-VL's
         attention windows; without it (the front end before the grid is known) every window is counted as
-        one LM token, the least the image can cost. ``crops`` (LLaVA-NeXT): the tower runs on the base view
+        one LM token, the least the image can cost. ``crops`` (anyres LLaVA): the tower runs on the base view
         and this many crops (without it, the fewest any image has); pass ``projected``, as the newlines
         between rows are LM tokens the projector does not make.
         """
@@ -236,7 +236,7 @@ class FlopModel:
             flops += v.full_layers * layer(n) + windowed * layer(n, _window_scores(v, tokens, grid))
         elif kept_after_layer is None:
             flops += v.layers * layer(n + cls)
-            flops *= views  # LLaVA-NeXT: the base view and each crop, one tower run each
+            flops *= views  # anyres LLaVA: the base view and each crop, one tower run each
         else:
             early = min(kept_after_layer, v.layers)
             flops += early * layer(n + cls) + (v.layers - early) * layer(tokens + cls)

@@ -61,7 +61,7 @@ class VisionSpec:
     window: int = 0  # Qwen2.5-VL: attention windows of window x window LM tokens (0: whole-image attention)
     full_layers: int = 0  # ... of the layers, these attend to the whole image
     gated: bool = False  # SwiGLU MLP (three matrices) instead of two
-    min_crops: int = 0  # LLaVA-NeXT (anyres): the fewest crops beside the base view (0: one view only)
+    min_crops: int = 0  # anyres LLaVA: the fewest crops beside the base view (0: one view only)
 
     def patches_for_tokens(self, tokens: int) -> int:
         """Patches behind ``tokens`` language-model tokens (Qwen2-VL images vary in size)."""
