@@ -536,6 +536,7 @@ def test_bad_visual_options_are_400_naming_the_field(vlm_server):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a server of its own for an error path (~50 s); the anyres families took the suite's time
 def test_a_family_flopwise_cannot_prune_is_a_400_naming_it(tiny_model, tmp_path):
     """Qwen3-VL (deepstack): ``vllm serve`` with flopwise's plugins serves it as stock vLLM does
     (``flopwise serve`` refuses a model the ledger cannot cost); asking to drop its image tokens is refused
