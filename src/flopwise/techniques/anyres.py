@@ -111,21 +111,21 @@ def kept_tokens(tokens: int, rows: int, base: int, keep: float) -> int:
 
 
 def prune_packed(
-    packed: torch.Tensor, tokens: int, rows: int, config, newline: torch.Tensor
+    packed: torch.Tensor, grid_tokens: int, rows: int, config, newline: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop tokens from an image's LM embeddings as the model packed them (the base view's, then ``rows``
-    rows of the grid's ``tokens``, each row closed by ``newline``), scoring each region on those embeddings
-    (no class token there: query-free) — for a model that reshapes its grid after the projector
+    rows of the grid's ``grid_tokens``, each row closed by ``newline``), scoring each region on those
+    embeddings (no class token there: query-free) — for a model that reshapes its grid after the projector
     (LLaVA-OneVision). Returns the kept embeddings and their places in ``packed``."""
-    base, cols = len(packed) - tokens - rows, tokens // rows
-    if rows * cols != tokens or base < 1:
-        raise ValueError(f"an image of {len(packed)} embeddings does not hold {rows} rows of {tokens} tokens")
+    base, cols = len(packed) - grid_tokens - rows, grid_tokens // rows
+    if rows * cols != grid_tokens or base < 1:
+        raise ValueError(f"an image of {len(packed)} embeddings does not hold {rows} rows of {grid_tokens}")
     order = torch.arange(rows * (cols + 1), device=packed.device)
-    order = torch.where(order % (cols + 1) == cols, -1, order)
+    order = torch.where(order % (cols + 1) == cols, -1, order)  # places in the grid part; -1: a newline
     head, grid = packed[:base], packed[base:]
-    tokens_ = grid[order >= 0]
-    sb, sg = vd.select(head, config), vd.select(tokens_, config)
-    layout = kept_layout(order.cpu(), sg.kept.cpu())
-    places = torch.cat([sb.kept.cpu(), layout.nonzero().flatten() + base])
-    layout = layout.to(packed.device)
-    return pack(sb.take(head), sg.take(tokens_), layout, order, newline), places
+    tokens = grid[order >= 0]
+    sb, sg = vd.select(head, config), vd.select(tokens, config)
+    mask = kept_layout(order.cpu(), sg.kept.cpu())
+    places = torch.cat([sb.kept.cpu(), mask.nonzero().flatten() + base])
+    embeds = pack(sb.take(head), sg.take(tokens), mask.to(packed.device), order, newline)
+    return embeds, places
