@@ -184,6 +184,16 @@ def test_served_llava_next_drops_and_refuses_what_it_cannot(tiny_model, tmp_path
         dropped = (16 + tokens) - (vd.keep_count(16, 0.25) + vd.keep_count(tokens, 0.25))
         assert f["prompt_tokens"] - c["prompt_tokens"] == dropped
         assert c["flops"]["vision"] < f["flops"]["vision"] and c["flops"]["language"] < f["flops"]["language"]
+        # Admission counts the least an image can cost (the front end no longer sees its size: the fewest
+        # crops, one token projected): exactly that is admitted, one FLOP less refused.
+        ledger = FlopModel.from_pretrained(path)
+        least = (
+            ledger.forward(c["prompt_tokens"], logits=1).total + ledger.vision(1, tokens_per_image=1).total
+        )
+        assert least < c["flops"]["total"]
+        budgeted = [chat(visual_keep=0.25, visual_drop="divprune", flop_budget=b) for b in (least, least - 1)]
+        assert budgeted[0].status_code == 200, budgeted[0].text
+        assert budgeted[1].status_code == 400 and f"needs {least:,} FLOPs" in budgeted[1].text
         for extra, field in (
             ({"visual_keep": 0.5, "visual_drop": "cdpruner"}, "visual_drop"),
             ({"visual_keep": 0.5, "visual_drop_layer": 1}, "visual_drop_layer"),

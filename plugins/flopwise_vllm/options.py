@@ -76,13 +76,18 @@ def prompt_len(engine_input) -> int | None:
 
 def image_tokens(engine_input, model: FlopModel, keep: float) -> list[int]:
     """LM tokens behind each image of a rendered request, for admission. LLaVA projects only the kept
-    tokens: its placeholders. Qwen2-VL's tower runs on the whole grid, which the front end no longer sees
-    (the pixels went to the processor cache): the fewest tokens that ``keep`` leaves at that many
-    placeholders, so admission never refuses what fits; the engine's per-step gate bounds the rest."""
+    tokens: its placeholders. Anyres LLaVA: one token, the least (some placeholders are row newlines the
+    projector does not make, how many depends on the image's size, and the engine's validator sees no
+    ``visual_keep``). Qwen2-VL's tower runs on the whole grid, which the front end no longer sees (the
+    pixels went to the processor cache): the fewest tokens that ``keep`` leaves at that many placeholders.
+    So admission never refuses what fits; the engine's per-step gate bounds the rest."""
     if not isinstance(engine_input, dict) or engine_input.get("type") != "multimodal":
         return []
     places = engine_input.get("mm_placeholders", {}).get("image", [])
-    if model.spec.vision is None or model.spec.vision.kind != "qwen2_vl":
+    v = model.spec.vision
+    if v is not None and v.min_crops:
+        return [1 for _ in places]
+    if v is None or v.kind != "qwen2_vl":
         return [p.length for p in places]
     return [vd.tokens_before(p.length, keep) for p in places]
 
