@@ -164,7 +164,11 @@ def bench_convert(args) -> int:
     json_path, log = out.with_suffix(".json"), out.with_suffix(".log")
     sizes = {"repeats": args.repeats, "decode_n": args.decode_requests, "decode_len": args.decode_tokens}
     result = json.loads(json_path.read_text()) if parts != set(PARTS) and json_path.exists() else {}
+    # Each part keeps the machine it was measured on (a --parts run may run elsewhere than the others).
+    measured = result.get("measured") or {p: result["hardware"] for p in PARTS if p in result}
+    measured.update({p: hw.describe() for p in parts})
     result.update(hardware=hw.describe(), software=versions(), date=datetime.date.today().isoformat())
+    result["measured"] = measured
     kept = {k: v for k, v in vars(args).items() if not callable(v) and k != "parts"}
     result["args"] = {**result.get("args", {}), **kept}
     print(f"bench convert ({', '.join(sorted(parts))}): {base}\n  {hw.describe()}", flush=True)
@@ -208,7 +212,9 @@ def bench_convert(args) -> int:
             print(
                 f"  {name}: prefill tok/s {pre}; decode {statistics.median(speed[name]['decode_tok_s']):.0f}"
             )
-        result["speed"] = {"paths": dict(targets), "runs": speed}
+        # the configs too: the report costs each checkpoint from them, not from a cache that may be gone
+        configs = {name: load_config(path) for name, path in targets}
+        result["speed"] = {"paths": dict(targets), "configs": configs, "runs": speed}
 
     if "retrieval" in parts:
         got = {}
@@ -270,13 +276,21 @@ def _spread(values) -> str:
     return f"{_med(values):.0f} ({min(values):.0f}–{max(values):.0f})"
 
 
+def _hardware(result: dict) -> str:
+    """One machine, or each part's where the parts were measured on different ones."""
+    measured = result.get("measured") or {}
+    if len(set(measured.values())) <= 1:
+        return result["hardware"]
+    return "; ".join(f"{part}: {where}" for part, where in measured.items())
+
+
 def write_report(result: dict, out: Path) -> None:
     lines = [
         "# Checkpoint transforms: fewer query heads (SQA) and MoE expert merging",
         "",
         f"Measured {result['date']} by `flopwise bench convert` (a `--parts` run replaces its parts only).",
         "",
-        f"- Hardware: {result['hardware']}",
+        f"- Hardware: {_hardware(result)}",
         f"- Software: {result['software']}",
         "- Every checkpoint, original included, is loaded by stock vLLM (no flopwise plugin; offline engine, "
         "eager, prefix caching off),",
@@ -354,7 +368,8 @@ def _speed_section(result: dict) -> list[str]:
     sp = result["speed"]
     runs, paths = sp["runs"], sp["paths"]
     lengths = list(runs["original"]["prefill_tok_s"])
-    ledgers = {n: FlopModel.from_pretrained(load_config(p)) for n, p in paths.items()}
+    configs = sp.get("configs") or {n: load_config(p) for n, p in paths.items()}
+    ledgers = {n: FlopModel.from_pretrained(c) for n, c in configs.items()}
     reps = len(runs["original"]["decode_tok_s"])
     lines = [
         "## Prefill speed where attention matters",
