@@ -2,9 +2,8 @@
 :mod:`flopwise_vllm.visual_llava`, :mod:`flopwise_vllm.visual_anyres` and :mod:`flopwise_vllm.visual_qwen`).
 
 ``register()`` (``VISUAL_MODELS``) points vLLM's LLaVA(-NeXT, -OneVision) and Qwen2(.5)-VL architectures at
-flopwise's subclasses
-(``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the stock models. Three
-places must agree on how many tokens an image keeps, and they all call
+flopwise's subclasses (``ModelRegistry`` allows out-of-tree overrides); with ``visual_keep`` 1 they are the
+stock models. Three places must agree on how many tokens an image keeps, and they all call
 :func:`flopwise.techniques.visual_drop.keep_count` (anyres LLaVA: per region,
 :func:`flopwise.techniques.anyres.kept_tokens`):
 

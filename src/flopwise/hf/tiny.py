@@ -1,4 +1,5 @@
-"""Tiny random models of every family the ledger supports, with a tokenizer trained in a second.
+"""Tiny random models of every family the ledger supports (and, in ``UNSUPPORTED``, of a VLM it does not),
+with a tokenizer trained in a second.
 
 Used by the tests, the benchmarks' smoke runs and anyone who wants a model that loads in vLLM in
 seconds. Shapes respect vLLM's CPU attention backend (head_dim 32 or more).
@@ -244,14 +245,14 @@ def save_processor(family: str, config, tokenizer, out_dir: str) -> None:
 
     if family == "llava-onevision":
         side = config.vision_config.image_size
+        with_cls = (side // config.vision_config.patch_size) ** 2 + 1  # the processor drops it ("default")
         processor = transformers.LlavaOnevisionProcessor(
             image_processor=transformers.LlavaOnevisionImageProcessor(
                 size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints
             ),
             video_processor=transformers.LlavaOnevisionVideoProcessor(size={"height": side, "width": side}),
             tokenizer=tokenizer,
-            num_image_tokens=(side // config.vision_config.patch_size) ** 2
-            + 1,  # the CLS, dropped ("default")
+            num_image_tokens=with_cls,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             image_token="<image>",
             video_token="<|video_pad|>",
