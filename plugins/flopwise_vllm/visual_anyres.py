@@ -88,19 +88,12 @@ class FlopwiseLlavaNext(LlavaNextForConditionalGeneration):
     def _drop(self, pixels: torch.Tensor, size: tuple[int, int], config: vd.VisualDropConfig):
         """One image's LM embeddings with the kept tokens of its base view and of its grid."""
         grid = image_layout(self.config, size)[0]
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         pixels = pixels[: 1 + grid[0] * grid[1]]  # a batch pads each image's crops to the most crops
         feats = self.vision_tower(pixels, select_layers=self.select_layers, feature_select_strategy="full")
         has_cls = self.config.vision_feature_select_strategy == "default"
         cls, feats = (feats[0, 0], feats[:, 1:]) if has_cls else (None, feats)
-        order = anyres.grid_order(size, grid, side).to(feats.device)
-        base, tokens = feats[0], feats[1:].flatten(0, 1)[order[order >= 0]]
-        sb, sg = vd.select(base, config, cls), vd.select(tokens, config, cls)
-        project = self.multi_modal_projector
-        layout = anyres.kept_layout(order.cpu(), sg.kept.cpu()).to(feats.device)
-        return anyres.pack(
-            project(sb.take(base)), project(sg.take(tokens)), layout, order, self.image_newline
-        )
+        project, newline = self.multi_modal_projector, self.image_newline
+        return anyres.prune_views(feats, size, grid, config, cls, project, newline)[0]
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -45,10 +45,16 @@ _TEXT = dict(
 )
 
 
-def _qwen_vl(model_type: str, **vision) -> dict:
+def _qwen_vl(model_type: str, interleaved: bool = False, **vision) -> dict:
     """What the tiny Qwen VL families share: special token ids, an M-RoPE text model, the patch layout (14
-    pixels, 2 frames, 2x2 merged into one LM token) under the family's own ``vision`` fields."""
+    pixels, 2 frames, 2x2 merged into one LM token) under the family's own ``vision`` fields.
+    ``interleaved``: Qwen3-VL's M-RoPE, read from ``rope_parameters`` alone."""
     mrope = [4, 6, 6]  # t, h, w sections of head_dim / 2
+    rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}
+    if interleaved:
+        rope_fields = dict(rope_parameters=dict(rope, mrope_interleaved=True))
+    else:
+        rope_fields = dict(rope_scaling={"type": "mrope", "mrope_section": mrope}, rope_parameters=rope)
     return dict(
         model_type=model_type,
         image_token_id=6,
@@ -59,8 +65,7 @@ def _qwen_vl(model_type: str, **vision) -> dict:
         text_config=dict(
             _TEXT,
             model_type=f"{model_type}_text",
-            rope_scaling={"type": "mrope", "mrope_section": mrope},
-            rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+            **rope_fields,
         ),
         vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
     )
@@ -166,6 +171,7 @@ UNSUPPORTED = {
     "qwen3-vl": dict(
         _qwen_vl(
             "qwen3_vl",
+            interleaved=True,
             depth=2,
             hidden_size=64,
             intermediate_size=128,
@@ -177,9 +183,6 @@ UNSUPPORTED = {
         architectures=["Qwen3VLForConditionalGeneration"],
     )
 }
-_q3_text = UNSUPPORTED["qwen3-vl"]["text_config"]
-del _q3_text["rope_scaling"]  # Qwen3-VL reads rope_parameters alone (interleaved M-RoPE)
-_q3_text["rope_parameters"]["mrope_interleaved"] = True
 
 
 def _corpus_files() -> list[str]:

@@ -70,20 +70,10 @@ def _anyres(model, inputs, config: vd.VisualDropConfig) -> tuple[torch.Tensor, t
     feats = hidden.hidden_states[cfg.vision_feature_layer]
     has_cls = cfg.vision_feature_select_strategy == "default"
     cls, feats = (feats[0, 0], feats[:, 1:]) if has_cls else (None, feats)
-    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     grid = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-    order = anyres.grid_order(size, grid, side)
-    base, tokens = feats[0], feats[1:].flatten(0, 1)[order[order >= 0]]
-    if not config.active:
-        base_kept, grid_kept = torch.arange(len(base)), torch.arange(len(tokens))
-    else:
-        sb, sg = vd.select(base, config, cls), vd.select(tokens, config, cls)
-        base_kept, grid_kept = sb.kept, sg.kept
-        base, tokens = sb.take(base), sg.take(tokens)
-    project = inner.multi_modal_projector
-    layout = anyres.kept_layout(order, grid_kept)
-    embeds = anyres.pack(project(base), project(tokens), layout, order, inner.image_newline)
-    return embeds, torch.cat([base_kept, grid_kept + len(feats[0])])
+    return anyres.prune_views(
+        feats, size, grid, config, cls, inner.multi_modal_projector, inner.image_newline
+    )
 
 
 def _onevision(model, inputs, config: vd.VisualDropConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,6 +110,24 @@ def kept_tokens(tokens: int, rows: int, base: int, keep: float) -> int:
     return vd.keep_count(base, keep) + vd.keep_count(tokens, keep) + rows
 
 
+def prune_views(
+    views: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int], config, query, project, newline
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA-NeXT: one image's LM embeddings from its tower features, every view's ([1 + crops, side²,
+    D], class token removed): each region scored with ``query`` (the base view's class token), the kept
+    tokens alone through ``project``, ``newline`` after each row. Returns the embeddings and the kept
+    indices (the base view's, then the grid's in reading order after them)."""
+    side = math.isqrt(views.shape[1])
+    if side * side != views.shape[1]:
+        raise ValueError(f"a view of {views.shape[1]} features is not a square grid (a class token left in?)")
+    order = grid_order(image_size, grid, side).to(views.device)
+    base, tokens = views[0], views[1:].flatten(0, 1)[order[order >= 0]]
+    sb, sg = vd.select(base, config, query), vd.select(tokens, config, query)
+    mask = kept_layout(order.cpu(), sg.kept.cpu()).to(views.device)
+    embeds = pack(project(sb.take(base)), project(sg.take(tokens)), mask, order, newline)
+    return embeds, torch.cat([sb.kept.cpu(), sg.kept.cpu() + len(base)])
+
+
 def prune_packed(
     packed: torch.Tensor, grid_tokens: int, rows: int, config, newline: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
