@@ -22,7 +22,7 @@ def policy_server(tiny_model, tmp_path_factory):
     default = ledger.request(200, 20).total  # covers a short request, not a long prompt
     args = [
         "--max-model-len",
-        "512",
+        "4096",  # room for a blocker that outlasts the queueing on a slow CI machine
         "--max-num-seqs",
         "1",
         "--budget-policy",
@@ -111,7 +111,7 @@ def test_smallest_budget_through_flopwise_serve(policy_server):
                 done.append(name)
 
             async def blocker(started, release):
-                long = body(1e15, 490, prompt="x", stream=True)  # max-model-len 512
+                long = body(1e15, 4000, prompt="x", stream=True)  # max-model-len 4096
                 async with client.stream("POST", "/v1/completions", json=long) as r:
                     async for line in r.aiter_lines():
                         if line.startswith("data: {") and json.loads(line[6:])["choices"]:
