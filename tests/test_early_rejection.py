@@ -110,7 +110,10 @@ def assert_same(out, ref, n: int) -> dict:
     assert len(ref.rejected) > 0 and stats["rejected"] == len(ref.rejected)
     assert stats["checkpoints"] == ref.checkpoints
     for i, c in enumerate(ref.candidates):
-        assert stats["scores"][str(i)] == pytest.approx(c.score, abs=1e-4)
+        if c.score is None:  # stopped by accept before its first checkpoint (or before it started)
+            assert str(i) not in stats["scores"]
+        else:
+            assert stats["scores"][str(i)] == pytest.approx(c.score, abs=1e-4)
     assert payload["total"] == payload["prompt"] + payload["completion"] + payload["prm"]
     return payload
 
@@ -188,6 +191,47 @@ def test_keep_rules_equal_the_oracle(setup, scorer, rule):
         assert all(c.logprobs is None for c in out.outputs)
     if scorer == "self":  # a dot product per generated token
         assert payload["prm"] == ref.prm_flops == generated * 2 * ledger.spec.hidden
+
+
+@pytest.mark.parametrize("scorer", ["head", "confidence"])  # the tiny model ends too few lines for self:
+def test_width_and_accept_equal_the_oracle(setup, scorer):
+    """``width: 2`` runs the candidates two at a time, each scored at its own checkpoints; ``accept`` ends the
+    request at the first finished candidate that scores that high. The threshold lies just above the lowest
+    checkpoint score of the weaker of the first two candidates in a run without it, so it rejects that one;
+    ``accept`` is the score of the
+    first candidate to finish in a run with the threshold, so that every rule fires."""
+    _, base, prms = setup
+    n, common = 8, dict(prm=prms.get(scorer, scorer), every_tokens=4, width=2, confidence_window=3)
+    _, free, _ = run_both(setup, EarlyRejectionConfig(**common), n)
+    assert free.checkpoints > 0 and not free.rejected
+    low = min(free.lowest[0], free.lowest[1])  # the weaker of the first two at its worst checkpoint
+    threshold = (low + min(v for v in free.lowest.values() if v > low)) / 2
+    _, thr, _ = run_both(setup, EarlyRejectionConfig(**common, threshold=threshold), n)
+    accept = thr.candidates[thr.finish_order[0]].score
+    config = EarlyRejectionConfig(**common, threshold=threshold, accept=accept)
+    out, ref, prompt_ids = run_both(setup, config, n)
+    payload = assert_same(out, ref, n)
+    stats = payload["early_rejection"]
+    # rejected below the threshold, then the accepted answer stopped the rest; some never started
+    assert any(c.rejected_at for c in ref.candidates) and stats["never_started"] > 0
+    assert ref.candidates[stats["accepted"]].score >= accept and stats["accepted"] in ref.finish_order
+    assert not any(c.finished for i, c in enumerate(ref.candidates) if i not in ref.finish_order)
+    # only the started candidates cost anything: each prefills the prompt (shorter than a block, so
+    # nothing is shared) and decodes all but its last token
+    ledger = FlopModel.from_pretrained(base)
+    P = len(prompt_ids)
+    expected = sum(
+        ledger.forward(P, 0, logits=1).total
+        + sum(ledger.forward(1, P + t, logits=1).total for t in range(len(c.tokens) - 1))
+        for c in ref.candidates
+        if c.tokens
+    )
+    assert payload["prompt"] + payload["completion"] == expected
+    if scorer == "confidence":  # a log-softmax per generated token
+        generated = sum(len(c.tokens) for c in ref.candidates)
+        assert payload["prm"] == generated * confidence.flops_per_token(ledger.spec.vocab, 20)
+    else:
+        assert payload["prm"] == ref.prm_flops > 0
 
 
 def test_confidence_gives_the_client_the_logprobs_it_asked_for(setup):

@@ -383,6 +383,18 @@ def test_early_rejection_streams_rejections_as_abort(server, client):
     assert chunks[-1].model_extra["early_rejection"]["rejected"] == 7 and chunks[-1].usage.flops["total"] > 0
 
 
+def test_width_and_accept_run_two_candidates_and_stop_at_the_first_answer(server, client):
+    """``width: 2`` + ``accept``: the tiny model writes no arithmetic, so every answer gets the verifier's
+    neutral 0.5; ``accept: 0.5`` takes the first of the two running candidates to finish, and the six waiting
+    never start, nor cost anything."""
+    _, ledger = server
+    r = client.chat.completions.create(**_er_request(client, early_rejection={"width": 2, "accept": 0.5}))
+    stats = r.model_extra["early_rejection"]
+    assert stats["accepted"] in (0, 1) and stats["never_started"] == stats["rejected"] == 6
+    assert sorted(c.index for c in r.choices) == [0, 1] and r.usage.completion_tokens == 2 * 32
+    assert r.usage.flops["total"] == 2 * ledger.request(r.usage.prompt_tokens, 32).total
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -400,6 +412,7 @@ def test_early_rejection_streams_rejections_as_abort(server, client):
         ({"early_rejection": {"threshold": 1.5}}, "early_rejection.threshold"),
         ({"early_rejection": {"margin": -1}}, "early_rejection.margin"),
         ({"early_rejection": {"percentile": 100}}, "early_rejection.percentile"),
+        ({"early_rejection": {"width": 2, "margin": 0.1}}, "early_rejection.width"),
     ],
 )
 def test_bad_early_rejection_is_400_naming_the_field(server, client, body, param):

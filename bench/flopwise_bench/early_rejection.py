@@ -10,7 +10,9 @@ until it rejects some, and a rerun repeats. The best-of-N baselines run with ``k
 shown without it. Answers are chosen among the candidates that finished (not rejected) by the exact
 verifier (free here) and, separately, by majority vote. Stock vLLM (its own scheduler) runs best-of-8 on
 the same problems and seeds for the wall-time reference. FLOPs are the ledger's: prefill, decode, scoring.
-Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one.
+Accuracies carry a 95% bootstrap interval over problems; differences to best-of-8 a paired one. The
+``accept wK`` settings run a problem's candidates K at a time and end it at the first answer the verifier
+accepts: the answer chosen is then that one, where best-of-N picks the lowest-index accepted one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TEMPERATURE = 0.8
 VERIFIER = "verifier:arithmetic"
 SELF = "self:chain-sum"  # flopwise train-prm --self on the generator's own traces
 
+_ACCEPT = dict(prm=VERIFIER, every_steps=1, every_tokens=48, threshold=0.5, accept=1.0)
 # name -> (n, early_rejection fields); checkpoints every 2 lines (capped at 48 tokens) or every 32 tokens
 SETTINGS = {
     "verifier thr0.5 n=8 /1 step": (8, dict(prm=VERIFIER, every_steps=1, every_tokens=48, threshold=0.5)),
@@ -62,12 +65,21 @@ SETTINGS = {
         dict(prm=SELF, every_steps=1, every_tokens=48, threshold=0.1, min_keep=2),
     ),
     "self margin0.3 n=8 /1 step": (8, dict(prm=SELF, every_steps=1, every_tokens=48, margin=0.3)),
+    # sequential best-of-N: `width` candidates at a time, each stopped at its first wrong line, and the
+    # request ends at the first answer the verifier accepts (every line right)
+    "verifier thr0.5 accept w2 n=8 /1 step": (8, dict(_ACCEPT, width=2)),
+    "verifier thr0.5 accept w4 n=8 /1 step": (8, dict(_ACCEPT, width=4)),
+    "verifier thr0.5 accept w8 n=8 /1 step": (8, dict(_ACCEPT, width=8)),
+    "verifier thr0.5 accept w2 n=16 /1 step": (16, dict(_ACCEPT, width=2)),
+    "verifier thr0.5 accept w4 n=16 /1 step": (16, dict(_ACCEPT, width=4)),
 }
 # what fits an hour on 2 cores beside the baselines
 DEFAULT_SETTINGS = [
     "verifier thr0.5 n=8 /1 step",
+    "verifier thr0.5 accept w2 n=8 /1 step",
+    "verifier thr0.5 accept w4 n=8 /1 step",
+    "verifier thr0.5 accept w2 n=16 /1 step",
     "confidence pct50 n=8 /32 tok",
-    "self thr0.1 min2 n=8 /1 step",
     "self margin0.3 n=8 /1 step",
 ]
 

@@ -11,6 +11,15 @@ A text PRM keeps each candidate's KV cache between its checkpoints (keyed by req
 candidate ends), so a checkpoint reads only the text written since the last one and is charged for that.
 It runs inside ``schedule()``: the whole engine waits for it, and the stats say how long (``prm_s``).
 
+vLLM's front end adds the n children one by one, and the engine may step in between; so the children
+are parked (left in the waiting queue but out of each step, holding no KV blocks) until all n have
+arrived (the front end writes n into the options), then start together: a seeded request then does the
+same thing every time.
+With ``width``, children past the width stay parked and start one by one as live siblings end; each
+child is then scored at its own checkpoints and never held.
+``accept`` ends the group when a child finishes with a high enough final score: the live and parked
+siblings are finished at the next step.
+
 A PRM that fails (cannot load, raises) turns rejection off for that request; it is served in full and the
 stats say why. PRM FLOPs are charged to the group (and its budget); a scoring pass that would cross the
 budget is skipped rather than run.
@@ -23,79 +32,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 from vllm.v1.request import Request, RequestStatus
 
-from flopwise.prm import ProcessRewardModel, is_confidence, load_prm, self_head
 from flopwise.techniques import early_rejection as er
 from flopwise_vllm.accountant import Accountant, Group, group_of, index_of
 from flopwise_vllm.engine_scores import EngineScores
+from flopwise_vllm.rejection_state import Rejection
 
 logger = logging.getLogger("flopwise")
-
-
-@dataclass
-class Rejection:
-    """Early-rejection state of one group (one client request's n candidates)."""
-
-    config: er.EarlyRejectionConfig
-    group: Group
-    next_checkpoint: int = 1  # 1-based index of the checkpoint the candidates are heading for
-    active: bool = True
-    started: int = 0
-    checkpoints: int = 0
-    prm_flops: int = 0
-    prm_seconds: float = 0.0  # spent in a text PRM inside schedule(), while the whole engine waits
-    error: str | None = None
-    scores: dict[int, float] = field(default_factory=dict)  # candidate index -> latest score
-    rejected: dict[int, int] = field(default_factory=dict)  # candidate index -> checkpoint that rejected it
-    lengths: dict[int, int] = field(default_factory=dict)  # candidate index -> tokens generated when it ended
-    cut: float | None = None  # the percentile rule's cut, set by the first checkpoint
-    # candidate index -> its tokens' confidences (confidence scorers only)
-    confidences: dict[int, list[float]] = field(default_factory=dict)
-    # candidate index -> a self head's logits (self scorers only)
-    step_values: dict[int, self_head.StepValues] = field(default_factory=dict)
-    _prm: ProcessRewardModel | None = None
-
-    @property
-    def by_confidence(self) -> bool:
-        return is_confidence(self.config.prm)
-
-    @property
-    def by_self(self) -> bool:
-        return self_head.is_self(self.config.prm)
-
-    def prm(self) -> ProcessRewardModel:
-        if self._prm is None:
-            self._prm = load_prm(self.config.prm)
-        return self._prm
-
-    def fail(self, what: str, error: Exception | str) -> None:
-        self.active = False
-        self.error = f"{what}: {error}"
-        logger.warning("flopwise early rejection off for one request: %s", self.error)
-
-    def stats(self) -> dict:
-        finished = [n for i, n in self.lengths.items() if i not in self.rejected]
-        mean = sum(finished) / len(finished) if finished else 0.0
-        saved = sum(max(0.0, mean - self.lengths.get(i, 0)) for i in self.rejected)
-        out = {
-            "prm": self.config.prm,
-            "started": self.started,
-            "rejected": len(self.rejected),
-            "checkpoints": self.checkpoints,
-            "tokens_saved": round(saved),
-            "prm_flops": self.prm_flops,
-            "prm_s": round(self.prm_seconds, 4),
-            "scores": {str(i): s for i, s in sorted(self.scores.items())},
-            "rejected_at": {str(i): c for i, c in sorted(self.rejected.items())},
-        }
-        if self.cut is not None:
-            out["cut"] = self.cut
-        if self.error:
-            out["error"] = self.error
-        return out
 
 
 class RejectionController:
@@ -109,18 +54,29 @@ class RejectionController:
         self._newlines: frozenset[int] | None = None
         self.engine_scores = EngineScores(accountant, self.newlines)
 
-    def open(self, request: Request, group: Group, config: er.EarlyRejectionConfig | None) -> None:
+    def open(
+        self, request: Request, group: Group, config: er.EarlyRejectionConfig | None, size: int | None
+    ) -> bool:
+        """Track a new child of a request with ``size`` children (parked until all have come)."""
         if config is None:
             return
         g = group_of(request.request_id)
         rej = self.groups.get(g)
         if rej is None:
-            rej = self.groups[g] = Rejection(config, group)
+            rej = self.groups[g] = Rejection(config, group, size=size)
             group.reports[er.FIELD] = rej.stats
             # usage.flops.prm is there even when the PRM costs nothing
             group.settled.extra.setdefault("prm", 0)
         rej.started += 1
         self.engine_scores.open(request, rej)
+        if size is None and (config.width is None or index_of(request.request_id) < config.width):
+            return  # n unknown (an engine used without flopwise's front end): start as they come
+        rej.parked.append(request)
+        rej.parked.sort(key=lambda r: index_of(r.request_id))  # vLLM adds the children in any order
+
+    def parked(self) -> list[Request]:
+        """Children not started yet (siblings still arriving, or no free width): out of this step."""
+        return [r for rej in self.groups.values() for r in rej.parked if not r.is_finished()]
 
     def pending_scoring(self, request: Request) -> int:
         """FLOPs the next step's in-engine scoring of ``request`` will charge (for the budget gate)."""
@@ -187,24 +143,44 @@ class RejectionController:
             rej.scores[index_of(r.request_id)] = s
         return scores
 
-    def _reached(self, rej: Rejection, request: Request) -> bool:
+    def _reached(self, rej: Rejection, request: Request, checkpoint: int | None = None) -> bool:
         steps = 0
         if rej.config.every_steps is not None:
             newlines = self.newlines()
             steps = sum(t in newlines for t in request.output_token_ids)
-        return rej.config.reached(rej.next_checkpoint, request.num_output_tokens, steps)
+        checkpoint = rej.next_checkpoint if checkpoint is None else checkpoint
+        return rej.config.reached(checkpoint, request.num_output_tokens, steps)
 
     def checkpoints(self, requests: dict[str, Request]) -> tuple[list[Request], list[Request]]:
-        """Score and reject where every live candidate reached its group's checkpoint; -> (the requests to
-        hold out of this step, the requests to reject now)."""
+        """Score and reject where every live candidate reached its group's checkpoint (with ``width``: where
+        each one reached its own), and start parked children where they may; -> (the requests to hold out of
+        this step, the requests to finish now)."""
         held: list[Request] = []
         rejected: list[Request] = []
-        for rej in [r for r in self.groups.values() if r.active]:
+        for rej in self.groups.values():
+            parked = {r.request_id for r in rej.parked}
             live = sorted(
-                (requests[rid] for rid in rej.group.members if not requests[rid].is_finished()),
+                (
+                    requests[rid]
+                    for rid in rej.group.members
+                    if not requests[rid].is_finished() and rid not in parked
+                ),
                 key=lambda r: index_of(r.request_id),
             )
-            if not rej.config.rejects_at(len(live)):
+            if rej.accepted is not None:  # the answer is in: the rest stop, the parked never start
+                rest = live + [r for r in rej.parked if not r.is_finished()]
+                for r in rest:
+                    rej.rejected[index_of(r.request_id)] = self._passed(rej, r)
+                rejected += rest
+                rej.parked.clear()
+                continue
+            if rej.config.independent:
+                self._own_checkpoints(rej, live, rejected)
+                live = [r for r in live if index_of(r.request_id) not in rej.rejected]
+            self._start(rej, live)
+            if rej.config.independent:
+                continue
+            if not rej.active or not rej.config.rejects_at(len(live)):
                 # Nothing to reject among this many; re-checked each step because siblings may still be
                 # arriving (vLLM adds the children one by one).
                 continue
@@ -227,6 +203,42 @@ class RejectionController:
                     rejected.append(r)
         return held, rejected
 
+    def _passed(self, rej: Rejection, request: Request) -> int:
+        """Checkpoints ``request`` has passed (its group's, in lock-step)."""
+        if rej.config.independent:
+            return rej.own.get(index_of(request.request_id), 1) - 1
+        return rej.checkpoints
+
+    @staticmethod
+    def _start(rej: Rejection, live: list[Request]) -> None:
+        """Unpark children: none while siblings are still arriving, then up to the width."""
+        parked = [r for r in rej.parked if not r.is_finished()]  # a client abort finishes parked ones
+        if rej.size is not None and rej.started < rej.size:
+            rej.parked = parked
+            return
+        free = max(0, (rej.config.width or rej.size or len(parked)) - len(live))
+        rej.parked = parked[free:]
+
+    def _own_checkpoints(self, rej: Rejection, live: list[Request], rejected: list[Request]) -> None:
+        """``width``: score each live candidate at its own checkpoint and reject below ``threshold`` (in
+        index order, sparing ``min_keep``)."""
+        reached = []
+        for r in live:
+            i = index_of(r.request_id)
+            rej.own.setdefault(i, 1)
+            if rej.active and self._reached(rej, r, rej.own[i]):
+                reached.append(r)
+        scores = self._score(rej, reached, final=False) if reached else None
+        for r, score in zip(reached, scores or []):
+            i = index_of(r.request_id)
+            rej.own[i] += 1
+            rej.checkpoints += 1
+            # live, parked and finished on their own (members: not closed yet; parked among them)
+            remaining = len(rej.finished) + sum(index_of(m) not in rej.rejected for m in rej.group.members)
+            if rej.config.rejects_one(score, remaining):
+                rej.rejected[i] = rej.own[i] - 1
+                rejected.append(r)
+
     def close(self, request: Request, group: Group, status: RequestStatus) -> None:
         """Record a candidate's length; a candidate that finished on its own gets its final PRM score."""
         self.engine_scores.close(request.request_id)
@@ -236,8 +248,12 @@ class RejectionController:
         i = index_of(request.request_id)
         rej.lengths[i] = request.num_output_tokens
         natural = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        if natural and i not in rej.rejected:
+            rej.finished.add(i)
         if natural and i not in rej.rejected and rej.error is None:
-            self._score(rej, [request], final=True)
+            scores = self._score(rej, [request], final=True)
+            if rej.accepted is None and scores and rej.config.accepts(scores[0]):
+                rej.accepted = i
         if rej._prm is not None:
             rej._prm.release(request.request_id)
         if group.live <= 1:  # the last one: the group is settled next

@@ -66,7 +66,7 @@ class FlopwiseScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         opts = self._options(request)
         group = self.ledger.open(request, opts.flop_budget)
-        self.rejection.open(request, group, opts.early_rejection)
+        self.rejection.open(request, group, opts.early_rejection, opts.candidates)
         self.kv.open(request, opts.kv)
         if self.budget_policy is Policy.SMALLEST_BUDGET:
             # vLLM's priority queue (--scheduling-policy priority) admits lower values first.
@@ -85,6 +85,9 @@ class FlopwiseScheduler(Scheduler):
         held, rejected = self.rejection.checkpoints(self.requests)
         for request in rejected:
             self.finish_now(request, RequestStatus.FINISHED_ABORTED, FinishReason.ABORT, er.STOP_REASON)
+        parked = self.rejection.parked()
+        if parked:  # out of the waiting queue for this step only (back in front after: none is due yet)
+            self.waiting.remove_requests(parked)
         if held:  # out of the running list for this step only: they keep their KV blocks and their slots
             ids = {r.request_id for r in held}
             self.running = [r for r in self.running if r.request_id not in ids]
@@ -95,6 +98,8 @@ class FlopwiseScheduler(Scheduler):
             if held:
                 self.max_num_active_reqs += len(held)
                 self.running[:0] = held
+            if parked:
+                self.waiting.prepend_requests(parked)
         # before charging: an eviction planned now shortens this step's context
         self.kv.plan(out, self.requests)
         self.rejection.plan(out)

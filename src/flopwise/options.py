@@ -26,7 +26,7 @@ from flopwise.techniques import early_rejection as er
 from flopwise.techniques import kv_drop as kd
 from flopwise.techniques import visual_drop as vd
 
-FIELDS = (BUDGET_FIELD, er.FIELD, *kd.FIELDS, *vd.FIELDS)
+FIELDS = (BUDGET_FIELD, er.FIELD, er.SIZE_FIELD, *kd.FIELDS, *vd.FIELDS)
 
 
 class Defaults(BaseModel):
@@ -83,6 +83,8 @@ class RequestOptions(BaseModel):
 
     flop_budget: float | None = None
     early_rejection: er.EarlyRejectionConfig | None = None
+    # the client request's n, with early_rejection: the engine sees its children arrive one by one
+    candidates: int | None = None
     kv: kd.KVDropConfig | None = None
     visual: vd.VisualDropConfig | None = None
 
@@ -94,6 +96,8 @@ class RequestOptions(BaseModel):
             extra[BUDGET_FIELD] = self.flop_budget
         if self.early_rejection is not None:
             extra[er.FIELD] = self.early_rejection.model_dump_json()
+            if self.candidates is not None:
+                extra[er.SIZE_FIELD] = self.candidates
         if self.kv is not None:
             extra.update(self.kv.as_extra())
         return extra
@@ -195,9 +199,12 @@ def parse(
     budget = raw.get(BUDGET_FIELD)
     if budget is None:
         budget = defaults.flop_budget
+    rejection = _rejection(raw.get(er.FIELD), defaults, n, path)
+    size = n if n is not None else raw.get(er.SIZE_FIELD)  # the front end writes it; the engine reads it
     return RequestOptions(
         flop_budget=None if budget is None else _budget(budget, defaults.max_flop_budget, path(BUDGET_FIELD)),
-        early_rejection=_rejection(raw.get(er.FIELD), defaults, n, path),
+        early_rejection=rejection,
+        candidates=size if rejection is not None and isinstance(size, int) and size > 1 else None,
         kv=_kv(raw, defaults, path),
         visual=_visual(raw, defaults, path),
     )
