@@ -41,6 +41,9 @@ from flopwise_vllm.engine_scores import EngineScores
 from flopwise_vllm.rejection_state import Rejection
 
 logger = logging.getLogger("flopwise")
+# How long a request's first children wait for the rest: vLLM adds them within one burst of messages, but
+# an engine among several (data parallel, no flopwise front end to pin them) may never see them all.
+ARRIVAL_S = 1.0
 
 
 class RejectionController:
@@ -56,7 +59,7 @@ class RejectionController:
 
     def open(
         self, request: Request, group: Group, config: er.EarlyRejectionConfig | None, size: int | None
-    ) -> bool:
+    ) -> None:
         """Track a new child of a request with ``size`` children (parked until all have come)."""
         if config is None:
             return
@@ -213,8 +216,8 @@ class RejectionController:
     def _start(rej: Rejection, live: list[Request]) -> None:
         """Unpark children: none while siblings are still arriving, then up to the width."""
         parked = [r for r in rej.parked if not r.is_finished()]  # a client abort finishes parked ones
-        if rej.size is not None and rej.started < rej.size:
-            rej.parked = parked
+        if rej.size is not None and rej.started < rej.size and time.monotonic() < rej.opened + ARRIVAL_S:
+            rej.parked = parked  # siblings still on their way (the wait is bounded: some may go elsewhere)
             return
         free = max(0, (rej.config.width or rej.size or len(parked)) - len(live))
         rej.parked = parked[free:]

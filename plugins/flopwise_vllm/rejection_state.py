@@ -4,6 +4,7 @@ its payload reports."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from vllm.v1.request import Request
@@ -23,7 +24,7 @@ class Rejection:
     group: Group
     next_checkpoint: int = 1  # 1-based index of the checkpoint the candidates are heading for
     active: bool = True
-    started: int = 0
+    started: int = 0  # children that have arrived
     checkpoints: int = 0
     prm_flops: int = 0
     prm_seconds: float = 0.0  # spent in a text PRM inside schedule(), while the whole engine waits
@@ -33,6 +34,7 @@ class Rejection:
     lengths: dict[int, int] = field(default_factory=dict)  # candidate index -> tokens generated when it ended
     cut: float | None = None  # the percentile rule's cut, set by the first checkpoint
     size: int | None = None  # the client request's n (None: not known; its children start as they come)
+    opened: float = field(default_factory=time.monotonic)  # when the first child arrived
     parked: list[Request] = field(default_factory=list)  # children not started yet, in index order
     own: dict[int, int] = field(default_factory=dict)  # width: candidate index -> its next checkpoint
     accepted: int | None = None  # the candidate whose final score met ``accept``
