@@ -9,7 +9,9 @@ on about a third of its one-digit problems). Training problems use seeds disjoin
     python bench/scripts/finetune_chain_sum.py [--steps 80] [--out DIR]
 
 Writes bf16 safetensors plus the tokenizer to ``$FLOPWISE_CACHE/models/SmolLM2-135M-chainsum-long``
-(about 270 MB, not committed; re-run this script on a fresh machine: 21 minutes on 2 Xeon cores, fp32).
+(about 270 MB, not committed; re-run this script on a fresh machine: 21 minutes on 2 Xeon cores, fp32;
+15 on 2 AMD EPYC cores with bf16 autocast, whose weights differ, so the self head fitted on one fine-tune
+reads another's hidden states on the other).
 """
 
 from __future__ import annotations

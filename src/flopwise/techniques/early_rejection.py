@@ -24,7 +24,7 @@ and ``min_keep`` best candidates always stay. Once no rule can reject among the 
 held. Finished candidates get a final score on their complete answer; the answer to return is the best
 finished candidate.
 
-Two fields turn best-of-N into an adaptive search (both work with the absolute rules only):
+Two fields turn best-of-N into an adaptive search (``width`` with the absolute rules only):
 
 * ``accept`` - a candidate that finishes with a final score of at least this ends the request: the live
   candidates stop (stop_reason ``early_rejection``) and those not started never start;
@@ -242,7 +242,8 @@ def survivors(scores: list[float], count: int) -> list[int]:
 class Candidate:
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
-    rejected_at: int | None = None  # checkpoint number (1-based) that rejected it; accept's stop: the last
+    # checkpoint number (1-based) that rejected it; stopped by accept: the checkpoints it had passed (0: none)
+    rejected_at: int | None = None
     started: bool = True
     score: float | None = None  # last PRM score: at rejection, or final
 
