@@ -48,11 +48,29 @@ READING = [
     "- flopwise's best-of-8 (with the self head scoring every token, for its AUROC) ran at 0.87 of stock "
     "vLLM's speed; the candidates were identical on 196 of 200 problems (bf16 here: batches of another "
     "composition round differently; fp32 on the Xeon of 12-03 gave 200 of 200).",
-    "- Not run in this report (machine time): a best-of-16 baseline (the n=16 row is compared with best-of-8 "
-    "only), and an external PRM (`head:chain-sum`, trained on the earlier short task) now that it keeps "
-    "each candidate's KV cache between checkpoints.",
+    "- Best-of-16 is in `early_rejection_n16.md` (a second run): the n=16 search above matches it (0.615 "
+    "both) at 3.61x fewer FLOPs. Not run (machine time): an external PRM (`head:chain-sum`, trained on "
+    "the earlier short task) now that it keeps each candidate's KV cache between checkpoints.",
 ]
-READINGS = {"early_rejection.md": READING}
+READING_N16 = [
+    "",
+    "## Reading (written for the committed run of 2026-12-07; a new run needs its own)",
+    "",
+    "- The best-of-16 comparison that `early_rejection.md` lacks, in a second run on the same machine "
+    "(`--best-of 8 16 --derive 1 2 4`, three verifier settings). Best-of-16 reaches 0.615 [0.550, 0.685] for "
+    "114.27 TFLOP and 624.6 s. The sequential verifier search with n=16, `width: 2` reaches the same 0.615 "
+    "(paired difference to best-of-16 0.000 [-0.015, +0.015]) for 31.64 TFLOP and 186.8 s: 3.61x fewer "
+    "FLOPs and 3.34x less wall time than best-of-16, and +0.065 [+0.030, +0.105] over best-of-8 at 1.83x "
+    "fewer FLOPs. With `width: 4`: 0.600 (-0.015 [-0.035, +0.005] to best-of-16) at 2.84x / 2.62x.",
+    "- `width: 2, n=8` repeats the main report's verdict: 0.555 vs best-of-8's 0.550 at 2.45x fewer FLOPs "
+    "and 2.36x less wall time (2.20x against stock vLLM's best-of-8, 280.6 s); in the main run 2.47x / "
+    "2.57x, where best-of-4 ran first and left the prompts in the prefix cache (best-of-8 there: 56.55 "
+    "TFLOP, 57.98 here).",
+    "- Best-of-1, -2 and -4 are read off best-of-16's first candidates (same seeds); they equal the main "
+    "run's best-of-1, -2 and measured best-of-4 in accuracy. Stock vLLM and flopwise gave identical "
+    "best-of-8 candidates on 194 of 200 problems (bf16).",
+]
+READINGS = {"early_rejection.md": READING, "early_rejection_n16.md": READING_N16}
 
 
 def _acc(values) -> str:
