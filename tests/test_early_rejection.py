@@ -198,8 +198,8 @@ def test_width_and_accept_equal_the_oracle(setup, scorer):
     """``width: 2`` runs the candidates two at a time, each scored at its own checkpoints; ``accept`` ends the
     request at the first finished candidate that scores that high. The threshold lies just above the lowest
     checkpoint score of the weaker of the first two candidates in a run without it, so it rejects that one;
-    ``accept`` is the score of the
-    first candidate to finish in a run with the threshold, so that every rule fires."""
+    ``accept`` is the score of the first candidate to finish in a run with the threshold, so that every rule
+    fires."""
     _, base, prms = setup
     n, common = 8, dict(prm=prms.get(scorer, scorer), every_tokens=4, width=2, confidence_window=3)
     _, free, _ = run_both(setup, EarlyRejectionConfig(**common), n)
@@ -215,7 +215,6 @@ def test_width_and_accept_equal_the_oracle(setup, scorer):
     # rejected below the threshold, then the accepted answer stopped the rest; some never started
     assert any(c.rejected_at for c in ref.candidates) and stats["never_started"] > 0
     assert ref.candidates[stats["accepted"]].score >= accept and stats["accepted"] in ref.finish_order
-    assert not any(c.finished for i, c in enumerate(ref.candidates) if i not in ref.finish_order)
     # only the started candidates cost anything: each prefills the prompt (shorter than a block, so
     # nothing is shared) and decodes all but its last token
     ledger = FlopModel.from_pretrained(base)
