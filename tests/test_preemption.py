@@ -133,9 +133,13 @@ def test_kv_dropping_starts_over_after_preemption(engine, policy, kv):
     preempted.clear()
 
 
-def test_early_rejection_holds_and_rejects_under_preemption(engine, tmp_path):
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("hog_first", [False, True])
+def test_early_rejection_holds_and_rejects_under_preemption(engine, tmp_path, hog_first):
     """Candidates held at a checkpoint keep their blocks while siblings (and other requests) run, some get
-    preempted: the candidates rejected, and every token, are still the oracle's."""
+    preempted: the candidates rejected, and every token, are still the oracle's. With the hog queued first
+    it takes the blocks the unstarted siblings need, then preempts itself, and nothing can run: the held
+    candidates give their blocks up and wait at the checkpoint (this hung before)."""
     from test_early_rejection import vllm_cpu_sampler
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
@@ -166,7 +170,10 @@ def test_early_rejection_holds_and_rejects_under_preemption(engine, tmp_path):
         extra_args={"early_rejection": config.model_dump_json()},
     )
     hog = {"prompt_token_ids": _prompt(160, 51)}
-    outs = llm.generate([{"prompt_token_ids": prompt_ids}, hog], [params, _greedy(120)])
+    if hog_first:
+        outs = llm.generate([hog, {"prompt_token_ids": prompt_ids}], [_greedy(120), params])[::-1]
+    else:
+        outs = llm.generate([{"prompt_token_ids": prompt_ids}, hog], [params, _greedy(120)])
     assert preempted
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ref = reference_generate(

@@ -56,6 +56,7 @@ class RejectionController:
         self._tokenizer = None
         self._newlines: frozenset[int] | None = None
         self.engine_scores = EngineScores(accountant, self.newlines)
+        self.withheld: list[Request] = []  # this step: preempted candidates already at their checkpoint
 
     def open(
         self, request: Request, group: Group, config: er.EarlyRejectionConfig | None, size: int | None
@@ -78,8 +79,10 @@ class RejectionController:
         rej.parked.sort(key=lambda r: index_of(r.request_id))  # vLLM adds the children in any order
 
     def parked(self) -> list[Request]:
-        """Children not started yet (siblings still arriving, or no free width): out of this step."""
-        return [r for rej in self.groups.values() for r in rej.parked if not r.is_finished()]
+        """Children not started yet (siblings still arriving, or no free width) and preempted ones at their
+        checkpoint (a recompute would sample past it): out of this step's waiting queue."""
+        parked = [r for rej in self.groups.values() for r in rej.parked if not r.is_finished()]
+        return parked + self.withheld
 
     def pending_scoring(self, request: Request) -> int:
         """FLOPs the next step's in-engine scoring of ``request`` will charge (for the budget gate)."""
@@ -160,6 +163,7 @@ class RejectionController:
         this step, the requests to finish now)."""
         held: list[Request] = []
         rejected: list[Request] = []
+        self.withheld = []
         for rej in self.groups.values():
             parked = {r.request_id for r in rej.parked}
             live = sorted(
@@ -189,8 +193,8 @@ class RejectionController:
                 continue
             reached = [r for r in live if self._reached(rej, r)]
             if len(reached) < len(live):
-                # a preempted one waits anyway
                 held += [r for r in reached if r.status == RequestStatus.RUNNING]
+                self.withheld += [r for r in reached if r.status != RequestStatus.RUNNING]
                 continue
             scores = self._score(rej, live, final=False)
             if scores is None:

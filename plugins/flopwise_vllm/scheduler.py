@@ -16,6 +16,7 @@ error.
 from __future__ import annotations
 
 import logging
+import time
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -100,6 +101,12 @@ class FlopwiseScheduler(Scheduler):
                 self.running[:0] = held
             if parked:
                 self.waiting.prepend_requests(parked)
+        if held and not out.total_num_scheduled_tokens:
+            # Nothing could run: the blocks the held candidates keep are what the others (their siblings
+            # among them) need. Give them up; the candidates wait at their checkpoint, recomputed later.
+            for request in held:
+                self.running.remove(request)
+                self._preempt_request(request, time.monotonic())
         # before charging: an eviction planned now shortens this step's context
         self.kv.plan(out, self.requests)
         self.rejection.plan(out)
