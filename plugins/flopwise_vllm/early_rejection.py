@@ -5,7 +5,9 @@ one batch. The scheduler holds each child that has reached the next checkpoint (
 step, its KV blocks kept) until every live sibling has; then the PRM scores the partial answers and the
 weak children are finished on the spot (finish_reason ``abort``, stop_reason ``early_rejection``), their
 KV blocks freed at once. Everything runs in the engine process, so decisions are exact and synchronous:
-no candidate runs past a checkpoint while the PRM decides, and no work goes uncharged.
+no candidate runs past a checkpoint while the PRM decides, and no work goes uncharged. A step that can
+schedule nothing while children are held preempts them (the scheduler): they wait at the checkpoint, out of
+the waiting queue (:attr:`RejectionController.withheld`), and are recomputed once their siblings reach it.
 
 A text PRM keeps each candidate's KV cache between its checkpoints (keyed by request id, released when the
 candidate ends), so a checkpoint reads only the text written since the last one and is charged for that.
