@@ -259,10 +259,10 @@ class RejectionController:
         natural = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         if natural and i not in rej.rejected:
             rej.finished.add(i)
-        if natural and i not in rej.rejected and rej.error is None:
-            scores = self._score(rej, [request], final=True)
-            if rej.accepted is None and scores and rej.config.accepts(scores[0]):
-                rej.accepted = i
+            if rej.error is None:
+                scores = self._score(rej, [request], final=True)
+                if rej.accepted is None and scores and rej.config.accepts(scores[0]):
+                    rej.accepted = i
         if rej._prm is not None:
             rej._prm.release(request.request_id)
         if group.live <= 1:  # the last one: the group is settled next
