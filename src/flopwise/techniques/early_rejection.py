@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flopwise.prm import ProcessRewardModel
+from flopwise.prm import ProcessRewardModel, confidence, self_head
 from flopwise.techniques import OptionError
 
 FIELD = "early_rejection"
@@ -366,8 +366,6 @@ class _Oracle:
     def start(self) -> None:
         import copy
 
-        from flopwise.prm import confidence, self_head
-
         n = len(self.cands)
         cache, logits, state = self.forward(self.prompt_ids)
         # a candidate that starts late samples from the same prompt state (the engine: a prefix-cache hit)
@@ -382,8 +380,6 @@ class _Oracle:
         return self.config.reached(checkpoint, len(self.cands[i].tokens), self.steps[i])
 
     def score(self, i: int, final: bool) -> float:
-        from flopwise.prm import confidence
-
         if self.mode is not None:
             s = confidence.score(self.confs[i], self.config.confidence_window, self.mode)
         elif self.head is not None:
@@ -399,8 +395,6 @@ class _Oracle:
 
     def advance(self, i: int) -> None:
         """Candidate ``i`` writes one token (and is scored if that ends its answer)."""
-        from flopwise.prm import confidence
-
         cand, (logits, state) = self.cands[i], self.last[i]
         if self.mode is not None:
             self.confs[i].append(confidence.from_logits(logits, self.config.confidence_top_k))
