@@ -345,3 +345,15 @@ def test_seeded_requests_through_chunked_prefill_sample_as_the_oracle(setup):
                 expected.append(sample(0, model(input_ids=torch.tensor([ids])).logits[0, -1].float()))
                 ids.append(expected[-1])
         assert list(out.outputs[0].token_ids) == expected, f"prompt {k}"
+
+
+def test_step_count_is_per_candidate_and_survives_a_shorter_list():
+    """The checkpoint test counts a candidate's step ends incrementally (only its new tokens each step)."""
+    from flopwise_vllm.rejection_state import Rejection
+
+    rej = Rejection(EarlyRejectionConfig(prm="verifier:arithmetic", every_steps=1), group=None)
+    newline = frozenset({5})
+    assert rej.steps(0, [1, 5, 2], newline) == 1
+    assert rej.steps(0, [1, 5, 2, 5, 7, 5], newline) == 3
+    assert rej.steps(1, [5], newline) == 1  # another candidate: its own count
+    assert rej.steps(0, [5, 2], newline) == 1  # fewer tokens than counted: recounted from the start

@@ -114,7 +114,7 @@ def run_setting(llm, prompts, problems, name: str, n: int, fields: dict, max_tok
     outs = llm.engine.generate(prompts, _seeded(n, max_tokens, len(prompts), config), use_tqdm=False)
     wall = time.perf_counter() - t0
     row = {"name": name, "n": n, "config": fields, "wall_s": wall, "verifier": [], "majority": []}
-    row.update(flops=0, scoring_flops=0, tokens=0, rejected=0, cand_scores=[], cand_right=[])
+    row.update(flops=0, scoring_flops=0, prm_s=0.0, tokens=0, rejected=0, cand_scores=[], cand_right=[])
     for problem, out in zip(problems, outs):
         payload = out.ec_transfer_params["flopwise"]
         stats = payload["early_rejection"]
@@ -124,6 +124,7 @@ def run_setting(llm, prompts, problems, name: str, n: int, fields: dict, max_tok
         row["majority"].append(int(m))
         row["flops"] += flops_of(out)["total"]
         row["scoring_flops"] += payload["prm"]
+        row["prm_s"] += stats["prm_s"]  # a text PRM inside schedule(): the whole engine waited this long
         row["tokens"] += sum(len(c.token_ids) for c in out.outputs)
         row["rejected"] += stats["rejected"]
         if name.startswith("best-of"):

@@ -78,6 +78,12 @@ def _acc(values) -> str:
     return f"{sum(values) / len(values):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _stall(row) -> str:
+    """Seconds the engine waited on a text PRM inside schedule() (summed over requests: the PRM runs one
+    group at a time, so this is wall time every running request lost); '-' for runs before it was recorded."""
+    return "-" if row.get("prm_s") is None else f"{row['prm_s']:.1f}"
+
+
 def scorer_of(row) -> str:
     return "best-of-N" if row["name"].startswith("best-of") else row["config"]["prm"]
 
@@ -169,8 +175,8 @@ def write_report(args, model, problems, rows, stock, versions, meta: dict | None
         ]
     lines += [
         "| setting | n | accuracy (verifier) | vs best-of-8 | majority | TFLOP | of which scoring "
-        "| FLOPs cut | wall s | wall cut | tokens | rejected |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| FLOPs cut | wall s | of which PRM stall | wall cut | tokens | rejected |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         diff = "-"
@@ -182,10 +188,10 @@ def write_report(args, model, problems, rows, stock, versions, meta: dict | None
         fc = f"{ref['flops'] / r['flops']:.2f}x" if ref and measured else "-"
         wc = f"{ref['wall_s'] / r['wall_s']:.2f}x" if ref and measured else "-"
         cost = (
-            f"{r['flops'] / 1e12:.2f} | {r['scoring_flops'] / 1e12:.3f} | {fc} | {r['wall_s']:.1f} | {wc} | "
-            f"{r['tokens']} | {r['rejected']}"
+            f"{r['flops'] / 1e12:.2f} | {r['scoring_flops'] / 1e12:.3f} | {fc} | {r['wall_s']:.1f} | "
+            f"{_stall(r)} | {wc} | {r['tokens']} | {r['rejected']}"
             if measured
-            else "- | - | - | - | - | - | -"
+            else "- | - | - | - | - | - | - | -"
         )
         lines.append(
             f"| {r['name']} | {r['n']} | {_acc(r['verifier'])} | {diff} | {_acc(r['majority'])} | {cost} |"

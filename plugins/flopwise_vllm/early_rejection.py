@@ -154,8 +154,7 @@ class RejectionController:
     def _reached(self, rej: Rejection, request: Request, checkpoint: int | None = None) -> bool:
         steps = 0
         if rej.config.every_steps is not None:
-            newlines = self.newlines()
-            steps = sum(t in newlines for t in request.output_token_ids)
+            steps = rej.steps(index_of(request.request_id), request.output_token_ids, self.newlines())
         checkpoint = rej.next_checkpoint if checkpoint is None else checkpoint
         return rej.config.reached(checkpoint, request.num_output_tokens, steps)
 

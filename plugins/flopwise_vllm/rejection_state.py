@@ -43,6 +43,8 @@ class Rejection:
     confidences: dict[int, list[float]] = field(default_factory=dict)
     # candidate index -> a self head's logits (self scorers only)
     step_values: dict[int, self_head.StepValues] = field(default_factory=dict)
+    # candidate index -> (output tokens counted, step ends among them): a checkpoint test reads only new tokens
+    _steps: dict[int, tuple[int, int]] = field(default_factory=dict)
     _prm: ProcessRewardModel | None = None
 
     @property
@@ -57,6 +59,16 @@ class Rejection:
         if self._prm is None:
             self._prm = load_prm(self.config.prm)
         return self._prm
+
+    def steps(self, index: int, output_token_ids, newlines: frozenset[int]) -> int:
+        """Step ends (newlines) candidate ``index`` has written, counting only the tokens new since the last
+        call; output tokens only grow (a preempted request keeps them), a shorter list is recounted."""
+        counted, steps = self._steps.get(index, (0, 0))
+        if counted > len(output_token_ids):
+            counted, steps = 0, 0
+        steps += sum(t in newlines for t in output_token_ids[counted:])
+        self._steps[index] = (len(output_token_ids), steps)
+        return steps
 
     def fail(self, what: str, error: Exception | str) -> None:
         self.active = False
