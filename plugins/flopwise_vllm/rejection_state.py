@@ -43,7 +43,7 @@ class Rejection:
     confidences: dict[int, list[float]] = field(default_factory=dict)
     # candidate index -> a self head's logits (self scorers only)
     step_values: dict[int, self_head.StepValues] = field(default_factory=dict)
-    # candidate index -> (output tokens counted, step ends among them): a checkpoint test reads only new tokens
+    # candidate index -> (output tokens counted, step ends among them): each test reads only new tokens
     _steps: dict[int, tuple[int, int]] = field(default_factory=dict)
     _prm: ProcessRewardModel | None = None
 
