@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from flopwise import hw
-from flopwise.prm import in_engine, load_prm
+from flopwise.prm import load_prm
 from flopwise.reasoning import chain_sum, extract_answer, generator_dir
 from flopwise.techniques.early_rejection import EarlyRejectionConfig, survivors
 from flopwise_bench.stats import bootstrap_ci
@@ -33,6 +33,7 @@ PROBLEM_SEED = 7  # the fine-tune trains on seed 1000, train-prm on 2000
 TEMPERATURE = 0.8
 VERIFIER = "verifier:arithmetic"
 SELF = "self:chain-sum"  # flopwise train-prm --self on the generator's own traces
+HEAD = "head:chain-sum"  # flopwise train-prm: a second model (SmolLM2) reads the text at each checkpoint
 
 _ACCEPT = dict(prm=VERIFIER, every_steps=1, every_tokens=48, threshold=0.5, accept=1.0)
 # name -> (n, early_rejection fields); checkpoints every 2 lines (capped at 48 tokens) or every 32 tokens
@@ -65,6 +66,8 @@ SETTINGS = {
         dict(prm=SELF, every_steps=1, every_tokens=48, threshold=0.1, min_keep=2),
     ),
     "self margin0.3 n=8 /1 step": (8, dict(prm=SELF, every_steps=1, every_tokens=48, margin=0.3)),
+    # the external PRM: what its passes cost in FLOPs and in engine stall (it runs inside schedule())
+    "head margin0.3 n=8 /1 step": (8, dict(prm=HEAD, every_steps=1, every_tokens=48, margin=0.3)),
     # sequential best-of-N: `width` candidates at a time, each stopped at its first wrong line, and the
     # request ends at the first answer the verifier accepts (every line right)
     "verifier thr0.5 accept w2 n=8 /1 step": (8, dict(_ACCEPT, width=2)),
@@ -243,12 +246,8 @@ def bench_early_rejection(args) -> int:
     stock.pop("tokens", None)
     largest = f"best-of-{max(args.best_of)}"
     stock["auroc"] = {f"{SELF} (final answers, {largest})": _final_auroc(rows, largest)}
-    for r in rows:  # the other in-engine scorers: over the candidates that finished in their own settings
-        if (
-            not r["name"].startswith("best-of")
-            and in_engine(r["config"]["prm"])
-            and r["config"]["prm"] != SELF
-        ):
+    for r in rows:  # the other learned scorers: over the candidates that finished in their own settings
+        if not r["name"].startswith("best-of") and r["config"]["prm"] not in (SELF, VERIFIER):
             stock["auroc"][f"{r['config']['prm']} (finished candidates of {r['name']})"] = _final_auroc(
                 rows, r["name"]
             )

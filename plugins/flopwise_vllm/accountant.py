@@ -71,6 +71,8 @@ class Accountant:
         self.engine_flops = 0  # everything this engine computed, finished or not
         self.context_cuts: list[ContextCut] = []
         self._image_drops: dict[str, list[tuple[int, int]]] = {}  # request id -> (offset, dropped) per image
+        # anyres image size -> its layout: the admission bound asks for it at every step the image is pending
+        self._layouts: dict[tuple[int, ...], tuple[int, int, int]] = {}
 
     # -- requests and groups -------------------------------------------------------------------------
     def open(self, request: Request, budget: float | None) -> Group:
@@ -209,11 +211,15 @@ class Accountant:
         v = self.model.spec.vision
         if v is None or not v.min_crops or feature.data is None or "image_sizes" not in feature.data:
             return None
-        cfg = self.model.spec.extra["config"]
         size = tuple(int(x) for x in feature.data["image_sizes"].data.tolist())
-        tile, aspect = cfg["vision_config"]["image_size"], cfg.get("vision_aspect_ratio")
-        grid, tokens, rows = anyres.layout(size, cfg["image_grid_pinpoints"], tile, v.patch_size, aspect)
-        return grid[0] * grid[1], v.tokens_per_image + tokens + rows, rows
+        if size not in self._layouts:
+            if len(self._layouts) >= 4096:  # a server sees endless sizes: stay bounded
+                self._layouts.clear()
+            cfg = self.model.spec.extra["config"]
+            tile, aspect = cfg["vision_config"]["image_size"], cfg.get("vision_aspect_ratio")
+            grid, tokens, rows = anyres.layout(size, cfg["image_grid_pinpoints"], tile, v.patch_size, aspect)
+            self._layouts[size] = grid[0] * grid[1], v.tokens_per_image + tokens + rows, rows
+        return self._layouts[size]
 
     # -- charging ------------------------------------------------------------------------------------
     def book(self, request: Request, part: Breakdown, cost: Breakdown, baseline: int) -> None:
