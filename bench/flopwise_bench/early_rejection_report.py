@@ -49,8 +49,8 @@ READING = [
     "vLLM's speed; the candidates were identical on 196 of 200 problems (bf16 here: batches of another "
     "composition round differently; fp32 on the Xeon of 12-03 gave 200 of 200).",
     "- Best-of-16 is in `early_rejection_n16.md` (a second run): the n=16 search above matches it (0.615 "
-    "both) at 3.61x fewer FLOPs. Not run (machine time): an external PRM (`head:chain-sum`, trained on "
-    "the earlier short task) now that it keeps each candidate's KV cache between checkpoints.",
+    "both) at 3.61x fewer FLOPs. The heads refitted on this generator and the external PRM "
+    "(`head:chain-sum`) are in `early_rejection_prm.md` (a third run, 2026-12-08).",
 ]
 READING_N16 = [
     "",
@@ -70,7 +70,40 @@ READING_N16 = [
     "run's best-of-1, -2 and measured best-of-4 in accuracy. Stock vLLM and flopwise gave identical "
     "best-of-8 candidates on 194 of 200 problems (bf16).",
 ]
-READINGS = {"early_rejection.md": READING, "early_rejection_n16.md": READING_N16}
+READING_PRM = [
+    "",
+    "## Reading (written for the committed run of 2026-12-08; a new run needs its own)",
+    "",
+    "- A third run, for the learned scorers after both heads were refitted on this generator's own traces "
+    "(`flopwise train-prm`, 800 traces of seed-2000 problems: `self:chain-sum` held-out step AUROC 0.820, "
+    "`head:chain-sum` 0.785), with best-of-8 and the verifier search as the references. The verifier search "
+    "repeats: 0.555 vs 0.550 at 2.53x fewer FLOPs and 2.06x less wall time (target met; best-of-8 ran faster "
+    "than in the first run, 281.1 s against 329.2 s, so the wall ratio is lower).",
+    "- The external PRM (`head:chain-sum`: SmolLM2-135M reads each candidate's text at every line, keeping "
+    "the candidate's KV cache between checkpoints, so every token is read once) costs 63.5 TFLOP of scoring "
+    "next to 50.8 TFLOP of generation: it is as large as the generator and reads each candidate's prompt on "
+    "its own, where the generator's candidates share theirs through the prefix cache. Its passes run inside "
+    "`schedule()`, one candidate after another, and the whole engine waits: 1893 of the setting's 2169 s "
+    "(87%) were that stall, so it ran 7.7x slower than best-of-8. On 2 cores a PRM in a thread of its own "
+    "would take the cores the generator uses; what would remove the stall is batching the PRM's passes and "
+    "running them on other hardware than the generator. Not done.",
+    "- Neither learned head separates right from wrong final answers on this task: final-answer AUROC 0.571 "
+    "(self, over best-of-8's candidates) and 0.607 (head, over the candidates its setting let finish). Their "
+    "labels are the verifier's (every line's arithmetic right so far), and most wrong answers here copy or "
+    "skip a term with right arithmetic, which no head of the hidden state at a newline learned to see. "
+    "`margin: 0.3` loses 0.055 [-0.085, -0.025] (self, 1.17x fewer FLOPs) and 0.095 [-0.140, -0.055] "
+    "(head, 0.51x: more FLOPs than best-of-8). On 80 problems of another seed "
+    "(`bench/scripts/calibrate_threshold.py`), no absolute threshold of either head keeps most right answers "
+    "while dropping most wrong ones (self at 0.05: 0.89 of right and 0.65 of wrong kept; head: 0.54 and "
+    "0.44), and a level at which most answers above it are right is one almost none reach (self >= 0.3: 7 "
+    "of 10 right, 1.6% of answers; below it at most 0.45 right): `accept` on either head would trust wrong "
+    "answers or never fire.",
+]
+READINGS = {
+    "early_rejection.md": READING,
+    "early_rejection_n16.md": READING_N16,
+    "early_rejection_prm.md": READING_PRM,
+}
 
 
 def _acc(values) -> str:
