@@ -429,6 +429,17 @@ def _retrieval_section(result: dict) -> list[str]:
     ]
 
 
+def _stages(training: dict) -> str:
+    """' in two stages (...)' where the model was trained in more than one (--init-from)."""
+    stages = training.get("stages") or []
+    if len(stages) < 2:
+        return ""
+    each = "; ".join(
+        f"{st['steps']} at lr {st['lr']:g} to perplexity {st['eval_perplexity']:.2f}" for st in stages
+    )
+    return f" in {len(stages)} stages: {each}"
+
+
 def _moe_section(result: dict) -> list[str]:
     m = result["moe"]
     rows, speed, tr = m["rows"], m["speed"], m["training"]
@@ -447,7 +458,7 @@ def _moe_section(result: dict) -> list[str]:
         f"## Expert merging of `{m['model']}` ({m['experts']} experts, top-{m['top_k']})",
         "",
         f"Trained here by `bench/scripts/train_tiny_moe.py` ({tr['params']:,} parameters, {tr['steps']} "
-        "steps, "
+        f"steps{_stages(tr)}, "
         f"{tr.get('training_tokens', 0):,} training tokens, {tr['seconds']} s; held-out perplexity "
         f"{tr['eval_perplexity']:.2f}). Expert weights are",
         "the routed experts' alone; whole-model weights include embeddings, attention and routers. "

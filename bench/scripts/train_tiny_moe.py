@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import sysconfig
 import time
 
@@ -94,7 +95,8 @@ def _start(args, tmp):
         with open(os.path.join(src, "training.json")) as f:
             before = json.load(f)
         tok = transformers.AutoTokenizer.from_pretrained(src)
-        tok.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # as they were
+            shutil.copy(os.path.join(src, name), tmp)
         model = transformers.MixtralForCausalLM.from_pretrained(src, dtype=torch.float32)
         model.config.output_router_logits = True
         return tok, model, before
