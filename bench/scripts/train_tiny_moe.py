@@ -6,7 +6,7 @@ that perplexity is measured on. Held-out perplexity is logged every --eval-every
 
     python bench/scripts/train_tiny_moe.py --out bench/models/tiny-moe [--steps 4800]
     python bench/scripts/train_tiny_moe.py --init-from bench/models/tiny-moe --out bench/models/tiny-moe \
-        --steps 1200 --lr 1e-3    # a second stage: a fresh warm-up + cosine from the first stage's weights
+        --steps 1600 --lr 1e-3    # a second stage: a fresh warm-up + cosine from the first stage's weights
 
 The committed model was trained with the defaults below and then the second stage above (its
 training.json says how long each stage took, and the curve over both). The first stage alone ended at 30.93,
