@@ -430,7 +430,8 @@ def _retrieval_section(result: dict) -> list[str]:
 
 
 def _stages(training: dict) -> str:
-    """' in two stages (...)' where the model was trained in more than one (--init-from)."""
+    """' in N stages: <steps> at lr <lr> to perplexity <ppl>; ...' where the model was trained in more than
+    one (``train_tiny_moe.py --init-from``); '' otherwise."""
     stages = training.get("stages") or []
     if len(stages) < 2:
         return ""
